@@ -1,0 +1,137 @@
+"""`create_app(settings)`: the HTTP edge. Routes, lifespan (Redis pool, rules).
+
+The request path is short and does no outbound I/O:
+route → read body (limited) → verify → parse → dedupe + persist (an arq job) → 200.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from arq.connections import ArqRedis
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from service import queue
+from service.errors import PayloadTooLarge, WebhookError
+from service.logging import configure_logging, get_logger
+from service.processing import SEEN_PREFIX, handles
+from service.rules import RuleSet, load_rules
+from service.settings import Settings
+from service.webhooks import delivery_id, parse_envelope, verify
+
+log = get_logger("service.web")
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    pool: ArqRedis
+    rules: RuleSet
+
+
+def _state(request: Request) -> AppState:
+    state: AppState = request.app.state.service
+    return state
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body is {declared} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _answer(http_status: int, /, **body: object) -> JSONResponse:
+    return JSONResponse(body, status_code=http_status)
+
+
+async def salla_webhook(request: Request) -> JSONResponse:
+    state = _state(request)
+    settings = state.settings
+    started = time.perf_counter()
+    trace_id = uuid.uuid4().hex[:16]
+    bound = log.bind(trace_id=trace_id)
+    try:
+        body = await _read_body(request, settings.max_body_bytes)
+        verify(request.headers, body, settings.webhook_secret, settings.salla_webhook_strategy)
+        env = parse_envelope(body)
+    except WebhookError as exc:
+        bound.warning("webhook_rejected", status=exc.status_code, error=exc.message,
+                      duration_ms=_ms(started))
+        return _answer(exc.status_code, status="rejected", error=exc.message)
+    bound = bound.bind(merchant=env.merchant, salla_event=env.event)
+    if not handles(state.rules, env.event):
+        bound.info("webhook_ignored", status=200, duration_ms=_ms(started))
+        return _answer(200, status="ignored", event=env.event)
+    delivery = delivery_id(env.merchant, env.event, body)
+    try:
+        if await state.pool.exists(SEEN_PREFIX + delivery):
+            accepted = False
+        else:
+            accepted = await queue.enqueue_event(state.pool, delivery, body, trace_id)
+    except RedisError as exc:
+        # Not persisted: a non-2xx answer makes Salla deliver it again later.
+        bound.error("webhook_not_persisted", status=503, error=repr(exc), duration_ms=_ms(started))
+        return _answer(503, status="error", error="could not persist the event; please retry")
+    outcome = "accepted" if accepted else "duplicate"
+    bound.info("webhook_received", status=200, outcome=outcome, delivery=delivery,
+               duration_ms=_ms(started))
+    return _answer(200, status=outcome, trace_id=trace_id)
+
+
+async def healthz(request: Request) -> JSONResponse:
+    return _answer(200, status="ok")
+
+
+async def readyz(request: Request) -> JSONResponse:
+    state = _state(request)
+    try:
+        await state.pool.ping()
+    except (RedisError, OSError) as exc:
+        return _answer(503, status="unavailable", redis="unreachable", error=repr(exc))
+    return _answer(200, status="ready", redis="ok", rules=len(state.rules.rules))
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None) -> Starlette:
+    """The web application. Rules are loaded at start-up; invalid rules refuse to start."""
+    ruleset = rules if rules is not None else load_rules(settings.rules_path)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        configure_logging(settings.log_format, settings.log_level)
+        pool = await queue.connect(redis_url)
+        app.state.service = AppState(settings, pool, ruleset)
+        log.info("web_started", rules=len(ruleset.rules), strategy=settings.salla_webhook_strategy,
+                 app_env=settings.app_env)
+        try:
+            yield
+        finally:
+            await pool.aclose()
+
+    return Starlette(
+        routes=[
+            Route("/webhooks/salla", salla_webhook, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )

@@ -1,0 +1,211 @@
+"""The `salla-rewards` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+
+from service.errors import ConfigError, RuleError
+from service.settings import DEVELOPMENT_WEBHOOK_SECRET, Settings, load_settings
+
+DEMO_MERCHANT = 193718979  # the merchant of Salla's published order.status.updated sample
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _redis_url(settings: Settings) -> str:
+    if settings.redis_url:
+        return settings.redis_url
+    from service.embedded import ensure_running
+
+    return ensure_running(settings.data_dir / "redis", settings.embedded_redis_port)
+
+
+@click.group()
+@click.version_option(package_name="salla-rewards")
+def main() -> None:
+    """salla-rewards: Salla webhooks in, loyalty points out."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def serve(host: str, port: int) -> None:
+    """Run the HTTP service (webhooks, health) with uvicorn."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.logging import configure_logging
+
+    settings = _settings()
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        app = create_app(settings, _redis_url(settings))
+    except RuleError as exc:
+        raise click.ClickException("rules are invalid:\n" + str(exc)) from None
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
+                timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)
+
+
+@main.command()
+def worker() -> None:
+    """Run the arq worker: processes events, sends grants to Salla."""
+    from service.logging import configure_logging
+    from service.rules import load_rules
+    from service.worker import create_worker
+
+    settings = _settings()
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        load_rules(settings.rules_path)
+    except RuleError as exc:
+        raise click.ClickException("rules are invalid:\n" + str(exc)) from None
+    create_worker(settings, _redis_url(settings)).run()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8081, show_default=True, type=int)
+@click.option("--rate-limit", default=500, show_default=True, type=int,
+              help="Requests per window per store (Salla's customers endpoints: 500/10 min).")
+@click.option("--rate-window", default=600.0, show_default=True, type=float, help="Seconds.")
+def sandbox(host: str, port: int, rate_limit: int, rate_window: float) -> None:
+    """Run the Salla-compatible sandbox API alone."""
+    import uvicorn
+
+    from service.sandbox.app import Sandbox, create_sandbox_app
+
+    app = create_sandbox_app(Sandbox(rate_limit=rate_limit, rate_window_s=rate_window))
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--url", default="http://127.0.0.1:8000/webhooks/salla", show_default=True)
+@click.option("--secret", envvar="SALLA_WEBHOOK_SECRET", default=DEVELOPMENT_WEBHOOK_SECRET,
+              show_default="$SALLA_WEBHOOK_SECRET or the development secret")
+@click.option("--strategy", type=click.Choice(["signature", "token"]), default="signature",
+              show_default=True)
+@click.option("--merchant", type=int, default=None, help="Send as this store instead.")
+def send(file: Path, url: str, secret: str, strategy: str, merchant: int | None) -> None:
+    """Sign FILE and POST it exactly as Salla delivers a webhook."""
+    from service.webhooks import signed_headers
+
+    body = file.read_bytes()
+    if merchant is not None:
+        doc = json.loads(body)
+        doc["merchant"] = merchant
+        body = json.dumps(doc, ensure_ascii=False).encode()
+    headers = signed_headers(body, secret, strategy)  # type: ignore[arg-type]
+    try:
+        response = httpx.post(url, content=body, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"could not reach {url}: {exc}") from None
+    click.echo(f"{response.status_code} {response.text}")
+    if response.status_code not in (200, 201):
+        sys.exit(1)
+
+
+def _wait_http(url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise click.ClickException(f"{url} did not become ready in {timeout_s:g}s")
+
+
+@main.command()
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--sandbox-port", default=8081, show_default=True, type=int)
+def run(port: int, sandbox_port: int) -> None:
+    """Development: embedded Redis + sandbox + serve + worker in one command."""
+    from service.embedded import EmbeddedRedis
+    from service.webhooks import signed_headers
+
+    env_secret = os.environ.get("SALLA_WEBHOOK_SECRET") or DEVELOPMENT_WEBHOOK_SECRET
+    settings = load_settings(app_env="development", salla_webhook_secret=env_secret)
+    redis = EmbeddedRedis(settings.data_dir / "redis", settings.embedded_redis_port)
+    redis_url = settings.redis_url or redis.start()
+    sandbox_base = f"http://127.0.0.1:{sandbox_port}"
+    child_env = {
+        **os.environ,
+        "APP_ENV": "development",
+        "SALLA_WEBHOOK_SECRET": env_secret,
+        "REDIS_URL": redis_url,
+        "SALLA_API_BASE": sandbox_base,
+        "SALLA_OAUTH_TOKEN_URL": f"{sandbox_base}/oauth2/token",
+        "SALLA_CLIENT_ID": os.environ.get("SALLA_CLIENT_ID", "sandbox-client"),
+        "SALLA_CLIENT_SECRET": os.environ.get("SALLA_CLIENT_SECRET", "sandbox-client-secret"),
+        "LOG_FORMAT": os.environ.get("LOG_FORMAT", "console"),
+    }
+    me = [sys.executable, "-m", "service"]
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        children.append(subprocess.Popen([*me, "sandbox", "--port", str(sandbox_port)], env=child_env))  # noqa: S603
+        children.append(subprocess.Popen([*me, "serve", "--port", str(port)], env=child_env))  # noqa: S603
+        children.append(subprocess.Popen([*me, "worker"], env=child_env))  # noqa: S603
+        _wait_http(f"http://127.0.0.1:{port}/readyz")
+        store = httpx.post(f"{sandbox_base}/_sandbox/stores", json={"merchant": DEMO_MERCHANT}).json()
+        authorize: dict[str, Any] = {
+            "event": "app.store.authorize", "merchant": DEMO_MERCHANT,
+            "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "data": {"access_token": store["access_token"], "refresh_token": store["refresh_token"],
+                     "expires": store["expires"], "scope": "customers.read_write offline_access",
+                     "token_type": "bearer"},
+        }  # fmt: skip
+        body = json.dumps(authorize).encode()
+        webhook_url = f"http://127.0.0.1:{port}/webhooks/salla"
+        httpx.post(webhook_url, content=body, headers=signed_headers(body, env_secret)).raise_for_status()
+        click.echo(_banner(webhook_url, env_secret, sandbox_base, store["access_token"]), err=True)
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        raise click.ClickException("a child process stopped; see the log above")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        redis.stop()
+
+
+def _banner(webhook_url: str, secret: str, sandbox_base: str, token: str) -> str:
+    return f"""
+  salla-rewards is running (development)
+
+  webhook URL      {webhook_url}
+  webhook secret   {secret}     (strategy: signature)
+  Salla sandbox    {sandbox_base}   demo store {DEMO_MERCHANT} is installed
+
+  Send Salla's sample "order completed" webhook:
+    .venv/bin/salla-rewards send examples/webhooks/order.status.updated.json --url {webhook_url}
+
+  Then see the customer's points in the sandbox:
+    curl -s -H 'Authorization: Bearer {token}' \\
+      '{sandbox_base}/customers/loyalty/points?customer_id=1779795066'
+
+  Ctrl-C stops everything.
+"""

@@ -1,0 +1,1 @@
+"""From pending grants to Salla calls: batching (pure) and the flush job."""

@@ -1,0 +1,89 @@
+"""The service's exception tree.
+
+    ServiceError
+    ├── ConfigError          settings or environment refused at start-up
+    ├── WebhookError         a webhook request that must be refused (carries its HTTP status)
+    │   ├── InvalidSignature     401: missing or wrong signature/token, wrong strategy
+    │   ├── PayloadTooLarge      413: body over the configured limit
+    │   └── InvalidPayload       400: not JSON, or not a Salla envelope
+    ├── RuleError            a rule file that does not load (file, line and a sentence)
+    └── SallaError           the Admin API answered with an error (status and body attached)
+        ├── SallaAuthError       401/403: token invalid, expired or revoked
+        ├── SallaValidationError 422: Salla refused the request body
+        ├── SallaRateLimited     429: carries Retry-After
+        └── SallaUnavailable     5xx: transient on Salla's side
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base of every error this service raises on purpose."""
+
+
+class ConfigError(ServiceError):
+    """The settings cannot be used; the message says which one and why."""
+
+
+class WebhookError(ServiceError):
+    status_code = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidSignature(WebhookError):
+    status_code = 401
+
+
+class PayloadTooLarge(WebhookError):
+    status_code = 413
+
+
+class InvalidPayload(WebhookError):
+    status_code = 400
+
+
+class RuleError(ServiceError):
+    """One or more problems in rule files, each as `file:line: sentence`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class SallaError(ServiceError):
+    """Salla answered with a status this client does not treat as success."""
+
+    def __init__(self, status: int, body: Any, message: str = "") -> None:
+        self.status = status
+        self.body = body
+        super().__init__(message or f"Salla answered {status}: {body!r}")
+
+
+class SallaAuthError(SallaError):
+    pass
+
+
+class SallaValidationError(SallaError):
+    pass
+
+
+class SallaRateLimited(SallaError):
+    def __init__(self, status: int, body: Any, retry_after_s: float) -> None:
+        super().__init__(status, body, f"Salla rate limit hit; retry after {retry_after_s:g}s")
+        self.retry_after_s = retry_after_s
+
+
+class SallaUnavailable(SallaError):
+    pass
+
+
+class OutcomeUnknown(SallaError):
+    """The request may have reached Salla but no answer came (timeout, dropped connection).
+
+    Never resend on this: the points may have been applied. Reconcile against the history.
+    """

@@ -1,0 +1,226 @@
+"""Salla payload → the normalised context rules read. Pure: data in, data out.
+
+Salla's event shapes differ (`order.status.updated` carries the order at `data.order`, the other
+order events at `data`; `review.added` sends numbers as strings). Everything is parsed here, once,
+so a rule's `order.status` and `order.total` mean the same thing for every event.
+Amounts are `Decimal`; ids are integers (0 when absent).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from service.webhooks import Envelope, parse_id
+
+ZERO = Decimal(0)
+
+#: Order status slugs Salla documents; anything else is logged and treated like any other value.
+KNOWN_ORDER_STATUSES = frozenset(
+    {
+        "payment_pending", "under_review", "in_progress", "completed", "delivering", "delivered",
+        "shipped", "canceled", "restored", "restoring", "waiting_for_payment_confirmation",
+        "payment_failed", "waiting to receive it",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Customer:
+    id: int = 0
+    name: str = ""
+    email: str = ""
+    groups: tuple[int, ...] = ()
+    country: str = ""
+    city: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    id: int = 0
+    product_id: int = 0
+    name: str = ""
+    sku: str = ""
+    quantity: Decimal = ZERO
+    total: Decimal = ZERO
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    id: int = 0
+    reference_id: str = ""
+    status: str = ""
+    payment_method: str = ""
+    source: str = ""
+    currency: str = ""
+    total: Decimal = ZERO
+    sub_total: Decimal = ZERO
+    shipping: Decimal = ZERO
+    tax: Decimal = ZERO
+    discount: Decimal = ZERO
+    loyalty_prize: Decimal = ZERO
+    items: tuple[Item, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Review:
+    id: int = 0
+    type: str = ""
+    rating: Decimal = ZERO
+    content: str = ""
+    product_id: int = 0
+    order_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EventContext:
+    """What a rule sees. Every part is present; absent parts hold empty values (ids are 0)."""
+
+    event: str
+    merchant: int
+    now: dt.datetime
+    order: Order = field(default_factory=Order)
+    customer: Customer = field(default_factory=Customer)
+    review: Review = field(default_factory=Review)
+
+    @property
+    def has_order(self) -> bool:
+        return self.order.id != 0
+
+
+def to_decimal(value: object) -> Decimal:
+    """Salla amounts come as numbers, strings ("5.00") or `{"amount": ..}`; absent means 0."""
+    if isinstance(value, Mapping):
+        value = value.get("amount")
+    if isinstance(value, bool) or value is None:
+        return ZERO
+    if isinstance(value, int | Decimal):
+        return Decimal(value)
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    if isinstance(value, str):
+        try:
+            parsed = Decimal(value.strip().replace(",", ""))
+        except InvalidOperation:
+            return ZERO
+        return parsed if parsed.is_finite() else ZERO
+    return ZERO
+
+
+def _text(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+        return str(value)
+    return ""
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def parse_customer(raw: object) -> Customer:
+    doc = _mapping(raw)
+    groups_raw = doc.get("groups")
+    groups = tuple(
+        g for g in (parse_id(x) for x in (groups_raw if isinstance(groups_raw, list) else []))
+        if g is not None
+    )
+    return Customer(
+        id=parse_id(doc.get("id")) or 0,
+        name=_text(doc.get("name") or doc.get("first_name")),
+        email=_text(doc.get("email")),
+        groups=groups,
+        country=_text(doc.get("country")),
+        city=_text(doc.get("city")),
+    )
+
+
+def parse_order(raw: object) -> Order:
+    doc = _mapping(raw)
+    amounts = _mapping(doc.get("amounts"))
+    status = doc.get("status")
+    slug = _text(_mapping(status).get("slug")) if isinstance(status, Mapping) else _text(status)
+    discounts = amounts.get("discounts")
+    discount_list = [d for d in discounts if isinstance(d, Mapping)] if isinstance(
+        discounts, list
+    ) else []
+    items_raw = doc.get("items")
+    items = tuple(
+        Item(
+            id=parse_id(it.get("id")) or 0,
+            product_id=parse_id(it.get("product_id") or _mapping(it.get("product")).get("id"))
+            or 0,
+            name=_text(it.get("name")),
+            sku=_text(it.get("sku")).strip(),
+            quantity=to_decimal(it.get("quantity")),
+            total=to_decimal(_mapping(it.get("amounts")).get("total")),
+        )
+        for it in (items_raw if isinstance(items_raw, list) else [])
+        if isinstance(it, Mapping)
+    )
+    total_raw = amounts.get("total") if "total" in amounts else doc.get("total")
+    return Order(
+        id=parse_id(doc.get("id")) or 0,
+        reference_id=_text(doc.get("reference_id")),
+        status=slug.strip().lower(),
+        payment_method=_text(doc.get("payment_method")),
+        source=_text(doc.get("source")),
+        currency=_text(doc.get("currency")),
+        total=to_decimal(total_raw),
+        sub_total=to_decimal(amounts.get("sub_total")),
+        shipping=to_decimal(amounts.get("shipping_cost")),
+        tax=to_decimal(_mapping(amounts.get("tax")).get("amount")),
+        discount=sum((to_decimal(d.get("discount")) for d in discount_list), ZERO),
+        loyalty_prize=sum(
+            (to_decimal(d.get("discount")) for d in discount_list if d.get("type") == "loyalty_prize"),
+            ZERO,
+        ),
+        items=items,
+    )
+
+
+def normalise(envelope: Envelope, now: dt.datetime | None = None) -> EventContext:
+    """Build the rule context for any Salla event; unknown shapes give empty parts, not errors."""
+    now = now or dt.datetime.now(dt.UTC)
+    data = envelope.data
+    event = envelope.event
+    order = Order()
+    customer = Customer()
+    review = Review()
+    if event == "order.status.updated":
+        order = parse_order(data.get("order"))
+        customer = parse_customer(_mapping(data.get("order")).get("customer"))
+    elif event.startswith("order."):
+        order = parse_order(data)
+        customer = parse_customer(data.get("customer"))
+    elif event.startswith("customer."):
+        customer = parse_customer(data)
+    elif event.startswith("review."):
+        order_doc = _mapping(data.get("order"))
+        product = _mapping(data.get("product"))
+        review = Review(
+            id=parse_id(data.get("id")) or 0,
+            type=_text(data.get("type")),
+            rating=to_decimal(data.get("rating")),
+            content=_text(data.get("content")),
+            product_id=parse_id(product.get("id")) or 0,
+            order_id=parse_id(order_doc.get("id")) or 0,
+        )
+        order = Order(
+            id=review.order_id,
+            reference_id=_text(order_doc.get("reference_id")),
+            total=to_decimal(order_doc.get("total")),
+        )
+        customer = parse_customer(data.get("customer"))
+    return EventContext(
+        event=event,
+        merchant=envelope.merchant,
+        now=now,
+        order=order,
+        customer=customer,
+        review=review,
+    )

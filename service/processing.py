@@ -1,0 +1,142 @@
+"""The process_event job: one persisted webhook → ledger changes (and token upkeep).
+
+Handlers are registered by event name; every other event goes through the rules.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from arq.connections import ArqRedis
+from redis.asyncio import Redis
+
+from service import ledger, queue, tokens
+from service.events import KNOWN_ORDER_STATUSES, normalise
+from service.logging import get_logger
+from service.rules import RuleSet, evaluate
+from service.rules.engine import revokes, scope_of
+from service.salla import TokenSet
+from service.settings import Settings
+from service.webhooks import Envelope, parse_envelope
+
+log = get_logger("service.processing")
+
+SEEN_PREFIX = f"{ledger.PREFIX}seen:"
+
+
+@dataclass
+class ProcessingDeps:
+    settings: Settings
+    redis: Redis
+    pool: ArqRedis
+    rules: RuleSet
+
+
+AppHandler = Callable[[ProcessingDeps, Envelope], Awaitable[dict[str, Any]]]
+
+
+async def _authorize(deps: ProcessingDeps, env: Envelope) -> dict[str, Any]:
+    data = env.data
+    access, refresh = data.get("access_token"), data.get("refresh_token")
+    if not isinstance(access, str) or not access:
+        return {"outcome": "ignored", "why": "app.store.authorize without access_token"}
+    expires = data.get("expires")
+    await tokens.save(
+        deps.redis,
+        env.merchant,
+        TokenSet(
+            access_token=access,
+            refresh_token=refresh if isinstance(refresh, str) else "",
+            expires_at_s=int(expires) if isinstance(expires, int | float) else 0,
+            scope=str(data.get("scope", "")),
+        ),
+    )
+    resumed = await ledger.unpark(deps.redis, env.merchant)
+    await queue.enqueue_flush(deps.pool, env.merchant, deps.settings.batch_window_s)
+    return {"outcome": "tokens_stored", "resumed_grants": resumed}
+
+
+async def _installed(deps: ProcessingDeps, env: Envelope) -> dict[str, Any]:
+    await tokens.mark_installed(deps.redis, env.merchant, env.event)
+    return {"outcome": "store_recorded"}
+
+
+async def _uninstalled(deps: ProcessingDeps, env: Envelope) -> dict[str, Any]:
+    await tokens.revoke(deps.redis, env.merchant, "uninstalled")
+    return {"outcome": "tokens_removed"}
+
+
+async def _settings(deps: ProcessingDeps, env: Envelope) -> dict[str, Any]:
+    settings = env.data.get("settings")
+    await deps.redis.set(
+        f"{ledger.PREFIX}settings:{env.merchant}",
+        json.dumps(settings if isinstance(settings, dict) else {}, ensure_ascii=False),
+    )
+    return {"outcome": "settings_stored"}
+
+
+APP_HANDLERS: dict[str, AppHandler] = {
+    "app.store.authorize": _authorize,
+    "app.installed": _installed,
+    "app.updated": _installed,
+    "app.uninstalled": _uninstalled,
+    "app.settings.updated": _settings,
+}
+
+
+def handles(rules: RuleSet, event: str) -> bool:
+    """Whether an event is worth a job: an app event we keep, or one the rules use."""
+    return event in APP_HANDLERS or rules.uses(event)
+
+
+async def process_event(deps: ProcessingDeps, body: bytes, delivery: str, trace_id: str) -> dict[str, Any]:
+    """Apply one webhook. Safe to run twice: the ledger only ever adds differences."""
+    started = time.perf_counter()
+    env = parse_envelope(body)
+    structlog.contextvars.bind_contextvars(
+        merchant=env.merchant, salla_event=env.event, trace_id=trace_id
+    )
+    try:
+        handler = APP_HANDLERS.get(env.event)
+        result = await handler(deps, env) if handler else await _apply_rules(deps, env, trace_id)
+        await deps.redis.set(SEEN_PREFIX + delivery, "1", ex=deps.settings.dedupe_ttl_s)
+        log.info("event_processed", duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                 **result)
+        return result
+    finally:
+        structlog.contextvars.unbind_contextvars("merchant", "salla_event", "trace_id")
+
+
+async def _apply_rules(deps: ProcessingDeps, env: Envelope, trace_id: str) -> dict[str, Any]:
+    ctx = normalise(env)
+    if ctx.has_order and ctx.order.status and ctx.order.status not in KNOWN_ORDER_STATUSES:
+        log.warning("unknown_order_status", order_id=ctx.order.id, status=ctx.order.status)
+    outcomes = evaluate(deps.rules, ctx)
+    for outcome in outcomes:
+        log.info(
+            "rule_evaluated", rule_id=outcome.rule_id, verdict=outcome.verdict,
+            order_id=ctx.order.id or None, customer_id=ctx.customer.id or None,
+            deserved=outcome.deserved, why=outcome.why,
+        )  # fmt: skip
+    revoke_all = revokes(deps.rules, ctx)
+    if not any(o.changes_ledger for o in outcomes) and not revoke_all:
+        return {"outcome": "no_change", "order_id": ctx.order.id or None}
+    scope = scope_of(ctx)
+    grants = await ledger.apply_outcomes(
+        deps.redis, env.merchant, scope, ctx.customer.id, outcomes,
+        revoke_all=revoke_all, trace_id=trace_id,
+    )  # fmt: skip
+    for grant in grants:
+        log.info(
+            "grant_queued", grant_id=grant.id, rule_id=grant.rule, customer_id=grant.customer,
+            points=grant.points, type=grant.type, order_id=ctx.order.id or None,
+        )  # fmt: skip
+    if grants:
+        await queue.enqueue_flush(deps.pool, env.merchant, deps.settings.batch_window_s)
+    return {"outcome": "grants_queued" if grants else "no_change", "grants": len(grants),
+            "scope": scope}

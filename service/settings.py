@@ -1,0 +1,102 @@
+"""The typed settings object, built once from the environment.
+
+Nothing else in the service reads `os.environ`: `Settings()` is built at start-up and passed
+explicitly to `create_app(settings)` and into the worker's context.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.errors import ConfigError
+
+#: Secrets that mean "nobody set this"; refused outside development.
+PLACEHOLDER_SECRETS = frozenset(
+    {"", "changeme", "change-me", "secret", "placeholder", "xxx", "todo", "your-webhook-secret"}
+)
+
+DEVELOPMENT_WEBHOOK_SECRET = "dev-webhook-secret"  # noqa: S105 - development only, printed by `run`
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Field names map to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+
+    app_env: Literal["production", "development"] = "production"
+
+    salla_webhook_secret: SecretStr = SecretStr("")
+    salla_webhook_strategy: Literal["signature", "token"] = "signature"
+    salla_api_base: str = "https://api.salla.dev/admin/v2"
+    salla_oauth_token_url: str = "https://accounts.salla.sa/oauth2/token"
+    salla_client_id: str = ""
+    salla_client_secret: SecretStr = SecretStr("")
+
+    redis_url: str | None = None
+    embedded_redis_port: int = 6390
+    data_dir: Path = Path("var")
+
+    rules_path: Path = Path("rules")
+
+    log_format: Literal["json", "console", "auto"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    #: Largest webhook body accepted; Salla's order payloads are ~15 KiB.
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    #: How long a webhook delivery is remembered for deduplication (Salla retries for ~15 min).
+    dedupe_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+
+    #: Pending grants of a store are coalesced for this long before one flush sends them.
+    batch_window_s: float = Field(default=2.0, ge=0)
+    #: Salla documents no maximum of customers per call; this keeps request bodies modest.
+    max_customers_per_call: int = Field(default=100, ge=1)
+    #: Batches one flush job sends before it re-enqueues itself (fairness between stores).
+    batches_per_flush: int = Field(default=20, ge=1)
+    #: Timeout of one call to Salla; a call that times out has an unknown outcome.
+    salla_timeout_s: float = Field(default=10.0, gt=0)
+    #: Retry backoff for 429/5xx/connection failures: base * 2**attempt, capped, with jitter.
+    retry_base_s: float = Field(default=1.0, gt=0)
+    retry_cap_s: float = Field(default=300.0, gt=0)
+    #: A claimed grant whose worker has not finished after this long is returned to pending.
+    claim_timeout_s: float = Field(default=60.0, gt=0)
+    #: Lifetime of a worker's job before arq cancels it.
+    job_timeout_s: float = Field(default=120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secret(self) -> Settings:
+        secret = self.salla_webhook_secret.get_secret_value().strip().lower()
+        if self.app_env != "development" and secret in PLACEHOLDER_SECRETS:
+            raise ValueError(
+                "SALLA_WEBHOOK_SECRET is empty or a placeholder; set it to the webhook secret "
+                "from the Salla Partner Portal (or APP_ENV=development for local work)"
+            )
+        return self
+
+    @property
+    def is_development(self) -> bool:
+        return self.app_env == "development"
+
+    @property
+    def webhook_secret(self) -> str:
+        secret = self.salla_webhook_secret.get_secret_value()
+        if not secret and self.is_development:
+            return DEVELOPMENT_WEBHOOK_SECRET
+        return secret
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build `Settings` from the environment, turning validation errors into one `ConfigError`."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]).upper() or "settings"
+            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None

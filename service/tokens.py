@@ -1,0 +1,110 @@
+"""Per-store OAuth tokens in Redis, refreshed under a per-store lock.
+
+Salla's refresh tokens are single-use: two workers refreshing at once make Salla revoke both
+tokens. A refresh therefore takes `sr:lock:refresh:{merchant}`, re-reads the tokens (another
+worker may have refreshed meanwhile), refreshes, and stores both new tokens before releasing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from redis.asyncio import Redis
+
+from service.errors import SallaAuthError
+from service.ledger import PREFIX
+from service.salla import SallaClient, TokenSet
+
+
+def store_key(merchant: int) -> str:
+    return f"{PREFIX}store:{merchant}"
+
+
+async def save(redis: Redis, merchant: int, tokens: TokenSet) -> None:
+    await redis.hset(  # type: ignore[misc]
+        store_key(merchant),
+        mapping={
+            "access_token": tokens.access_token,
+            "refresh_token": tokens.refresh_token,
+            "expires_at_s": tokens.expires_at_s,
+            "scope": tokens.scope,
+            "status": "authorized",
+            "updated_s": int(time.time()),
+        },
+    )
+
+
+async def get(redis: Redis, merchant: int) -> TokenSet | None:
+    doc: dict[str, str] = await redis.hgetall(store_key(merchant))  # type: ignore[misc]
+    if not doc.get("access_token") or doc.get("status") != "authorized":
+        return None
+    return TokenSet(
+        access_token=doc["access_token"],
+        refresh_token=doc.get("refresh_token", ""),
+        expires_at_s=int(doc.get("expires_at_s", "0") or 0),
+        scope=doc.get("scope", ""),
+    )
+
+
+async def mark_installed(redis: Redis, merchant: int, event: str) -> None:
+    await redis.hset(  # type: ignore[misc]
+        store_key(merchant), mapping={"installed_event": event, "installed_s": int(time.time())}
+    )
+
+
+async def revoke(redis: Redis, merchant: int, status: str) -> None:
+    """The tokens are dead (uninstalled, or refresh refused): forget them, keep the record."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hdel(store_key(merchant), "access_token", "refresh_token", "expires_at_s")
+        pipe.hset(store_key(merchant), mapping={"status": status, "updated_s": int(time.time())})
+        await pipe.execute()
+
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+async def refresh(
+    redis: Redis,
+    client: SallaClient,
+    merchant: int,
+    stale_access_token: str,
+    *,
+    token_url: str,
+    client_id: str,
+    client_secret: str,
+    lock_timeout_s: float = 30.0,
+) -> TokenSet:
+    """Refresh `merchant`'s tokens once, whichever worker gets there first.
+
+    Raises `SallaAuthError` when the store cannot be refreshed (no refresh token, or Salla
+    refused it); the caller parks the store's grants until it authorizes again.
+    """
+    lock_key = f"{PREFIX}lock:refresh:{merchant}"
+    owner = uuid.uuid4().hex
+    deadline = time.monotonic() + lock_timeout_s
+    while not await redis.set(lock_key, owner, nx=True, px=int(lock_timeout_s * 1000)):
+        if time.monotonic() > deadline:
+            raise SallaAuthError(0, None, "timed out waiting for another worker's token refresh")
+        await asyncio.sleep(0.05)
+    try:
+        current = await get(redis, merchant)
+        if current is None:
+            raise SallaAuthError(0, None, "the store has no tokens (not authorized or uninstalled)")
+        if current.access_token != stale_access_token:
+            return current  # another worker refreshed while we waited
+        if not current.refresh_token:
+            raise SallaAuthError(0, None, "the store has no refresh token")
+        try:
+            fresh = await client.refresh(token_url, client_id, client_secret, current.refresh_token)
+        except SallaAuthError:
+            await revoke(redis, merchant, "refresh_refused")
+            raise
+        await save(redis, merchant, fresh)
+        return fresh
+    finally:
+        await redis.eval(_RELEASE, 1, lock_key, owner)  # type: ignore[misc]

@@ -1,0 +1,133 @@
+"""Salla webhook verification and envelope parsing. No I/O.
+
+Both security strategies Salla offers are supported:
+
+* `Signature`: `X-Salla-Signature` is the lower-case hex HMAC-SHA256 of the raw body, keyed
+  with the app's webhook secret.
+* `Token`: `Authorization` carries the webhook secret itself (optionally as `Bearer <secret>`).
+
+`sign()` sits next to `verify()` so tests and the `send` command build requests exactly as
+Salla does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from service.errors import InvalidPayload, InvalidSignature
+
+Strategy = Literal["signature", "token"]
+
+STRATEGY_HEADER = "x-salla-security-strategy"
+SIGNATURE_HEADER = "x-salla-signature"
+AUTHORIZATION_HEADER = "authorization"
+
+
+def sign(body: bytes, secret: str) -> str:
+    """The `X-Salla-Signature` value Salla sends for `body`."""
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def signed_headers(body: bytes, secret: str, strategy: Strategy = "signature") -> dict[str, str]:
+    """Headers that make `body` a webhook delivery exactly as Salla sends it."""
+    headers = {"Content-Type": "application/json"}
+    if strategy == "signature":
+        headers["X-Salla-Security-Strategy"] = "Signature"
+        headers["X-Salla-Signature"] = sign(body, secret)
+    else:
+        headers["X-Salla-Security-Strategy"] = "Token"
+        headers["Authorization"] = secret
+    return headers
+
+
+def verify(headers: Mapping[str, str], body: bytes, secret: str, strategy: Strategy) -> None:
+    """Raise `InvalidSignature` unless the request proves it comes from Salla.
+
+    `headers` must be case-insensitive (Starlette's are); values are compared case-insensitively
+    where Salla may vary their case, and secrets are compared in constant time.
+    """
+    if not secret:
+        raise InvalidSignature("webhook secret is not configured")
+    announced = headers.get(STRATEGY_HEADER, "").strip().lower()
+    if announced and announced != strategy:
+        raise InvalidSignature(
+            f"security strategy {announced!r} does not match the configured {strategy!r}"
+        )
+    if strategy == "signature":
+        given = headers.get(SIGNATURE_HEADER, "").strip().lower()
+        if not given:
+            raise InvalidSignature("missing X-Salla-Signature header")
+        if not hmac.compare_digest(given.encode(), sign(body, secret).encode()):
+            raise InvalidSignature("signature does not match the request body")
+    else:
+        given = headers.get(AUTHORIZATION_HEADER, "").strip()
+        if given[:7].lower() == "bearer ":
+            given = given[7:].strip()
+        if not given:
+            raise InvalidSignature("missing Authorization header")
+        if not hmac.compare_digest(given.encode(), secret.encode()):
+            raise InvalidSignature("webhook token does not match")
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The parts of a Salla webhook body every event shares."""
+
+    event: str
+    merchant: int
+    created_at: str
+    data: Mapping[str, Any]
+    raw: Mapping[str, Any]
+
+
+def parse_envelope(body: bytes) -> Envelope:
+    """Parse a verified body into an `Envelope`, or raise `InvalidPayload` saying why."""
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidPayload(f"body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidPayload("body is not a JSON object")
+    missing = [key for key in ("event", "merchant", "data") if key not in doc]
+    if missing:
+        raise InvalidPayload(f"not a Salla webhook envelope: missing {', '.join(missing)}")
+    event = doc["event"]
+    if not isinstance(event, str) or not event or len(event) > 100:
+        raise InvalidPayload("'event' must be a non-empty string")
+    merchant = parse_id(doc["merchant"])
+    if merchant is None:
+        raise InvalidPayload("'merchant' must be a positive integer (number or string)")
+    data = doc["data"]
+    if not isinstance(data, dict):
+        raise InvalidPayload("'data' must be a JSON object")
+    created_at = doc.get("created_at")
+    return Envelope(
+        event=event,
+        merchant=merchant,
+        created_at=created_at if isinstance(created_at, str) else "",
+        data=data,
+        raw=doc,
+    )
+
+
+def parse_id(value: object) -> int | None:
+    """Salla ids arrive as JSON numbers or digit strings; anything else is not an id."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value > 0 else None
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) < 20:
+        parsed = int(value.strip())
+        return parsed if parsed > 0 else None
+    return None
+
+
+def delivery_id(merchant: int, event: str, body: bytes) -> str:
+    """A stable id for one delivery: Salla sends none, and re-sends the same bytes."""
+    digest = hashlib.sha256(body).hexdigest()[:32]
+    return f"{merchant}:{event}:{digest}"

@@ -1,0 +1,105 @@
+"""arq `WorkerSettings`: jobs, the sweep cron, and resources built once in startup."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from arq import cron
+from arq.connections import ArqRedis
+from arq.worker import Function, Retry, Worker, func
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service import ledger, queue
+from service.delivery.flush import Deps, flush
+from service.logging import configure_logging, get_logger
+from service.processing import ProcessingDeps, process_event
+from service.rules import load_rules
+from service.salla import SallaClient
+from service.settings import Settings
+
+log = get_logger("service.worker")
+
+_REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError)
+
+
+async def _process_event_job(ctx: dict[str, Any], body: bytes, delivery: str, trace_id: str) -> Any:
+    try:
+        return await process_event(ctx["processing"], body, delivery, trace_id)
+    except _REDIS_TRANSIENT as exc:
+        raise Retry(defer=min(2 ** ctx["job_try"], 60)) from exc
+
+
+async def _flush_job(ctx: dict[str, Any], merchant: int) -> Any:
+    try:
+        return await flush(ctx["delivery"], merchant)
+    except _REDIS_TRANSIENT as exc:
+        raise Retry(defer=min(2 ** ctx["job_try"], 60)) from exc
+
+
+async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
+    """Recover dead workers' claims and start flushes for stores with due grants."""
+    deps: Deps = ctx["delivery"]
+    returned = unknown = flushed = 0
+    for merchant in await ledger.stores_with_work(deps.redis):
+        back, lost = await ledger.sweep_claims(deps.redis, merchant)
+        returned += back
+        unknown += lost
+        if lost:
+            log.error("claims_recovered_unknown", merchant=merchant, grants=lost)
+        if await ledger.due_count(deps.redis, merchant):
+            await queue.enqueue_flush(deps.pool, merchant, deps.settings.batch_window_s)
+            flushed += 1
+        else:
+            await ledger.forget_store_if_idle(deps.redis, merchant)
+    if returned or unknown:
+        log.info("sweep", returned=returned, unknown=unknown, flushes=flushed)
+    return {"returned": returned, "unknown": unknown, "flushes": flushed}
+
+
+def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
+    """The keyword arguments of `arq.Worker` for this service (also used by tests)."""
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        configure_logging(settings.log_format, settings.log_level)
+        redis = Redis.from_url(redis_url, decode_responses=True)
+        pool: ArqRedis = ctx["redis"]
+        http = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.salla_timeout_s, connect=min(5.0, settings.salla_timeout_s)),
+            limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
+        )
+        rules = load_rules(settings.rules_path)
+        ctx["http"] = http
+        ctx["plain_redis"] = redis
+        ctx["processing"] = ProcessingDeps(settings, redis, pool, rules)
+        ctx["delivery"] = Deps(settings, redis, pool, SallaClient(http, settings.salla_api_base))
+        log.info("worker_started", rules=len(rules.rules), rule_files=len(rules.files),
+                 salla_api_base=settings.salla_api_base)
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        if "http" in ctx:
+            await ctx["http"].aclose()
+            await ctx["plain_redis"].aclose()
+
+    functions: list[Function] = [
+        func(_process_event_job, name=queue.PROCESS_EVENT, keep_result=0, max_tries=10),
+        func(_flush_job, name=queue.FLUSH, keep_result=0, max_tries=10),
+    ]
+    sweep_seconds = set(range(0, 60, 5))
+    return {
+        "functions": functions,
+        "cron_jobs": [cron(sweep, second=sweep_seconds, run_at_startup=True, unique=True)],
+        "redis_settings": queue.redis_settings(redis_url),
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "job_timeout": settings.job_timeout_s,
+        "keep_result": 0,
+        "max_jobs": 20,
+        "handle_signals": True,
+    }
+
+
+def create_worker(settings: Settings, redis_url: str, **overrides: Any) -> Worker:
+    return Worker(**{**build_worker_settings(settings, redis_url), **overrides})
