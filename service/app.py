@@ -71,8 +71,9 @@ async def salla_webhook(request: Request) -> JSONResponse:
         verify(request.headers, body, settings.webhook_secret, settings.salla_webhook_strategy)
         env = parse_envelope(body)
     except WebhookError as exc:
-        bound.warning("webhook_rejected", status=exc.status_code, error=exc.message,
-                      duration_ms=_ms(started))
+        bound.warning(
+            "webhook_rejected", status=exc.status_code, error=exc.message, duration_ms=_ms(started)
+        )
         return _answer(exc.status_code, status="rejected", error=exc.message)
     bound = bound.bind(merchant=env.merchant, salla_event=env.event)
     if not handles(state.rules, env.event):
@@ -89,8 +90,9 @@ async def salla_webhook(request: Request) -> JSONResponse:
         bound.error("webhook_not_persisted", status=503, error=repr(exc), duration_ms=_ms(started))
         return _answer(503, status="error", error="could not persist the event; please retry")
     outcome = "accepted" if accepted else "duplicate"
-    bound.info("webhook_received", status=200, outcome=outcome, delivery=delivery,
-               duration_ms=_ms(started))
+    bound.info(
+        "webhook_received", status=200, outcome=outcome, delivery=delivery, duration_ms=_ms(started)
+    )
     return _answer(200, status=outcome, trace_id=trace_id)
 
 
@@ -120,8 +122,12 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
         configure_logging(settings.log_format, settings.log_level)
         pool = await queue.connect(redis_url)
         app.state.service = AppState(settings, pool, ruleset)
-        log.info("web_started", rules=len(ruleset.rules), strategy=settings.salla_webhook_strategy,
-                 app_env=settings.app_env)
+        log.info(
+            "web_started",
+            rules=len(ruleset.rules),
+            strategy=settings.salla_webhook_strategy,
+            app_env=settings.app_env,
+        )
         try:
             yield
         finally:

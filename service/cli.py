@@ -57,8 +57,15 @@ def serve(host: str, port: int) -> None:
         app = create_app(settings, _redis_url(settings))
     except RuleError as exc:
         raise click.ClickException("rules are invalid:\n" + str(exc)) from None
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
-                timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_keep_alive=5,
+        h11_max_incomplete_event_size=64 * 1024,
+    )
 
 
 @main.command()
@@ -80,8 +87,13 @@ def worker() -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8081, show_default=True, type=int)
-@click.option("--rate-limit", default=500, show_default=True, type=int,
-              help="Requests per window per store (Salla's customers endpoints: 500/10 min).")
+@click.option(
+    "--rate-limit",
+    default=500,
+    show_default=True,
+    type=int,
+    help="Requests per window per store (Salla's customers endpoints: 500/10 min).",
+)
 @click.option("--rate-window", default=600.0, show_default=True, type=float, help="Seconds.")
 def sandbox(host: str, port: int, rate_limit: int, rate_window: float) -> None:
     """Run the Salla-compatible sandbox API alone."""
@@ -96,10 +108,15 @@ def sandbox(host: str, port: int, rate_limit: int, rate_window: float) -> None:
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--url", default="http://127.0.0.1:8000/webhooks/salla", show_default=True)
-@click.option("--secret", envvar="SALLA_WEBHOOK_SECRET", default=DEVELOPMENT_WEBHOOK_SECRET,
-              show_default="$SALLA_WEBHOOK_SECRET or the development secret")
-@click.option("--strategy", type=click.Choice(["signature", "token"]), default="signature",
-              show_default=True)
+@click.option(
+    "--secret",
+    envvar="SALLA_WEBHOOK_SECRET",
+    default=DEVELOPMENT_WEBHOOK_SECRET,
+    show_default="$SALLA_WEBHOOK_SECRET or the development secret",
+)
+@click.option(
+    "--strategy", type=click.Choice(["signature", "token"]), default="signature", show_default=True
+)
 @click.option("--merchant", type=int, default=None, help="Send as this store instead.")
 def send(file: Path, url: str, secret: str, strategy: str, merchant: int | None) -> None:
     """Sign FILE and POST it exactly as Salla delivers a webhook."""
@@ -159,11 +176,14 @@ def run(port: int, sandbox_port: int) -> None:
     me = [sys.executable, "-m", "service"]
     children: list[subprocess.Popen[bytes]] = []
     try:
-        children.append(subprocess.Popen([*me, "sandbox", "--port", str(sandbox_port)], env=child_env))  # noqa: S603
+        sandbox_cmd = [*me, "sandbox", "--port", str(sandbox_port)]
+        children.append(subprocess.Popen(sandbox_cmd, env=child_env))  # noqa: S603
         children.append(subprocess.Popen([*me, "serve", "--port", str(port)], env=child_env))  # noqa: S603
         children.append(subprocess.Popen([*me, "worker"], env=child_env))  # noqa: S603
         _wait_http(f"http://127.0.0.1:{port}/readyz")
-        store = httpx.post(f"{sandbox_base}/_sandbox/stores", json={"merchant": DEMO_MERCHANT}).json()
+        store = httpx.post(
+            f"{sandbox_base}/_sandbox/stores", json={"merchant": DEMO_MERCHANT}
+        ).json()
         authorize: dict[str, Any] = {
             "event": "app.store.authorize", "merchant": DEMO_MERCHANT,
             "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -173,7 +193,9 @@ def run(port: int, sandbox_port: int) -> None:
         }  # fmt: skip
         body = json.dumps(authorize).encode()
         webhook_url = f"http://127.0.0.1:{port}/webhooks/salla"
-        httpx.post(webhook_url, content=body, headers=signed_headers(body, env_secret)).raise_for_status()
+        httpx.post(
+            webhook_url, content=body, headers=signed_headers(body, env_secret)
+        ).raise_for_status()
         click.echo(_banner(webhook_url, env_secret, sandbox_base, store["access_token"]), err=True)
         while all(child.poll() is None for child in children):
             time.sleep(0.5)

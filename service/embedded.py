@@ -55,7 +55,8 @@ class EmbeddedRedis:
     def start(self, timeout_s: float = 10.0) -> str:
         if _pings(self.port):
             raise RuntimeError(
-                f"port {self.port} already has a Redis; stop it or set EMBEDDED_REDIS_PORT/REDIS_URL"
+                f"port {self.port} already has a Redis; "
+                "stop it or set EMBEDDED_REDIS_PORT or REDIS_URL"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(server_args(self.data_dir, self.port))  # noqa: S603

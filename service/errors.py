@@ -1,17 +1,17 @@
 """The service's exception tree.
 
-    ServiceError
-    ├── ConfigError          settings or environment refused at start-up
-    ├── WebhookError         a webhook request that must be refused (carries its HTTP status)
-    │   ├── InvalidSignature     401: missing or wrong signature/token, wrong strategy
-    │   ├── PayloadTooLarge      413: body over the configured limit
-    │   └── InvalidPayload       400: not JSON, or not a Salla envelope
-    ├── RuleError            a rule file that does not load (file, line and a sentence)
-    └── SallaError           the Admin API answered with an error (status and body attached)
-        ├── SallaAuthError       401/403: token invalid, expired or revoked
-        ├── SallaValidationError 422: Salla refused the request body
-        ├── SallaRateLimited     429: carries Retry-After
-        └── SallaUnavailable     5xx: transient on Salla's side
+ServiceError
+├── ConfigError          settings or environment refused at start-up
+├── WebhookError         a webhook request that must be refused (carries its HTTP status)
+│   ├── InvalidSignature     401: missing or wrong signature/token, wrong strategy
+│   ├── PayloadTooLarge      413: body over the configured limit
+│   └── InvalidPayload       400: not JSON, or not a Salla envelope
+├── RuleError            a rule file that does not load (file, line and a sentence)
+└── SallaError           the Admin API answered with an error (status and body attached)
+    ├── SallaAuthError       401/403: token invalid, expired or revoked
+    ├── SallaValidationError 422: Salla refused the request body
+    ├── SallaRateLimited     429: carries Retry-After
+    └── SallaUnavailable     5xx: transient on Salla's side
 """
 
 from __future__ import annotations

@@ -126,7 +126,8 @@ def parse_customer(raw: object) -> Customer:
     doc = _mapping(raw)
     groups_raw = doc.get("groups")
     groups = tuple(
-        g for g in (parse_id(x) for x in (groups_raw if isinstance(groups_raw, list) else []))
+        g
+        for g in (parse_id(x) for x in (groups_raw if isinstance(groups_raw, list) else []))
         if g is not None
     )
     return Customer(
@@ -145,15 +146,14 @@ def parse_order(raw: object) -> Order:
     status = doc.get("status")
     slug = _text(_mapping(status).get("slug")) if isinstance(status, Mapping) else _text(status)
     discounts = amounts.get("discounts")
-    discount_list = [d for d in discounts if isinstance(d, Mapping)] if isinstance(
-        discounts, list
-    ) else []
+    discount_list = (
+        [d for d in discounts if isinstance(d, Mapping)] if isinstance(discounts, list) else []
+    )
     items_raw = doc.get("items")
     items = tuple(
         Item(
             id=parse_id(it.get("id")) or 0,
-            product_id=parse_id(it.get("product_id") or _mapping(it.get("product")).get("id"))
-            or 0,
+            product_id=parse_id(it.get("product_id") or _mapping(it.get("product")).get("id")) or 0,
             name=_text(it.get("name")),
             sku=_text(it.get("sku")).strip(),
             quantity=to_decimal(it.get("quantity")),
@@ -176,7 +176,11 @@ def parse_order(raw: object) -> Order:
         tax=to_decimal(_mapping(amounts.get("tax")).get("amount")),
         discount=sum((to_decimal(d.get("discount")) for d in discount_list), ZERO),
         loyalty_prize=sum(
-            (to_decimal(d.get("discount")) for d in discount_list if d.get("type") == "loyalty_prize"),
+            (
+                to_decimal(d.get("discount"))
+                for d in discount_list
+                if d.get("type") == "loyalty_prize"
+            ),
             ZERO,
         ),
         items=items,

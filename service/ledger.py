@@ -10,7 +10,7 @@ Grant states (each transition one atomic Redis step, written before the action i
 
     pending ──claim──▶ claimed ──mark_sending──▶ sending ──▶ sent
        ▲                  │                         ├──▶ failed   (Salla refused it, e.g. 422)
-       └──release─────────┘ (retry, no token)       └──▶ unknown  (no answer: reconcile, never resend)
+       └──release─────────┘ (retry, no token)       └──▶ unknown  (no answer: never resent)
     parked: waiting for the store's tokens (moved back to pending on app.store.authorize)
 
 Keys (all under the `sr:` prefix):
@@ -42,7 +42,7 @@ from service.rules.model import MAX_POINTS_PER_CALL
 GrantState = Literal["pending", "claimed", "sending", "sent", "failed", "unknown", "parked"]
 
 PREFIX = "sr:"
-REVERSAL_PREFIX = "Reversal: "  # noqa: S105 - not a secret; reason text for taken-back points
+REVERSAL_PREFIX = "Reversal: "
 STORES_PENDING = f"{PREFIX}stores:pending"
 
 
@@ -103,8 +103,7 @@ class Grant:
 
     @classmethod
     def from_redis(cls, doc: dict[str, str]) -> Grant:
-        grant_type = doc["type"]
-        assert grant_type in ("plus", "minus")
+        grant_type: Literal["plus", "minus"] = "minus" if doc["type"] == "minus" else "plus"
         return cls(
             id=doc["id"], merchant=int(doc["merchant"]), customer=int(doc["customer"]),
             points=int(doc["points"]), type=grant_type, reason=doc["reason"],
@@ -152,9 +151,9 @@ async def apply_outcomes(
                     created_ms, created_ms if due_ms is None else due_ms,
                 )  # fmt: skip
                 if not grants:
-                    await pipe.reset()
+                    await pipe.reset()  # type: ignore[no-untyped-call]
                     return []
-                pipe.multi()
+                pipe.multi()  # type: ignore[no-untyped-call]
                 for rule_id, record in _new_entry_records(entry, grants, outcomes).items():
                     pipe.hset(key, f"r:{rule_id}", record)
                 pipe.hset(key, "customer", str(customer or entry.get("customer", "0")))
@@ -202,10 +201,19 @@ def _deltas(
         for part in _split(abs(delta)):
             grants.append(
                 Grant(
-                    id=uuid.uuid4().hex, merchant=merchant, customer=customer, points=part,
-                    type=grant_type, reason=reason, channels=channels, scope=scope,
-                    rule=rule_id, due_ms=due_ms, created_ms=created_ms, trace_id=trace_id,
-                )  # fmt: skip
+                    id=uuid.uuid4().hex,
+                    merchant=merchant,
+                    customer=customer,
+                    points=part,
+                    type=grant_type,
+                    reason=reason,
+                    channels=channels,
+                    scope=scope,
+                    rule=rule_id,
+                    due_ms=due_ms,
+                    created_ms=created_ms,
+                    trace_id=trace_id,
+                )
             )
     return grants
 
@@ -224,7 +232,9 @@ def _new_entry_records(
             {
                 "granted": granted,
                 "reason": outcome.reason if granting and outcome else old.get("reason", ""),
-                "channels": list(outcome.channels if granting and outcome else old.get("channels", [])),
+                "channels": list(
+                    outcome.channels if granting and outcome else old.get("channels", [])
+                ),
                 "version": outcome.rule_version if outcome else old.get("version", ""),
             },
             ensure_ascii=False,
@@ -262,7 +272,7 @@ async def claim_due(
     now = now_ms()
     ids: list[str] = await redis.eval(  # type: ignore[misc]
         _CLAIM, 2, _key("pending", merchant), _key("claimed", merchant),
-        now, limit, now + claim_timeout_ms, f"{PREFIX}grant:",
+        str(now), str(limit), str(now + claim_timeout_ms), f"{PREFIX}grant:",
     )  # fmt: skip
     return await load(redis, ids)
 
@@ -301,11 +311,15 @@ async def finish(
         await pipe.execute()
 
 
-async def release(redis: Redis, merchant: int, grants: Sequence[Grant], due_ms: int, error: str = "") -> None:
+async def release(
+    redis: Redis, merchant: int, grants: Sequence[Grant], due_ms: int, error: str = ""
+) -> None:
     """Return claimed grants to pending, due at `due_ms` (a retry, or work left over)."""
     async with redis.pipeline(transaction=True) as pipe:
         for grant in grants:
-            pipe.hset(grant_key(grant.id), mapping={"state": "pending", "due_ms": due_ms, "error": error})
+            pipe.hset(
+                grant_key(grant.id), mapping={"state": "pending", "due_ms": due_ms, "error": error}
+            )
             pipe.zrem(_key("claimed", merchant), grant.id)
             pipe.zadd(_key("pending", merchant), {grant.id: due_ms})
         pipe.sadd(STORES_PENDING, str(merchant))
@@ -339,7 +353,7 @@ async def unpark(redis: Redis, merchant: int) -> int:
     """Move every parked grant of `merchant` back to pending, due now."""
     count: int = await redis.eval(  # type: ignore[misc]
         _UNPARK, 3, _key("parked", merchant), _key("pending", merchant), STORES_PENDING,
-        now_ms(), f"{PREFIX}grant:", str(merchant),
+        str(now_ms()), f"{PREFIX}grant:", str(merchant),
     )  # fmt: skip
     return count
 
@@ -369,7 +383,7 @@ async def sweep_claims(redis: Redis, merchant: int) -> tuple[int, int]:
     """Recover work of dead workers: claimed → pending; sending → unknown (never resent blindly)."""
     returned, unknown = await redis.eval(  # type: ignore[misc]
         _SWEEP, 3, _key("claimed", merchant), _key("pending", merchant), _key("unknown", merchant),
-        now_ms(), f"{PREFIX}grant:",
+        str(now_ms()), f"{PREFIX}grant:",
     )  # fmt: skip
     return int(returned), int(unknown)
 
@@ -393,7 +407,11 @@ return 0
 async def forget_store_if_idle(redis: Redis, merchant: int) -> None:
     """Drop `merchant` from the sweep set once it has nothing pending or claimed (atomically)."""
     await redis.eval(  # type: ignore[misc]
-        _FORGET_IF_IDLE, 3, _key("pending", merchant), _key("claimed", merchant), STORES_PENDING,
+        _FORGET_IF_IDLE,
+        3,
+        _key("pending", merchant),
+        _key("claimed", merchant),
+        STORES_PENDING,
         str(merchant),
     )
 

@@ -94,7 +94,9 @@ def handles(rules: RuleSet, event: str) -> bool:
     return event in APP_HANDLERS or rules.uses(event)
 
 
-async def process_event(deps: ProcessingDeps, body: bytes, delivery: str, trace_id: str) -> dict[str, Any]:
+async def process_event(
+    deps: ProcessingDeps, body: bytes, delivery: str, trace_id: str
+) -> dict[str, Any]:
     """Apply one webhook. Safe to run twice: the ledger only ever adds differences."""
     started = time.perf_counter()
     env = parse_envelope(body)
@@ -105,8 +107,11 @@ async def process_event(deps: ProcessingDeps, body: bytes, delivery: str, trace_
         handler = APP_HANDLERS.get(env.event)
         result = await handler(deps, env) if handler else await _apply_rules(deps, env, trace_id)
         await deps.redis.set(SEEN_PREFIX + delivery, "1", ex=deps.settings.dedupe_ttl_s)
-        log.info("event_processed", duration_ms=round((time.perf_counter() - started) * 1000, 2),
-                 **result)
+        log.info(
+            "event_processed",
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            **result,
+        )
         return result
     finally:
         structlog.contextvars.unbind_contextvars("merchant", "salla_event", "trace_id")
@@ -138,5 +143,8 @@ async def _apply_rules(deps: ProcessingDeps, env: Envelope, trace_id: str) -> di
         )  # fmt: skip
     if grants:
         await queue.enqueue_flush(deps.pool, env.merchant, deps.settings.batch_window_s)
-    return {"outcome": "grants_queued" if grants else "no_change", "grants": len(grants),
-            "scope": scope}
+    return {
+        "outcome": "grants_queued" if grants else "no_change",
+        "grants": len(grants),
+        "scope": scope,
+    }

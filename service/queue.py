@@ -25,13 +25,13 @@ async def connect(url: str) -> ArqRedis:
 
 async def enqueue_event(pool: ArqRedis, delivery: str, body: bytes, trace_id: str) -> bool:
     """Persist one webhook delivery as a job; False when that delivery is already queued."""
-    job = await pool.enqueue_job(
-        PROCESS_EVENT, body, delivery, trace_id, _job_id=f"evt:{delivery}"
-    )
+    job = await pool.enqueue_job(PROCESS_EVENT, body, delivery, trace_id, _job_id=f"evt:{delivery}")
     return job is not None
 
 
-async def enqueue_flush(pool: ArqRedis, merchant: int, window_s: float, *, delay_s: float = 0.0) -> None:
+async def enqueue_flush(
+    pool: ArqRedis, merchant: int, window_s: float, *, delay_s: float = 0.0
+) -> None:
     """Schedule one flush per store per batch window; grants of that window share it."""
     at = time.time() + max(delay_s, 0.0)
     if window_s > 0:
@@ -41,4 +41,6 @@ async def enqueue_flush(pool: ArqRedis, merchant: int, window_s: float, *, delay
     else:
         run_at = at
         job_id = f"flush:{merchant}:{int(at * 1000)}"
-    await pool.enqueue_job(FLUSH, merchant, _job_id=job_id, _defer_by=max(0.0, run_at - time.time()))
+    await pool.enqueue_job(
+        FLUSH, merchant, _job_id=job_id, _defer_by=max(0.0, run_at - time.time())
+    )

@@ -43,7 +43,9 @@ class RateLimitInfo:
             return int(value) if value.strip().isdigit() else None
 
         return cls(
-            number("x-ratelimit-limit"), number("x-ratelimit-remaining"), number("x-ratelimit-reset")
+            number("x-ratelimit-limit"),
+            number("x-ratelimit-remaining"),
+            number("x-ratelimit-reset"),
         )
 
 

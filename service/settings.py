@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     salla_webhook_secret: SecretStr = SecretStr("")
     salla_webhook_strategy: Literal["signature", "token"] = "signature"
     salla_api_base: str = "https://api.salla.dev/admin/v2"
-    salla_oauth_token_url: str = "https://accounts.salla.sa/oauth2/token"
+    salla_oauth_token_url: str = "https://accounts.salla.sa/oauth2/token"  # noqa: S105
     salla_client_id: str = ""
     salla_client_secret: SecretStr = SecretStr("")
 

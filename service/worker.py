@@ -67,7 +67,9 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
         redis = Redis.from_url(redis_url, decode_responses=True)
         pool: ArqRedis = ctx["redis"]
         http = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.salla_timeout_s, connect=min(5.0, settings.salla_timeout_s)),
+            timeout=httpx.Timeout(
+                settings.salla_timeout_s, connect=min(5.0, settings.salla_timeout_s)
+            ),
             limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
         )
         rules = load_rules(settings.rules_path)
@@ -75,8 +77,12 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
         ctx["plain_redis"] = redis
         ctx["processing"] = ProcessingDeps(settings, redis, pool, rules)
         ctx["delivery"] = Deps(settings, redis, pool, SallaClient(http, settings.salla_api_base))
-        log.info("worker_started", rules=len(rules.rules), rule_files=len(rules.files),
-                 salla_api_base=settings.salla_api_base)
+        log.info(
+            "worker_started",
+            rules=len(rules.rules),
+            rule_files=len(rules.files),
+            salla_api_base=settings.salla_api_base,
+        )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         if "http" in ctx:

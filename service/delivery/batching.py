@@ -8,6 +8,7 @@ chunk), so no call relies on Salla crediting a repeated id twice.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -42,15 +43,18 @@ def plan_batches(grants: Iterable[Grant], max_customers: int) -> list[Batch]:
 
 
 def _chunks(members: Sequence[Grant], size: int) -> list[list[Grant]]:
-    chunks: list[list[Grant]] = []
-    seen: list[set[int]] = []
+    """Split one group into the fewest calls: max(ceil(n / size), most repeats of a customer).
+
+    Grants are ordered customer by customer (most repeated first) and dealt round-robin into
+    that many chunks, so a customer's grants land in distinct chunks and no chunk exceeds size.
+    """
+    by_customer: dict[int, list[Grant]] = {}
     for grant in members:
-        for chunk, customers in zip(chunks, seen, strict=True):
-            if len(chunk) < size and grant.customer not in customers:
-                chunk.append(grant)
-                customers.add(grant.customer)
-                break
-        else:
-            chunks.append([grant])
-            seen.append({grant.customer})
+        by_customer.setdefault(grant.customer, []).append(grant)
+    most_repeated = max(len(grants) for grants in by_customer.values())
+    count = max(math.ceil(len(members) / size), most_repeated)
+    ordered = [g for grants in sorted(by_customer.values(), key=len, reverse=True) for g in grants]
+    chunks: list[list[Grant]] = [[] for _ in range(count)]
+    for index, grant in enumerate(ordered):
+        chunks[index % count].append(grant)
     return chunks

@@ -86,7 +86,7 @@ async def flush(deps: Deps, merchant: int) -> dict[str, int]:
             rest = [g for b in batches[index + 1 :] for g in b.grants]
             if rest and stop.resume_ms is None:
                 await ledger.park(deps.redis, merchant, rest, "store has no usable token")
-            elif rest:
+            elif rest and stop.resume_ms is not None:
                 await ledger.release(deps.redis, merchant, rest, stop.resume_ms)
             return counts  # a retry flush is already scheduled, or the store is parked
     if await ledger.due_count(deps.redis, merchant):
@@ -99,9 +99,10 @@ async def flush(deps: Deps, merchant: int) -> dict[str, int]:
 async def _send(
     deps: Deps, merchant: int, batch: Batch, token: TokenSet, counts: dict[str, int]
 ) -> TokenSet:
-    settings = deps.settings
     batch_id = uuid.uuid4().hex[:16]
-    body = loyalty_body(batch.points, batch.type, batch.reason, list(batch.channels), batch.customers)
+    body = loyalty_body(
+        batch.points, batch.type, batch.reason, list(batch.channels), batch.customers
+    )
     grants = batch.grants
     bound = log.bind(
         merchant=merchant, batch_id=batch_id, customers=len(grants), points=batch.points,
@@ -124,7 +125,9 @@ async def _send(
             refreshed = True
             continue
         except SallaRateLimited as exc:
-            due = await _retry(deps, merchant, grants, bound, attempt, str(exc), exc.retry_after_s, counts)
+            due = await _retry(
+                deps, merchant, grants, bound, attempt, str(exc), exc.retry_after_s, counts
+            )
             raise _StopFlush(due) from exc
         except SallaUnavailable as exc:
             due = await _retry(deps, merchant, grants, bound, attempt, str(exc), None, counts)
@@ -132,14 +135,20 @@ async def _send(
         except OutcomeUnknown as exc:
             await ledger.finish(deps.redis, merchant, grants, "unknown", str(exc))
             counts["unknown"] += len(grants)
-            bound.error("batch_outcome_unknown", error=str(exc), attempt=attempt,
-                        duration_ms=_ms(started))
+            bound.error(
+                "batch_outcome_unknown", error=str(exc), attempt=attempt, duration_ms=_ms(started)
+            )
             return token
         except (SallaValidationError, SallaError) as exc:
             await ledger.finish(deps.redis, merchant, grants, "failed", _message(exc))
             counts["failed"] += len(grants)
-            bound.error("batch_failed", status=exc.status, error=_message(exc), attempt=attempt,
-                        duration_ms=_ms(started))
+            bound.error(
+                "batch_failed",
+                status=exc.status,
+                error=_message(exc),
+                attempt=attempt,
+                duration_ms=_ms(started),
+            )
             return token
         await ledger.finish(deps.redis, merchant, grants, "sent")
         counts["sent"] += len(grants)
@@ -177,8 +186,10 @@ async def _retry(
 ) -> int:  # fmt: skip
     """Put `grants` back to pending after a backoff; return when they are due."""
     settings = deps.settings
-    delay = retry_after_s if retry_after_s is not None else backoff_s(
-        attempt, settings.retry_base_s, settings.retry_cap_s
+    delay = (
+        retry_after_s
+        if retry_after_s is not None
+        else backoff_s(attempt, settings.retry_base_s, settings.retry_cap_s)
     )
     due_ms = ledger.now_ms() + int(delay * 1000)
     await ledger.release(deps.redis, merchant, grants, due_ms, why)

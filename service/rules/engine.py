@@ -38,7 +38,9 @@ def scope_of(ctx: EventContext) -> str:
     """What one grant is 'for': the ledger keeps one entry per (scope, rule)."""
     if ctx.event.startswith("review."):
         review = ctx.review
-        return f"review:{review.id}" if review.id else f"review:{review.order_id}:{review.product_id}"
+        return (
+            f"review:{review.id}" if review.id else f"review:{review.order_id}:{review.product_id}"
+        )
     if ctx.event.startswith("customer."):
         return f"customer:{ctx.customer.id}"
     if ctx.has_order:
@@ -62,7 +64,9 @@ def _evaluate_rule(rule: Rule, ctx: EventContext) -> Outcome:
             return outcome("revoke", 0, f"revoke_when holds: {rule.revoke_when.text}")
         if rule.when is not None and not rule.when.matches(ctx):
             return outcome("no_match", 0, f"when is false: {rule.when.text}")
-        raw = rule.points.evaluate(ctx) if isinstance(rule.points, rule_engine.Rule) else rule.points
+        raw = (
+            rule.points.evaluate(ctx) if isinstance(rule.points, rule_engine.Rule) else rule.points
+        )
     except rule_engine.EngineError as exc:
         return outcome("error", 0, f"evaluation failed: {exc.message}")
     points = Decimal(raw)

@@ -22,10 +22,10 @@ Expressions use rule-engine (https://zeroSteiner.github.io/rule-engine/), type-c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-import re
 from typing import Any
 
 import rule_engine
@@ -42,7 +42,8 @@ KNOWN_EVENTS = frozenset(
         "order.refunded", "order.deleted", "order.products.updated", "order.payment.updated",
         "order.coupon.updated", "order.total.price.updated", "order.shipment.creating",
         "order.shipment.created", "order.shipment.cancelled", "order.shipment.return.creating",
-        "order.shipment.return.created", "order.shipment.return.cancelled", "order.shipping.address.updated",
+        "order.shipment.return.created", "order.shipment.return.cancelled",
+        "order.shipping.address.updated",
         "customer.created", "customer.updated", "customer.login", "customer.otp.request",
         "review.added", "invoice.created",
     }
@@ -86,8 +87,8 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str,
     mapping: dict[str, Any] = {}
     lines: dict[str, int] = {}
     for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
-        mapping[key] = loader.construct_object(value_node, deep=True)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=True)
+        mapping[key] = loader.construct_object(value_node, deep=True)
         lines[str(key)] = key_node.start_mark.line + 1
     mapping["__lines__"] = lines
     mapping["__line__"] = node.start_mark.line + 1
@@ -96,7 +97,7 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str,
 
 _LineLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,  # type: ignore[arg-type]
+    _construct_mapping,
 )
 
 
@@ -147,7 +148,9 @@ def _parse_rule(
     before = len(problems)
     unknown = sorted(k for k in doc if not k.startswith("__") and k not in RULE_KEYS)
     for key in unknown:
-        problems.append(f"{at(key)}: unknown key {key!r}; known keys: {', '.join(sorted(RULE_KEYS))}")
+        problems.append(
+            f"{at(key)}: unknown key {key!r}; known keys: {', '.join(sorted(RULE_KEYS))}"
+        )
     missing = [key for key in REQUIRED_RULE_KEYS if key not in doc]
     for key in missing:
         problems.append(f"{where}: rule is missing required key {key!r}")
@@ -176,10 +179,13 @@ def _parse_rule(
         except InvalidOperation:
             points = _compile(points_raw, at("points"), "points", problems)
             if points is not None and points.statement.expression.result_type not in (
-                rule_engine.DataType.FLOAT, rule_engine.DataType.UNDEFINED
+                rule_engine.DataType.FLOAT,
+                rule_engine.DataType.UNDEFINED,
             ):
-                problems.append(f"{at('points')}: points must give a number, not "
-                                f"{points.statement.expression.result_type.name.lower()}")
+                problems.append(
+                    f"{at('points')}: points must give a number, not "
+                    f"{points.statement.expression.result_type.name.lower()}"
+                )
     else:
         problems.append(f"{at('points')}: points must be a number or an expression")
         points = None
@@ -222,7 +228,9 @@ def _parse_rule(
     )
 
 
-def parse_rules_text(text: str, name: str = "<rules>") -> tuple[list[Rule], rule_engine.Rule | None]:
+def parse_rules_text(
+    text: str, name: str = "<rules>"
+) -> tuple[list[Rule], rule_engine.Rule | None]:
     """Parse one rule file's text; raise `RuleError` listing every problem found."""
     problems: list[str] = []
     try:
@@ -230,7 +238,9 @@ def parse_rules_text(text: str, name: str = "<rules>") -> tuple[list[Rule], rule
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 0
-        raise RuleError([f"{name}:{line}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+        raise RuleError(
+            [f"{name}:{line}: not valid YAML: {getattr(exc, 'problem', exc)}"]
+        ) from None
     if not isinstance(doc, dict):
         raise RuleError([f"{name}:1: a rule file must be a mapping with 'version' and 'rules'"])
     lines = doc.get("__lines__", {})
@@ -240,7 +250,9 @@ def parse_rules_text(text: str, name: str = "<rules>") -> tuple[list[Rule], rule
         problems.append(f"{name}:{lines.get('version', 1)}: 'version: 1' is required")
     revoke = None
     if "revoke_when" in doc:
-        revoke = _compile(doc["revoke_when"], f"{name}:{lines['revoke_when']}", "revoke_when", problems)
+        revoke = _compile(
+            doc["revoke_when"], f"{name}:{lines['revoke_when']}", "revoke_when", problems
+        )
     default_revoke = revoke or rule_engine.Rule(DEFAULT_REVOKE_WHEN, context=_CONTEXT)
     rules_doc = doc.get("rules")
     if not isinstance(rules_doc, list):
@@ -282,7 +294,9 @@ def load_rules(path: Path) -> RuleSet:
     seen: dict[str, str] = {}
     for rule in rules:
         if rule.id in seen:
-            problems.append(f"{rule.source}: duplicate rule id {rule.id!r} (first at {seen[rule.id]})")
+            problems.append(
+                f"{rule.source}: duplicate rule id {rule.id!r} (first at {seen[rule.id]})"
+            )
         seen.setdefault(rule.id, rule.source)
     if problems:
         raise RuleError(problems)

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
+from urllib.parse import parse_qs
 
 import jsonschema
 import yaml
@@ -41,7 +42,11 @@ SUCCESS_MESSAGE = "تم تحديث نقاط الولاء للعملاء بنجا
 
 def request_schema() -> dict[str, Any]:
     """The request body schema of `POST /customers/loyalty/points`, from the spec file."""
-    text = resources.files("service.sandbox").joinpath("loyalty-points.openapi.yaml").read_text("utf-8")
+    text = (
+        resources.files("service.sandbox")
+        .joinpath("loyalty-points.openapi.yaml")
+        .read_text("utf-8")
+    )
     spec = yaml.safe_load(text)
     schema: dict[str, Any] = spec["components"]["schemas"]["add_loyalty_points_request"]
     return {k: v for k, v in schema.items() if not k.startswith("x-")}
@@ -170,8 +175,13 @@ class _DroppedAfterApply(Response):
     """Starts the answer, then breaks the connection: the client never learns the outcome."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 201,
-                    "headers": [(b"content-length", b"1000"), (b"content-type", b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 201,
+                "headers": [(b"content-length", b"1000"), (b"content-type", b"application/json")],
+            }
+        )
         await send({"type": "http.response.body", "body": b'{"status":', "more_body": True})
         raise ConnectionAbortedError("sandbox fault: connection dropped after applying")
 
@@ -219,16 +229,24 @@ def create_sandbox_app(sandbox: Sandbox | None = None) -> Starlette:
         if errors:
             fields: dict[str, list[str]] = {}
             for err in errors:
-                name = str(err.path[0]) if err.path else (
-                    err.message.split("'")[1] if "'" in err.message else "body")
+                name = (
+                    str(err.path[0])
+                    if err.path
+                    else (err.message.split("'")[1] if "'" in err.message else "body")
+                )
                 fields.setdefault(name, []).append(err.message)
             store.count("invalid_body")
             return _error(422, "error", "alert.invalid_fields", store.bucket.headers(), fields)
         invalid = [c for c in body["customers"] if int(c) in store.faults.invalid_customers]
         if invalid:
             store.count("invalid_customers")
-            return _error(422, "error", "alert.invalid_fields", store.bucket.headers(),
-                          {"customers": [f"حقل customers غير صالح: {c}" for c in invalid]})
+            return _error(
+                422,
+                "error",
+                "alert.invalid_fields",
+                store.bucket.headers(),
+                {"customers": [f"حقل customers غير صالح: {c}" for c in invalid]},
+            )
         box.apply(store, body)
         store.calls.append(body)
         store.count("applied")
@@ -247,8 +265,13 @@ def create_sandbox_app(sandbox: Sandbox | None = None) -> Starlette:
             return refusal or _error(401, "Unauthorized", "unauthorized")
         raw_id = request.query_params.get("customer_id", "")
         if not raw_id.isdigit():
-            return _error(422, "error", "alert.invalid_fields", store.bucket.headers(),
-                          {"customer_id": ["customer_id is required"]})
+            return _error(
+                422,
+                "error",
+                "alert.invalid_fields",
+                store.bucket.headers(),
+                {"customer_id": ["customer_id is required"]},
+            )
         entries = store.history.get(int(raw_id), [])
         page = max(1, int(request.query_params.get("page", "1") or 1))
         per_page = 15
@@ -264,7 +287,10 @@ def create_sandbox_app(sandbox: Sandbox | None = None) -> Starlette:
         )  # fmt: skip
 
     async def oauth_token(request: Request) -> Response:
-        form = await request.form()
+        # Salla's token endpoint takes application/x-www-form-urlencoded.
+        form = {
+            k: v[0] for k, v in parse_qs((await request.body()).decode("utf-8", "replace")).items()
+        }
         if form.get("grant_type") != "refresh_token":
             return JSONResponse({"error": "unsupported_grant_type"}, 400)
         presented = str(form.get("refresh_token", ""))
@@ -275,24 +301,40 @@ def create_sandbox_app(sandbox: Sandbox | None = None) -> Starlette:
                 store.refresh_token = secrets.token_urlsafe(24)
                 store.access_expires_at = time.time() + 14 * 86400
                 store.count("refreshed")
-                return JSONResponse({"access_token": store.access_token, "token_type": "bearer",
-                                     "expires_in": 14 * 86400, "refresh_token": store.refresh_token,
-                                     "scope": "customers.read_write offline_access"})
+                return JSONResponse(
+                    {
+                        "access_token": store.access_token,
+                        "token_type": "bearer",
+                        "expires_in": 14 * 86400,
+                        "refresh_token": store.refresh_token,
+                        "scope": "customers.read_write offline_access",
+                    }
+                )
             if presented in store.used_refresh_tokens:
                 # Salla revokes both tokens when a refresh token is used twice.
                 store.access_token = secrets.token_urlsafe(24) + "-revoked"
                 store.refresh_token = secrets.token_urlsafe(24) + "-revoked"
                 store.count("refresh_reuse")
-                return JSONResponse({"error": "invalid_grant",
-                                     "error_description": "refresh token already used"}, 400)
-        return JSONResponse({"error": "invalid_grant", "error_description": "unknown refresh token"}, 400)
+                return JSONResponse(
+                    {"error": "invalid_grant", "error_description": "refresh token already used"},
+                    400,
+                )
+        return JSONResponse(
+            {"error": "invalid_grant", "error_description": "unknown refresh token"}, 400
+        )
 
     async def control_add_store(request: Request) -> Response:
         doc = await request.json()
         store = box.add_store(int(doc["merchant"]), **doc)
-        return JSONResponse({"merchant": store.merchant, "access_token": store.access_token,
-                             "refresh_token": store.refresh_token,
-                             "expires": int(store.access_expires_at)}, 201)
+        return JSONResponse(
+            {
+                "merchant": store.merchant,
+                "access_token": store.access_token,
+                "refresh_token": store.refresh_token,
+                "expires": int(store.access_expires_at),
+            },
+            201,
+        )
 
     async def control_store(request: Request) -> Response:
         store = box.stores.get(int(request.path_params["merchant"]))
@@ -314,7 +356,9 @@ def create_sandbox_app(sandbox: Sandbox | None = None) -> Starlette:
 
     async def control_faults(request: Request) -> Response:
         doc = await request.json()
-        targets = [box.stores[int(doc["merchant"])]] if doc.get("merchant") else list(box.stores.values())
+        targets = (
+            [box.stores[int(doc["merchant"])]] if doc.get("merchant") else list(box.stores.values())
+        )
         for store in targets:
             store.faults = Faults(
                 statuses=[int(s) for s in doc.get("statuses", [])],

@@ -1,0 +1,54 @@
+# salla-rewards — every target creates and uses .venv; CI calls the same targets.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+UV_VERSION := 0.13.8
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test lint format typecheck bench clean lock
+
+help:
+	@echo "make run        run the service on embedded defaults (Redis, Salla sandbox, rules/)"
+	@echo "make test       install what is needed, run the tests, lint and type checks"
+	@echo "make lint       ruff check + format check    make format   apply ruff fixes/format"
+	@echo "make typecheck  mypy --strict on service/    make bench    benchmarks"
+	@echo "make lock       re-pin requirements.lock     make clean    remove .venv and var/"
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/salla-rewards run
+
+test: install
+	$(BIN)/pytest
+	$(BIN)/ruff check service tests benchmarks
+	$(BIN)/ruff format --check service tests benchmarks
+	$(BIN)/mypy
+
+lint: install
+	$(BIN)/ruff check service tests benchmarks
+	$(BIN)/ruff format --check service tests benchmarks
+
+format: install
+	$(BIN)/ruff check --fix service tests benchmarks
+	$(BIN)/ruff format service tests benchmarks
+
+typecheck: install
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python -m benchmarks
+
+lock: install
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

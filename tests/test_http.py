@@ -1,0 +1,117 @@
+"""POST /webhooks/salla over real HTTP: every bad input has its answer and changes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from service.webhooks import sign
+from tests.conftest import SECRET, Service, fixture_bytes
+
+ORDER = fixture_bytes("order.status.updated.json")
+
+
+async def queued_jobs(redis: Redis) -> int:
+    return int(await redis.zcard("arq:queue"))
+
+
+class TestRefusals:
+    """Refused requests answer JSON with a clear message and queue nothing."""
+
+    async def test_wrong_signature_is_401(self, web: Service, redis: Redis) -> None:
+        response = web.post_webhook(ORDER, secret="not-the-secret")
+        assert response.status_code == 401
+        assert response.json() == {
+            "status": "rejected",
+            "error": "signature does not match the request body",
+        }
+        assert await queued_jobs(redis) == 0
+
+    async def test_missing_signature_is_401(self, web: Service, redis: Redis) -> None:
+        response = httpx.post(f"{web.url}/webhooks/salla", content=ORDER)
+        assert response.status_code == 401
+        assert "missing X-Salla-Signature" in response.json()["error"]
+        assert await queued_jobs(redis) == 0
+
+    async def test_wrong_strategy_is_401(self, web: Service, redis: Redis) -> None:
+        response = web.post_webhook(ORDER, strategy="token")
+        assert response.status_code == 401
+        assert "does not match the configured 'signature'" in response.json()["error"]
+        assert await queued_jobs(redis) == 0
+
+    async def test_oversized_body_is_413(self, web: Service, redis: Redis) -> None:
+        body = json.dumps(
+            {"event": "order.created", "merchant": 1, "data": {"x": "a" * (1 << 20)}}
+        ).encode()
+        response = web.post_webhook(body)
+        assert response.status_code == 413
+        assert "limit" in response.json()["error"]
+        assert await queued_jobs(redis) == 0
+
+    async def test_oversized_chunked_body_is_413(self, web: Service, redis: Redis) -> None:
+        def chunks():  # type: ignore[no-untyped-def]
+            for _ in range(20):
+                yield b"x" * 65536
+
+        response = httpx.post(
+            f"{web.url}/webhooks/salla", content=chunks(),
+            headers={"X-Salla-Signature": "0" * 64},
+        )  # fmt: skip
+        assert response.status_code == 413
+        assert await queued_jobs(redis) == 0
+
+    async def test_published_broken_app_installed_is_400(self, web: Service, redis: Redis) -> None:
+        response = web.post_webhook(fixture_bytes("app.installed.json"))
+        assert response.status_code == 400
+        assert response.json()["error"].startswith("body is not valid JSON")
+        assert await queued_jobs(redis) == 0
+
+    async def test_signed_non_envelope_is_400(self, web: Service, redis: Redis) -> None:
+        response = web.post_webhook(b'{"hello": "world"}')
+        assert response.status_code == 400
+        assert "missing event, merchant, data" in response.json()["error"]
+        assert await queued_jobs(redis) == 0
+
+
+class TestAcceptance:
+    """Accepted deliveries are persisted before the 200, once."""
+
+    async def test_known_event_is_accepted_and_persisted(self, web: Service, redis: Redis) -> None:
+        response = web.post_webhook(ORDER)
+        assert response.status_code == 200
+        assert response.json()["status"] == "accepted"
+        assert await queued_jobs(redis) == 1
+
+    @pytest.mark.parametrize("strategy", ["signature"])
+    async def test_same_delivery_three_times_is_one_job(
+        self, web: Service, redis: Redis, strategy: str
+    ) -> None:
+        answers = [web.post_webhook(ORDER, strategy=strategy).json()["status"] for _ in range(3)]
+        assert answers == ["accepted", "duplicate", "duplicate"]
+        assert await queued_jobs(redis) == 1
+
+    async def test_unused_event_is_200_ignored(self, web: Service, redis: Redis) -> None:
+        body = b'{"event":"product.created","merchant":1,"created_at":"","data":{"id":1}}'
+        response = web.post_webhook(body)
+        assert response.status_code == 200
+        assert response.json() == {"status": "ignored", "event": "product.created"}
+        assert await queued_jobs(redis) == 0
+
+    async def test_app_events_are_accepted_without_rules(self, web: Service, redis: Redis) -> None:
+        response = web.post_webhook(fixture_bytes("app.store.authorize.json"))
+        assert response.json()["status"] == "accepted"
+        assert sign(fixture_bytes("app.store.authorize.json"), SECRET)  # the FACTS vector body
+        assert await queued_jobs(redis) == 1
+
+
+class TestHealth:
+    def test_healthz(self, web: Service) -> None:
+        assert httpx.get(f"{web.url}/healthz").json() == {"status": "ok"}
+
+    def test_readyz_reports_redis_and_rules(self, web: Service) -> None:
+        response = httpx.get(f"{web.url}/readyz")
+        assert response.status_code == 200
+        assert response.json()["redis"] == "ok" and response.json()["rules"] >= 2

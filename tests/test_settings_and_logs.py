@@ -1,0 +1,82 @@
+"""Settings refuse what cannot work; logs never carry secrets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from redis.asyncio import Redis
+
+from service.embedded import EmbeddedRedis
+from service.errors import ConfigError
+from service.logging import configure_logging, get_logger
+from service.settings import DEVELOPMENT_WEBHOOK_SECRET, load_settings
+from tests.support.servers import free_port, serve_in_thread
+
+
+class TestSettings:
+    def test_production_refuses_empty_secret(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("SALLA_WEBHOOK_SECRET", raising=False)
+        with pytest.raises(ConfigError, match="SALLA_WEBHOOK_SECRET is empty or a placeholder"):
+            load_settings(app_env="production")
+
+    def test_development_uses_the_development_secret(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("SALLA_WEBHOOK_SECRET", raising=False)
+        settings = load_settings(app_env="development")
+        assert settings.webhook_secret == DEVELOPMENT_WEBHOOK_SECRET
+
+    def test_environment_is_read_once_into_typed_fields(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("SALLA_WEBHOOK_SECRET", "s3cret-value")
+        monkeypatch.setenv("SALLA_WEBHOOK_STRATEGY", "token")
+        monkeypatch.setenv("BATCH_WINDOW_S", "0.5")
+        settings = load_settings()
+        assert (settings.salla_webhook_strategy, settings.batch_window_s) == ("token", 0.5)
+        assert "s3cret-value" not in repr(settings)
+
+    def test_bad_values_are_named(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("SALLA_WEBHOOK_STRATEGY", "md5")
+        with pytest.raises(ConfigError, match="SALLA_WEBHOOK_STRATEGY"):
+            load_settings(salla_webhook_secret="x-real-secret")
+
+
+class TestRedaction:
+    """Tokens, secrets and phone numbers never reach a log line, however nested."""
+
+    def test_secrets_are_masked(self, capsys: pytest.CaptureFixture[str]) -> None:
+        configure_logging("json", "DEBUG")
+        get_logger("t").info(
+            "token_refreshed", access_token="AT-123", refresh_token="RT-456",
+            headers={"Authorization": "Bearer AT-123"},
+            customer={"mobile": "+966500000000", "name": "Ali"}, secret="s3cret",
+        )  # fmt: skip
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        for leaked in ("AT-123", "RT-456", "+966500000000", "s3cret"):
+            assert leaked not in line
+        doc = json.loads(line)
+        assert doc["customer"]["name"] == "Ali" and doc["event"] == "token_refreshed"
+
+
+class TestReadiness:
+    """/readyz fails when Redis goes away after start."""
+
+    async def test_readyz_503_without_redis(self, tmp_path) -> None:  # type: ignore[no-untyped-def]
+        import httpx
+
+        from service.app import create_app
+        from tests.conftest import make_settings
+
+        server = EmbeddedRedis(tmp_path, free_port())
+        url = server.start()
+        try:
+            with serve_in_thread(create_app(make_settings(), url)) as web_url:
+                assert httpx.get(f"{web_url}/readyz").status_code == 200
+                client = Redis.from_url(url)
+                await client.shutdown(nosave=True)
+                await client.aclose()
+                response = httpx.get(f"{web_url}/readyz")
+                assert response.status_code == 503
+                assert response.json()["redis"] == "unreachable"
+        finally:
+            server.stop()

@@ -1,0 +1,110 @@
+"""Signature verification and envelope parsing, without I/O."""
+
+from __future__ import annotations
+
+import pytest
+from starlette.datastructures import Headers
+
+from service.errors import InvalidPayload, InvalidSignature
+from service.webhooks import delivery_id, parse_envelope, sign, signed_headers, verify
+from tests.conftest import SECRET, fixture_bytes
+
+VECTOR_BODY = (
+    b'{"event":"order.created","merchant":1305146709,'
+    b'"created_at":"Sun Jun 26 2022 12:21:48 GMT+0300","data":{"id":2116149737}}'
+)
+
+
+class TestSignatureVectors:
+    """The test vectors published in FACTS.md."""
+
+    def test_inline_body(self) -> None:
+        assert sign(VECTOR_BODY, SECRET) == (
+            "3d00fc4cd2a3ff48d280004c75121712497eb1cd1d4774cda72d57c1a3d16ece"
+        )
+
+    def test_app_store_authorize_fixture_bytes(self) -> None:
+        assert sign(fixture_bytes("app.store.authorize.json"), SECRET) == (
+            "560a850ae39baf3a5a06e00e41fd8a028ce25955b5b790f2ac9d90bb348fae69"
+        )
+
+
+class TestVerify:
+    """Both strategies; header names and values in any case; refusals say why."""
+
+    def test_signature_strategy_accepts_salla_headers(self) -> None:
+        verify(Headers(signed_headers(VECTOR_BODY, SECRET)), VECTOR_BODY, SECRET, "signature")
+
+    def test_signature_compare_ignores_hex_case_and_header_case(self) -> None:
+        headers = Headers({
+            "x-salla-security-strategy": "SIGNATURE",
+            "X-SALLA-SIGNATURE": sign(VECTOR_BODY, SECRET).upper(),
+        })  # fmt: skip
+        verify(headers, VECTOR_BODY, SECRET, "signature")
+
+    def test_one_changed_byte_is_refused(self) -> None:
+        headers = Headers(signed_headers(VECTOR_BODY, SECRET))
+        with pytest.raises(InvalidSignature, match="does not match"):
+            verify(headers, VECTOR_BODY.replace(b"2116149737", b"2116149738"), SECRET, "signature")
+
+    def test_missing_signature_is_refused(self) -> None:
+        with pytest.raises(InvalidSignature, match="missing X-Salla-Signature"):
+            verify(Headers({}), VECTOR_BODY, SECRET, "signature")
+
+    def test_token_strategy_plain_and_bearer(self) -> None:
+        verify(Headers(signed_headers(VECTOR_BODY, SECRET, "token")), VECTOR_BODY, SECRET, "token")
+        bearer = Headers(
+            {"X-Salla-Security-Strategy": "token", "Authorization": f"Bearer {SECRET}"}
+        )
+        verify(bearer, VECTOR_BODY, SECRET, "token")
+
+    def test_wrong_token_is_refused(self) -> None:
+        with pytest.raises(InvalidSignature, match="token does not match"):
+            verify(Headers({"Authorization": "nope"}), VECTOR_BODY, SECRET, "token")
+
+    def test_announced_strategy_must_match_configuration(self) -> None:
+        headers = Headers(signed_headers(VECTOR_BODY, SECRET, "token"))
+        with pytest.raises(InvalidSignature, match="does not match the configured"):
+            verify(headers, VECTOR_BODY, SECRET, "signature")
+
+    def test_empty_secret_never_verifies(self) -> None:
+        with pytest.raises(InvalidSignature, match="not configured"):
+            verify(Headers(signed_headers(VECTOR_BODY, "")), VECTOR_BODY, "", "signature")
+
+
+class TestEnvelope:
+    """What counts as a Salla envelope."""
+
+    def test_published_sample_parses(self) -> None:
+        env = parse_envelope(fixture_bytes("order.status.updated.json"))
+        assert (env.event, env.merchant) == ("order.status.updated", 193718979)
+        assert env.data["order"]["id"] == 629263027
+
+    def test_merchant_as_digit_string_is_accepted(self) -> None:
+        env = parse_envelope(b'{"event":"x.y","merchant":"1305146709","data":{}}')
+        assert env.merchant == 1305146709
+
+    def test_published_app_installed_is_not_json(self) -> None:
+        with pytest.raises(InvalidPayload, match="not valid JSON"):
+            parse_envelope(fixture_bytes("app.installed.json"))
+
+    @pytest.mark.parametrize(
+        ("body", "message"),
+        [
+            (b"[1,2]", "not a JSON object"),
+            (b'{"event":"order.created","data":{}}', "missing merchant"),
+            (b'{"event":"order.created","merchant":-3,"data":{}}', "positive integer"),
+            (b'{"event":"order.created","merchant":true,"data":{}}', "positive integer"),
+            (b'{"event":"","merchant":1,"data":{}}', "non-empty string"),
+            (b'{"event":"order.created","merchant":1,"data":[]}', "'data' must be"),
+            (b"\xff\xfe", "not valid JSON"),
+        ],
+    )
+    def test_not_an_envelope(self, body: bytes, message: str) -> None:
+        with pytest.raises(InvalidPayload, match=message):
+            parse_envelope(body)
+
+    def test_delivery_id_depends_on_bytes_not_on_time(self) -> None:
+        first = delivery_id(1, "order.created", VECTOR_BODY)
+        assert first == delivery_id(1, "order.created", VECTOR_BODY)
+        assert first != delivery_id(1, "order.created", VECTOR_BODY + b" ")
