@@ -115,18 +115,19 @@ async def worker(redis: Redis, redis_url: str, settings: Settings) -> AsyncItera
 
 @contextlib.asynccontextmanager
 async def running_worker(settings: Settings, redis_url: str) -> AsyncIterator[Any]:
-    """Run an arq worker in this event loop; on exit stop polling, let jobs finish, close."""
+    """Run an arq worker in this event loop; on exit let it stop between polls, then close.
+
+    Cancelling arq's main task mid-command leaves redis pipelines unclosed; burst mode with
+    `max_burst_jobs = 0` makes the loop return cleanly after its in-flight jobs finish.
+    """
     instance = create_worker(settings, redis_url, handle_signals=False, poll_delay=0.01)
     task = asyncio.create_task(instance.async_run())
     try:
         yield instance
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        in_flight = [t for t in instance.tasks.values() if not t.done()]
-        if in_flight:
-            await asyncio.wait(in_flight, timeout=10)
+        instance.burst = True
+        instance.max_burst_jobs = 0
+        await asyncio.wait_for(task, timeout=20)
         await instance.close()
 
 
