@@ -80,3 +80,20 @@ class TestReadiness:
                 assert response.json()["redis"] == "unreachable"
         finally:
             server.stop()
+
+
+class TestSettingsAreDocumented:
+    """Every setting appears in README.md and .env.example under its environment name."""
+
+    def test_each_field_is_documented(self) -> None:
+        from pathlib import Path
+
+        from service.settings import Settings
+
+        root = Path(__file__).parent.parent
+        readme = (root / "README.md").read_text()
+        example = (root / ".env.example").read_text()
+        for name in Settings.model_fields:
+            env_name = name.upper()
+            assert env_name in readme, f"{env_name} missing from README.md"
+            assert f"{env_name}=" in example, f"{env_name} missing from .env.example"
