@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -109,6 +110,18 @@ async def readyz(request: Request) -> JSONResponse:
     return _answer(200, status="ready", redis="ok", rules=len(state.rules.rules))
 
 
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    """404/405 and friends, as JSON like every other answer."""
+    if not isinstance(exc, HTTPException):  # Starlette only routes HTTPException here
+        return await _unexpected_error(request, exc)
+    return _answer(exc.status_code, status="rejected", error=str(exc.detail))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected_error", path=request.url.path)
+    return _answer(500, status="error", error="internal error; the event was not accepted")
+
+
 def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
@@ -140,4 +153,5 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
             Route("/readyz", readyz, methods=["GET"]),
         ],
         lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error, Exception: _unexpected_error},
     )

@@ -107,6 +107,20 @@ class TestAcceptance:
         assert await queued_jobs(redis) == 1
 
 
+class TestOtherRoutes:
+    """Wrong paths and methods answer JSON too."""
+
+    def test_unknown_path_is_json_404(self, web: Service) -> None:
+        response = httpx.get(f"{web.url}/nope")
+        assert response.status_code == 404
+        assert response.json() == {"status": "rejected", "error": "Not Found"}
+
+    def test_wrong_method_is_json_405(self, web: Service) -> None:
+        response = httpx.get(f"{web.url}/webhooks/salla")
+        assert response.status_code == 405
+        assert response.json()["error"] == "Method Not Allowed"
+
+
 class TestHealth:
     def test_healthz(self, web: Service) -> None:
         assert httpx.get(f"{web.url}/healthz").json() == {"status": "ok"}
