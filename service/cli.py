@@ -185,12 +185,17 @@ def run(port: int, sandbox_port: int) -> None:
             f"{sandbox_base}/_sandbox/stores", json={"merchant": DEMO_MERCHANT}
         ).json()
         authorize: dict[str, Any] = {
-            "event": "app.store.authorize", "merchant": DEMO_MERCHANT,
+            "event": "app.store.authorize",
+            "merchant": DEMO_MERCHANT,
             "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "data": {"access_token": store["access_token"], "refresh_token": store["refresh_token"],
-                     "expires": store["expires"], "scope": "customers.read_write offline_access",
-                     "token_type": "bearer"},
-        }  # fmt: skip
+            "data": {
+                "access_token": store["access_token"],
+                "refresh_token": store["refresh_token"],
+                "expires": store["expires"],
+                "scope": "customers.read_write offline_access",
+                "token_type": "bearer",
+            },
+        }
         body = json.dumps(authorize).encode()
         webhook_url = f"http://127.0.0.1:{port}/webhooks/salla"
         httpx.post(

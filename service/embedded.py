@@ -29,15 +29,23 @@ def _pings(port: int) -> bool:
 def server_args(data_dir: Path, port: int) -> list[str]:
     return [
         redis_server_binary(),
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--dir", str(data_dir.resolve()),
-        "--appendonly", "yes",
-        "--appendfsync", "everysec",
-        "--save", "",
-        "--protected-mode", "yes",
-        "--loglevel", "warning",
-    ]  # fmt: skip
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir.resolve()),
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--save",
+        "",
+        "--protected-mode",
+        "yes",
+        "--loglevel",
+        "warning",
+    ]
 
 
 class EmbeddedRedis:

@@ -21,11 +21,21 @@ ZERO = Decimal(0)
 #: Order status slugs Salla documents; anything else is logged and treated like any other value.
 KNOWN_ORDER_STATUSES = frozenset(
     {
-        "payment_pending", "under_review", "in_progress", "completed", "delivering", "delivered",
-        "shipped", "canceled", "restored", "restoring", "waiting_for_payment_confirmation",
-        "payment_failed", "waiting to receive it",
+        "payment_pending",
+        "under_review",
+        "in_progress",
+        "completed",
+        "delivering",
+        "delivered",
+        "shipped",
+        "canceled",
+        "restored",
+        "restoring",
+        "waiting_for_payment_confirmation",
+        "payment_failed",
+        "waiting to receive it",
     }
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +46,10 @@ class Customer:
     groups: tuple[int, ...] = ()
     country: str = ""
     city: str = ""
+    gender: str = ""
+    #: 1-12, or 0 when the payload has no birthday.
+    birthday_month: int = 0
+    birthday_day: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +91,11 @@ class Review:
 
 @dataclass(frozen=True, slots=True)
 class EventContext:
-    """What a rule sees. Every part is present; absent parts hold empty values (ids are 0)."""
+    """What a rule sees. Every part is present; absent parts hold empty values (ids are 0).
+
+    `settings` holds the store's settings (typed per rule set, see `service.rules.model`) and
+    `now` is in the rule set's timezone once `service.rules.engine.prepare` has run.
+    """
 
     event: str
     merchant: int
@@ -85,6 +103,7 @@ class EventContext:
     order: Order = field(default_factory=Order)
     customer: Customer = field(default_factory=Customer)
     review: Review = field(default_factory=Review)
+    settings: Any = None
 
     @property
     def has_order(self) -> bool:
@@ -122,8 +141,19 @@ def _mapping(value: object) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
+def _birthday(raw: object) -> tuple[int, int]:
+    """Salla sends `{"date": "1997-06-03 00:00:00.000000", ...}` or a plain date string."""
+    text = _text(_mapping(raw).get("date") if isinstance(raw, Mapping) else raw)
+    try:
+        day = dt.date.fromisoformat(text[:10])
+    except ValueError:
+        return 0, 0
+    return day.month, day.day
+
+
 def parse_customer(raw: object) -> Customer:
     doc = _mapping(raw)
+    birthday_month, birthday_day = _birthday(doc.get("birthday"))
     groups_raw = doc.get("groups")
     groups = tuple(
         g
@@ -137,6 +167,9 @@ def parse_customer(raw: object) -> Customer:
         groups=groups,
         country=_text(doc.get("country")),
         city=_text(doc.get("city")),
+        gender=_text(doc.get("gender")),
+        birthday_month=birthday_month,
+        birthday_day=birthday_day,
     )
 
 

@@ -9,12 +9,16 @@ workers handling two events of one order cannot both add.
 Grant states (each transition one atomic Redis step, written before the action it allows):
 
     pending ──claim──▶ claimed ──mark_sending──▶ sending ──▶ sent
-       ▲                  │                         ├──▶ failed   (Salla refused it, e.g. 422)
+       ▲ │                │                         ├──▶ failed   (Salla refused it, e.g. 422)
        └──release─────────┘ (retry, no token)       └──▶ unknown  (no answer: never resent)
     parked: waiting for the store's tokens (moved back to pending on app.store.authorize)
+    netted: cancelled by an opposite change before it was sent (pending or parked only)
 
 Keys (all under the `sr:` prefix):
-    led:{merchant}:{scope}     hash  customer, r:{rule} -> JSON {granted, reason, channels, version}
+    led:{merchant}:{scope}     hash  customer, r:{rule} -> JSON {granted, deserved, customer,
+                                     reason, channels, version, order, open: [unsent grant ids]}
+    led-index:{m}:order:{id}   set   other scopes an order's events granted (for revocation)
+    cap:{m}:{rule}:{c}:{day}   int   points a rule granted a customer on a local day
     grant:{id}                 hash  one grant (see `Grant`)
     pending:{merchant}         zset  grant ids by due time (ms)
     claimed:{merchant}         zset  grant ids by claim deadline (ms)
@@ -29,9 +33,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
@@ -39,7 +43,9 @@ from redis.exceptions import WatchError
 from service.rules.engine import Outcome
 from service.rules.model import MAX_POINTS_PER_CALL
 
-GrantState = Literal["pending", "claimed", "sending", "sent", "failed", "unknown", "parked"]
+GrantState = Literal[
+    "pending", "claimed", "sending", "sent", "failed", "unknown", "parked", "netted"
+]
 
 PREFIX = "sr:"
 REVERSAL_PREFIX = "Reversal: "
@@ -93,26 +99,45 @@ class Grant:
 
     def to_redis(self) -> dict[str, str | int]:
         return {
-            "id": self.id, "merchant": self.merchant, "customer": self.customer,
-            "points": self.points, "type": self.type, "reason": self.reason,
-            "channels": json.dumps(list(self.channels)), "scope": self.scope, "rule": self.rule,
-            "state": self.state, "due_ms": self.due_ms, "created_ms": self.created_ms,
-            "attempts": self.attempts, "batch": self.batch, "error": self.error,
+            "id": self.id,
+            "merchant": self.merchant,
+            "customer": self.customer,
+            "points": self.points,
+            "type": self.type,
+            "reason": self.reason,
+            "channels": json.dumps(list(self.channels)),
+            "scope": self.scope,
+            "rule": self.rule,
+            "state": self.state,
+            "due_ms": self.due_ms,
+            "created_ms": self.created_ms,
+            "attempts": self.attempts,
+            "batch": self.batch,
+            "error": self.error,
             "trace_id": self.trace_id,
-        }  # fmt: skip
+        }
 
     @classmethod
     def from_redis(cls, doc: dict[str, str]) -> Grant:
         grant_type: Literal["plus", "minus"] = "minus" if doc["type"] == "minus" else "plus"
         return cls(
-            id=doc["id"], merchant=int(doc["merchant"]), customer=int(doc["customer"]),
-            points=int(doc["points"]), type=grant_type, reason=doc["reason"],
-            channels=tuple(json.loads(doc["channels"])), scope=doc["scope"], rule=doc["rule"],
+            id=doc["id"],
+            merchant=int(doc["merchant"]),
+            customer=int(doc["customer"]),
+            points=int(doc["points"]),
+            type=grant_type,
+            reason=doc["reason"],
+            channels=tuple(json.loads(doc["channels"])),
+            scope=doc["scope"],
+            rule=doc["rule"],
             state=doc["state"],  # type: ignore[arg-type]
-            due_ms=int(doc.get("due_ms", 0)), created_ms=int(doc.get("created_ms", 0)),
-            attempts=int(doc.get("attempts", 0)), batch=doc.get("batch", ""),
-            error=doc.get("error", ""), trace_id=doc.get("trace_id", ""),
-        )  # fmt: skip
+            due_ms=int(doc.get("due_ms", 0)),
+            created_ms=int(doc.get("created_ms", 0)),
+            attempts=int(doc.get("attempts", 0)),
+            batch=doc.get("batch", ""),
+            error=doc.get("error", ""),
+            trace_id=doc.get("trace_id", ""),
+        )
 
 
 def _split(points: int) -> list[int]:
@@ -123,123 +148,275 @@ def _split(points: int) -> list[int]:
     return parts
 
 
+def _sign(value: int) -> int:
+    return (value > 0) - (value < 0)
+
+
+def order_index_key(merchant: int, order_id: int) -> str:
+    """Scopes other than `order:<id>` that were granted because of this order."""
+    return f"{PREFIX}led-index:{merchant}:order:{order_id}"
+
+
+def cap_key(merchant: int, rule: str, customer: int, day: str) -> str:
+    return f"{PREFIX}cap:{merchant}:{rule}:{customer}:{day}"
+
+
+NETTABLE_STATES = frozenset({"pending", "parked"})
+OPEN_STATES = frozenset({"pending", "parked", "claimed", "sending"})
+
+
 async def apply_outcomes(
     redis: Redis,
     merchant: int,
-    scope: str,
-    customer: int,
     outcomes: Sequence[Outcome],
     *,
-    revoke_all: bool = False,
+    customer: int,
+    order_id: int = 0,
+    revoke_order: bool = False,
     trace_id: str = "",
-    due_ms: int | None = None,
 ) -> list[Grant]:
-    """Bring the ledger entry of `scope` to what `outcomes` say it deserves; return new grants.
+    """Bring each scope's ledger entry to what `outcomes` say it deserves; return new grants.
 
-    `revoke_all` sets every rule recorded for the scope to 0, including rules that no longer
-    exist: reversals are computed from the ledger, not from the current rules.
+    `revoke_order` sets every rule recorded for the order to 0 (including rules that no longer
+    exist, and once-per-customer bonuses this order earned): reversals come from the ledger.
     """
+    by_scope: dict[str, list[Outcome]] = {}
+    for outcome in outcomes:
+        if outcome.changes_ledger and outcome.scope:
+            by_scope.setdefault(outcome.scope, []).append(outcome)
+    revoke_scopes: set[str] = set()
+    if revoke_order and order_id:
+        revoke_scopes = {f"order:{order_id}"} | set(
+            await redis.smembers(order_index_key(merchant, order_id))  # type: ignore[misc]
+        )
+    grants: list[Grant] = []
+    for scope in sorted(set(by_scope) | revoke_scopes):
+        grants += await _apply_scope(
+            redis,
+            merchant,
+            scope,
+            by_scope.get(scope, []),
+            customer=customer,
+            order_id=order_id,
+            revoke=scope in revoke_scopes,
+            trace_id=trace_id,
+        )
+    return grants
+
+
+@dataclass
+class _Change:
+    """One rule's new state in one scope, computed under WATCH."""
+
+    rule: str
+    record: dict[str, Any]
+    netted: list[str] = field(default_factory=list)
+    new: list[Grant] = field(default_factory=list)
+    cap_used: tuple[str, int] | None = None
+
+
+async def _apply_scope(
+    redis: Redis,
+    merchant: int,
+    scope: str,
+    outcomes: Sequence[Outcome],
+    *,
+    customer: int,
+    order_id: int,
+    revoke: bool,
+    trace_id: str,
+) -> list[Grant]:
     key = entry_key(merchant, scope)
     async with redis.pipeline(transaction=True) as pipe:
         while True:
             try:
                 await pipe.watch(key)
-                entry: dict[str, str] = await pipe.hgetall(key)  # type: ignore[misc]
-                created_ms = now_ms()
-                grants = _deltas(
-                    entry, merchant, scope, customer, outcomes, revoke_all, trace_id,
-                    created_ms, created_ms if due_ms is None else due_ms,
-                )  # fmt: skip
-                if not grants:
+                raw: dict[str, str] = await pipe.hgetall(key)  # type: ignore[misc]
+                records = {n[2:]: json.loads(v) for n, v in raw.items() if n.startswith("r:")}
+                targets = {o.rule_id: o for o in outcomes}
+                if revoke:
+                    for rule, record in records.items():
+                        if scope.startswith("order:") or record.get("order") == order_id:
+                            targets[rule] = _revocation(rule)
+                open_ids = [g for r in targets for g in records.get(r, {}).get("open", [])]
+                cap_keys = {
+                    r: cap_key(merchant, r, customer, o.day)
+                    for r, o in targets.items()
+                    if o.cap_per_customer_per_day is not None and o.deserved != 0
+                }
+                if open_ids or cap_keys:
+                    await pipe.watch(*(grant_key(g) for g in open_ids), *cap_keys.values())
+                states = await _open_grants(pipe, open_ids)
+                caps_used = {r: int(await pipe.get(k) or 0) for r, k in cap_keys.items()}
+                now = now_ms()
+                changes = [
+                    change
+                    for rule, outcome in targets.items()
+                    if (
+                        change := _change(
+                            merchant,
+                            scope,
+                            rule,
+                            outcome,
+                            records.get(rule, {}),
+                            states,
+                            caps_used.get(rule),
+                            cap_keys.get(rule),
+                            customer,
+                            order_id,
+                            trace_id,
+                            now,
+                        )
+                    )
+                    is not None
+                ]
+                if not changes:
                     await pipe.reset()  # type: ignore[no-untyped-call]
                     return []
                 pipe.multi()  # type: ignore[no-untyped-call]
-                for rule_id, record in _new_entry_records(entry, grants, outcomes).items():
-                    pipe.hset(key, f"r:{rule_id}", record)
-                pipe.hset(key, "customer", str(customer or entry.get("customer", "0")))
-                for grant in grants:
-                    pipe.hset(grant_key(grant.id), mapping=grant.to_redis())
-                    pipe.zadd(_key("pending", merchant), {grant.id: grant.due_ms})
-                pipe.sadd(STORES_PENDING, str(merchant))
+                _write(pipe, merchant, scope, key, changes, customer, order_id)
                 await pipe.execute()
-                return grants
+                return [g for c in changes for g in c.new]
             except WatchError:
                 continue
 
 
-def _deltas(
-    entry: dict[str, str],
+def _revocation(rule: str) -> Outcome:
+    return Outcome(rule, "", "revoke", 0, "", (), "the order was revoked")
+
+
+async def _open_grants(pipe: Any, ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    states: dict[str, dict[str, str]] = {}
+    for grant_id in ids:
+        values = await pipe.hmget(grant_key(grant_id), "state", "points", "type", "due_ms")
+        if values[0] is not None:
+            states[grant_id] = dict(zip(("state", "points", "type", "due_ms"), values, strict=True))
+    return states
+
+
+def _change(
     merchant: int,
     scope: str,
+    rule: str,
+    outcome: Outcome,
+    record: dict[str, Any],
+    states: dict[str, dict[str, str]],
+    cap_used: int | None,
+    cap_name: str | None,
     customer: int,
-    outcomes: Sequence[Outcome],
-    revoke_all: bool,
+    order_id: int,
     trace_id: str,
-    created_ms: int,
-    due_ms: int,
-) -> list[Grant]:
-    customer = customer or int(entry.get("customer", "0"))
-    targets: dict[str, tuple[int, str, tuple[str, ...]]] = {}
-    for outcome in outcomes:
-        if outcome.changes_ledger:
-            targets[outcome.rule_id] = (outcome.deserved, outcome.reason, outcome.channels)
-    if revoke_all:
-        for field_name in entry:
-            if field_name.startswith("r:"):
-                targets[field_name[2:]] = (0, "", ())
-    grants: list[Grant] = []
-    for rule_id, (deserved, reason, channels) in targets.items():
-        record = json.loads(entry.get(f"r:{rule_id}", "{}"))
-        granted = int(record.get("granted", 0))
-        delta = deserved - granted
-        if delta == 0 or customer == 0:
+    now: int,
+) -> _Change | None:
+    granted = int(record.get("granted", 0))
+    deserved = int(record.get("deserved", granted))
+    target = outcome.deserved
+    if target == deserved and outcome.verdict == "grant":
+        return None
+    if target == 0 and granted == 0:
+        return None
+    sign = _sign(target)
+    cap = outcome.cap_per_customer_per_day
+    cap_taken = 0
+    if target == 0:
+        new_granted = 0
+    elif deserved == 0 or _sign(deserved) != sign or abs(target) > abs(deserved):
+        base = 0 if _sign(deserved) not in (0, sign) else abs(deserved)
+        increase = abs(target) - base
+        allowed = increase if cap is None else max(0, min(increase, cap - (cap_used or 0)))
+        cap_taken = allowed
+        start = 0 if _sign(granted) not in (0, sign) else abs(granted)
+        new_granted = sign * (start + allowed)
+    else:
+        new_granted = sign * max(0, abs(granted) - (abs(deserved) - abs(target)))
+    delta = new_granted - granted
+    customer = int(record.get("customer", customer)) or customer
+    open_ids = [g for g in record.get("open", []) if states.get(g, {}).get("state") in OPEN_STATES]
+    change = _Change(rule, {})
+    remaining = delta
+    kept_due = 0
+    # Opposite grants that are still unsent cancel out before anything new is sent.
+    for grant_id in reversed(list(open_ids)):
+        if remaining == 0:
+            break
+        state = states[grant_id]
+        signed = int(state["points"]) * (1 if state["type"] == "plus" else -1)
+        if state["state"] not in NETTABLE_STATES or _sign(signed) == _sign(remaining):
             continue
-        if deserved == 0:  # taken back: say so, with the reason the points were given for
-            reason = REVERSAL_PREFIX + record.get("reason", rule_id)
+        change.netted.append(grant_id)
+        open_ids.remove(grant_id)
+        kept_due = max(kept_due, int(state["due_ms"] or 0))
+        remaining += signed
+        if _sign(remaining) == _sign(signed):  # over-cancelled: re-grant the difference
+            break
+    if remaining:
+        if outcome.verdict == "grant" and outcome.deserved != 0:
+            reason, channels = outcome.reason, outcome.channels
+        else:  # taken back: say so, with the reason the points were given for
+            reason = REVERSAL_PREFIX + str(record.get("reason", rule))
             channels = tuple(record.get("channels", ()))
-        grant_type: Literal["plus", "minus"] = "plus" if delta > 0 else "minus"
-        for part in _split(abs(delta)):
-            grants.append(
-                Grant(
-                    id=uuid.uuid4().hex,
-                    merchant=merchant,
-                    customer=customer,
-                    points=part,
-                    type=grant_type,
-                    reason=reason,
-                    channels=channels,
-                    scope=scope,
-                    rule=rule_id,
-                    due_ms=due_ms,
-                    created_ms=created_ms,
-                    trace_id=trace_id,
-                )
+        # Plus grants wait out the hold (or keep the hold of what they replace); minus go now.
+        due = (kept_due or now + outcome.hold_s * 1000) if remaining > 0 else now
+        for part in _split(abs(remaining)):
+            grant = Grant(
+                id=uuid.uuid4().hex,
+                merchant=merchant,
+                customer=customer,
+                points=part,
+                type="plus" if remaining > 0 else "minus",
+                reason=reason,
+                channels=channels,
+                scope=scope,
+                rule=rule,
+                due_ms=due,
+                created_ms=now,
+                trace_id=trace_id,
             )
-    return grants
+            change.new.append(grant)
+            open_ids.append(grant.id)
+    granting = outcome.verdict == "grant" and outcome.deserved != 0
+    change.record = {
+        "granted": new_granted,
+        "deserved": target,
+        "customer": customer,
+        "reason": outcome.reason if granting else record.get("reason", ""),
+        "channels": list(outcome.channels if granting else record.get("channels", [])),
+        "version": outcome.rule_version or record.get("version", ""),
+        "order": order_id or record.get("order", 0),
+        "open": open_ids,
+    }
+    if cap_taken and cap_name:
+        change.cap_used = (cap_name, cap_taken)
+    return change
 
 
-def _new_entry_records(
-    entry: dict[str, str], grants: Iterable[Grant], outcomes: Sequence[Outcome]
-) -> dict[str, str]:
-    by_rule = {o.rule_id: o for o in outcomes}
-    records: dict[str, str] = {}
-    for grant in grants:
-        old = json.loads(records.get(grant.rule) or entry.get(f"r:{grant.rule}", "{}"))
-        granted = int(old.get("granted", 0)) + grant.signed_points
-        outcome = by_rule.get(grant.rule)
-        granting = outcome is not None and outcome.verdict == "grant" and outcome.deserved != 0
-        records[grant.rule] = json.dumps(
-            {
-                "granted": granted,
-                "reason": outcome.reason if granting and outcome else old.get("reason", ""),
-                "channels": list(
-                    outcome.channels if granting and outcome else old.get("channels", [])
-                ),
-                "version": outcome.rule_version if outcome else old.get("version", ""),
-            },
-            ensure_ascii=False,
-        )
-    return records
+def _write(
+    pipe: Any,
+    merchant: int,
+    scope: str,
+    key: str,
+    changes: Sequence[_Change],
+    customer: int,
+    order_id: int,
+) -> None:
+    for change in changes:
+        pipe.hset(key, f"r:{change.rule}", json.dumps(change.record, ensure_ascii=False))
+        for grant_id in change.netted:
+            pipe.hset(grant_key(grant_id), mapping={"state": "netted", "error": ""})
+            pipe.zrem(_key("pending", merchant), grant_id)
+            pipe.zrem(_key("parked", merchant), grant_id)
+        for grant in change.new:
+            pipe.hset(grant_key(grant.id), mapping=grant.to_redis())
+            pipe.zadd(_key("pending", merchant), {grant.id: grant.due_ms})
+        if change.cap_used:
+            name, amount = change.cap_used
+            pipe.incrby(name, amount)
+            pipe.expire(name, 3 * 86400)
+    if customer:
+        pipe.hsetnx(key, "customer", str(customer))
+    if order_id and not scope.startswith("order:"):
+        pipe.sadd(order_index_key(merchant, order_id), scope)
+    pipe.sadd(STORES_PENDING, str(merchant))
 
 
 async def entry(redis: Redis, merchant: int, scope: str) -> dict[str, int]:
@@ -271,9 +448,15 @@ async def claim_due(
     """Atomically move up to `limit` due grants from pending to claimed, and load them."""
     now = now_ms()
     ids: list[str] = await redis.eval(  # type: ignore[misc]
-        _CLAIM, 2, _key("pending", merchant), _key("claimed", merchant),
-        str(now), str(limit), str(now + claim_timeout_ms), f"{PREFIX}grant:",
-    )  # fmt: skip
+        _CLAIM,
+        2,
+        _key("pending", merchant),
+        _key("claimed", merchant),
+        str(now),
+        str(limit),
+        str(now + claim_timeout_ms),
+        f"{PREFIX}grant:",
+    )
     return await load(redis, ids)
 
 
@@ -352,9 +535,15 @@ return #ids
 async def unpark(redis: Redis, merchant: int) -> int:
     """Move every parked grant of `merchant` back to pending, due now."""
     count: int = await redis.eval(  # type: ignore[misc]
-        _UNPARK, 3, _key("parked", merchant), _key("pending", merchant), STORES_PENDING,
-        str(now_ms()), f"{PREFIX}grant:", str(merchant),
-    )  # fmt: skip
+        _UNPARK,
+        3,
+        _key("parked", merchant),
+        _key("pending", merchant),
+        STORES_PENDING,
+        str(now_ms()),
+        f"{PREFIX}grant:",
+        str(merchant),
+    )
     return count
 
 
@@ -382,9 +571,14 @@ return {returned, unknown}
 async def sweep_claims(redis: Redis, merchant: int) -> tuple[int, int]:
     """Recover work of dead workers: claimed → pending; sending → unknown (never resent blindly)."""
     returned, unknown = await redis.eval(  # type: ignore[misc]
-        _SWEEP, 3, _key("claimed", merchant), _key("pending", merchant), _key("unknown", merchant),
-        str(now_ms()), f"{PREFIX}grant:",
-    )  # fmt: skip
+        _SWEEP,
+        3,
+        _key("claimed", merchant),
+        _key("pending", merchant),
+        _key("unknown", merchant),
+        str(now_ms()),
+        f"{PREFIX}grant:",
+    )
     return int(returned), int(unknown)
 
 

@@ -19,7 +19,7 @@ from service import ledger, queue, tokens
 from service.events import KNOWN_ORDER_STATUSES, normalise
 from service.logging import get_logger
 from service.rules import RuleSet, evaluate
-from service.rules.engine import revokes, scope_of
+from service.rules.engine import prepare, revokes
 from service.salla import TokenSet
 from service.settings import Settings
 from service.webhooks import Envelope, parse_envelope
@@ -105,7 +105,11 @@ async def process_event(
     )
     try:
         handler = APP_HANDLERS.get(env.event)
-        result = await handler(deps, env) if handler else await _apply_rules(deps, env, trace_id)
+        result = (
+            await handler(deps, env)
+            if handler
+            else await _apply_rules(deps, env, delivery, trace_id)
+        )
         await deps.redis.set(SEEN_PREFIX + delivery, "1", ex=deps.settings.dedupe_ttl_s)
         log.info(
             "event_processed",
@@ -117,34 +121,62 @@ async def process_event(
         structlog.contextvars.unbind_contextvars("merchant", "salla_event", "trace_id")
 
 
-async def _apply_rules(deps: ProcessingDeps, env: Envelope, trace_id: str) -> dict[str, Any]:
-    ctx = normalise(env)
-    if ctx.has_order and ctx.order.status and ctx.order.status not in KNOWN_ORDER_STATUSES:
-        log.warning("unknown_order_status", order_id=ctx.order.id, status=ctx.order.status)
-    outcomes = evaluate(deps.rules, ctx)
+async def store_settings(redis: Redis, merchant: int) -> dict[str, Any]:
+    """The store's app settings as last sent by `app.settings.updated` (merchant input)."""
+    raw = await redis.get(f"{ledger.PREFIX}settings:{merchant}")
+    try:
+        value = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+async def _apply_rules(
+    deps: ProcessingDeps, env: Envelope, delivery: str, trace_id: str
+) -> dict[str, Any]:
+    ruleset = deps.rules.for_merchant(env.merchant)
+    ctx, problems = prepare(ruleset, normalise(env), await store_settings(deps.redis, env.merchant))
+    for problem in problems:
+        log.warning("store_setting_ignored", problem=problem)
+    order_id = ctx.order.id if env.event.startswith("order.") else 0
+    if order_id and ctx.order.status and ctx.order.status not in KNOWN_ORDER_STATUSES:
+        log.warning("unknown_order_status", order_id=order_id, status=ctx.order.status)
+    outcomes = evaluate(ruleset, ctx, delivery)
     for outcome in outcomes:
         log.info(
-            "rule_evaluated", rule_id=outcome.rule_id, verdict=outcome.verdict,
-            order_id=ctx.order.id or None, customer_id=ctx.customer.id or None,
-            deserved=outcome.deserved, why=outcome.why,
-        )  # fmt: skip
-    revoke_all = revokes(deps.rules, ctx)
-    if not any(o.changes_ledger for o in outcomes) and not revoke_all:
-        return {"outcome": "no_change", "order_id": ctx.order.id or None}
-    scope = scope_of(ctx)
+            "rule_evaluated",
+            rule_id=outcome.rule_id,
+            verdict=outcome.verdict,
+            order_id=ctx.order.id or None,
+            customer_id=ctx.customer.id or None,
+            deserved=outcome.deserved,
+            scope=outcome.scope,
+            why=outcome.why,
+        )
+    revoke_order = bool(order_id) and revokes(ruleset, ctx)
+    if not any(o.changes_ledger for o in outcomes) and not revoke_order:
+        return {"outcome": "no_change", "order_id": order_id or None}
     grants = await ledger.apply_outcomes(
-        deps.redis, env.merchant, scope, ctx.customer.id, outcomes,
-        revoke_all=revoke_all, trace_id=trace_id,
-    )  # fmt: skip
+        deps.redis,
+        env.merchant,
+        outcomes,
+        customer=ctx.customer.id,
+        order_id=order_id,
+        revoke_order=revoke_order,
+        trace_id=trace_id,
+    )
     for grant in grants:
         log.info(
-            "grant_queued", grant_id=grant.id, rule_id=grant.rule, customer_id=grant.customer,
-            points=grant.points, type=grant.type, order_id=ctx.order.id or None,
-        )  # fmt: skip
+            "grant_queued",
+            grant_id=grant.id,
+            rule_id=grant.rule,
+            customer_id=grant.customer,
+            points=grant.points,
+            type=grant.type,
+            order_id=order_id or None,
+            scope=grant.scope,
+            due_in_s=max(0, round((grant.due_ms - grant.created_ms) / 1000)),
+        )
     if grants:
         await queue.enqueue_flush(deps.pool, env.merchant, deps.settings.batch_window_s)
-    return {
-        "outcome": "grants_queued" if grants else "no_change",
-        "grants": len(grants),
-        "scope": scope,
-    }
+    return {"outcome": "grants_queued" if grants else "no_change", "grants": len(grants)}

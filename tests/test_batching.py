@@ -14,9 +14,17 @@ from service.ledger import Grant
 
 def grant(n: int, customer: int, points: int = 10, reason: str = "r", kind: str = "plus") -> Grant:
     return Grant(
-        id=f"g{n}", merchant=1, customer=customer, points=points, type=kind,  # type: ignore[arg-type]
-        reason=reason, channels=("sms",), scope=f"order:{n}", rule="purchase", created_ms=n,
-    )  # fmt: skip
+        id=f"g{n}",
+        merchant=1,
+        customer=customer,
+        points=points,
+        type=kind,  # type: ignore[arg-type]
+        reason=reason,
+        channels=("sms",),
+        scope=f"order:{n}",
+        rule="purchase",
+        created_ms=n,
+    )
 
 
 class TestPlanBatches:

@@ -24,30 +24,54 @@ def cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
         env={**os.environ, **(env or {})},
-    )  # fmt: skip
+    )
 
 
 class TestSend:
     """`send` signs a file exactly as Salla does."""
 
     def test_signature_strategy(self, web: Service) -> None:
-        result = cli("send", str(FIXTURES / "order.status.updated.json"), "--url",
-                     f"{web.url}/webhooks/salla", "--secret", SECRET)  # fmt: skip
+        result = cli(
+            "send",
+            str(FIXTURES / "order.status.updated.json"),
+            "--url",
+            f"{web.url}/webhooks/salla",
+            "--secret",
+            SECRET,
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith('200 {"status":"accepted"')
 
     def test_wrong_secret_fails_with_the_answer(self, web: Service) -> None:
-        result = cli("send", str(FIXTURES / "order.status.updated.json"), "--url",
-                     f"{web.url}/webhooks/salla", "--secret", "wrong")  # fmt: skip
+        result = cli(
+            "send",
+            str(FIXTURES / "order.status.updated.json"),
+            "--url",
+            f"{web.url}/webhooks/salla",
+            "--secret",
+            "wrong",
+        )
         assert result.returncode == 1
         assert result.stdout.startswith("401 ") and "signature does not match" in result.stdout
 
     def test_merchant_override_is_signed_too(self, web: Service) -> None:
         url = f"{web.url}/webhooks/salla"
-        result = cli("send", str(FIXTURES / "review.added.json"), "--url", url,
-                     "--secret", SECRET, "--merchant", "42")  # fmt: skip
+        result = cli(
+            "send",
+            str(FIXTURES / "review.added.json"),
+            "--url",
+            url,
+            "--secret",
+            SECRET,
+            "--merchant",
+            "42",
+        )
         assert result.returncode == 0 and "accepted" in result.stdout
 
 
@@ -56,16 +80,27 @@ class TestRefusesToStart:
 
     @pytest.mark.parametrize("secret", ["", "changeme"])
     def test_placeholder_secret_outside_development(self, secret: str) -> None:
-        result = cli("serve", "--port", str(free_port()),
-                     env={"APP_ENV": "production", "SALLA_WEBHOOK_SECRET": secret})  # fmt: skip
+        result = cli(
+            "serve",
+            "--port",
+            str(free_port()),
+            env={"APP_ENV": "production", "SALLA_WEBHOOK_SECRET": secret},
+        )
         assert result.returncode != 0
         assert "SALLA_WEBHOOK_SECRET is empty or a placeholder" in result.stderr
 
     def test_invalid_rules(self, tmp_path: Path, redis_url: str) -> None:
         (tmp_path / "bad.yaml").write_text("version: 1\nrules:\n  - id: a\n    on: order.nope\n")
-        result = cli("serve", "--port", str(free_port()), env={
-            "SALLA_WEBHOOK_SECRET": SECRET, "RULES_PATH": str(tmp_path), "REDIS_URL": redis_url,
-        })  # fmt: skip
+        result = cli(
+            "serve",
+            "--port",
+            str(free_port()),
+            env={
+                "SALLA_WEBHOOK_SECRET": SECRET,
+                "RULES_PATH": str(tmp_path),
+                "REDIS_URL": redis_url,
+            },
+        )
         assert result.returncode != 0
         assert "rules are invalid" in result.stderr
         assert re.search(r"bad\.yaml:3: rule is missing required key 'points'", result.stderr)
@@ -76,21 +111,33 @@ class TestRun:
 
     def test_sample_order_becomes_points(self, tmp_path: Path) -> None:
         port, sandbox_port = free_port(), free_port()
-        env = {**os.environ, "DATA_DIR": str(tmp_path), "EMBEDDED_REDIS_PORT": str(free_port()),
-               "LOG_FORMAT": "json", "BATCH_WINDOW_S": "0.2"}  # fmt: skip
+        env = {
+            **os.environ,
+            "DATA_DIR": str(tmp_path),
+            "EMBEDDED_REDIS_PORT": str(free_port()),
+            "LOG_FORMAT": "json",
+            "BATCH_WINDOW_S": "0.2",
+        }
         env.pop("REDIS_URL", None)
         log_path = tmp_path / "run.log"
         with log_path.open("w") as log:
             proc = subprocess.Popen(
                 [*CLI, "run", "--port", str(port), "--sandbox-port", str(sandbox_port)],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         try:
             _wait_for(lambda: "Ctrl-C stops everything" in log_path.read_text(), 30)
             banner = log_path.read_text()
             assert f"http://127.0.0.1:{port}/webhooks/salla" in banner
-            result = cli("send", "examples/webhooks/order.status.updated.json",
-                         "--url", f"http://127.0.0.1:{port}/webhooks/salla")  # fmt: skip
+            result = cli(
+                "send",
+                "examples/webhooks/order.status.updated.json",
+                "--url",
+                f"http://127.0.0.1:{port}/webhooks/salla",
+            )
             assert result.stdout.startswith("200 "), result
             token = re.search(r"Bearer ([\w-]+)", banner)
             assert token is not None

@@ -74,9 +74,10 @@ class TestPublishedSamples:
         assert web.post_webhook(fixture_bytes("order.status.updated.json")).status_code == 200
         await eventually(lambda: balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 15)
         history = httpx.get(
-            f"{url}/customers/loyalty/points", params={"customer_id": ORDER_CUSTOMER},
+            f"{url}/customers/loyalty/points",
+            params={"customer_id": ORDER_CUSTOMER},
             headers={"Authorization": f"Bearer {store.access_token}"},
-        ).json()  # fmt: skip
+        ).json()
         assert history["data"][0]["points"] == 15
         assert history["data"][0]["notes"] == "نقاط الطلب رقم 42264"
 

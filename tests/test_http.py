@@ -57,9 +57,10 @@ class TestRefusals:
                 yield b"x" * 65536
 
         response = httpx.post(
-            f"{web.url}/webhooks/salla", content=chunks(),
+            f"{web.url}/webhooks/salla",
+            content=chunks(),
             headers={"X-Salla-Signature": "0" * 64},
-        )  # fmt: skip
+        )
         assert response.status_code == 413
         assert await queued_jobs(redis) == 0
 

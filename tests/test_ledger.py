@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -12,16 +13,30 @@ from service.rules.engine import Outcome
 M = 555
 
 
-def grant_outcome(points: int, rule: str = "purchase", reason: str = "order R1") -> Outcome:
-    return Outcome(rule, "v1", "grant", points, reason, ("sms",), "test")
+def grant_outcome(
+    points: int, rule: str = "purchase", reason: str = "order R1", scope: str = "order:1", **kw: Any
+) -> Outcome:
+    return Outcome(rule, "v1", "grant", points, reason, ("sms",), "test", scope=scope, **kw)
 
 
 def no_match(rule: str = "purchase") -> Outcome:
-    return Outcome(rule, "v1", "no_match", 0, "", ("sms",), "test")
+    return Outcome(rule, "v1", "no_match", 0, "", ("sms",), "test", scope="order:1")
 
 
-async def apply(redis: Redis, *outcomes: Outcome, revoke_all: bool = False) -> list[ledger.Grant]:
-    return await ledger.apply_outcomes(redis, M, "order:1", 42, outcomes, revoke_all=revoke_all)
+async def apply(
+    redis: Redis, *outcomes: Outcome, revoke_all: bool = False, customer: int = 42
+) -> list[ledger.Grant]:
+    return await ledger.apply_outcomes(
+        redis, M, outcomes, customer=customer, order_id=1, revoke_order=revoke_all
+    )
+
+
+async def send_all(redis: Redis, grants: list[ledger.Grant]) -> None:
+    """Walk grants through claim → sending → sent, as a flush would."""
+    claimed = await ledger.claim_due(redis, M, limit=100, claim_timeout_ms=60_000)
+    mine = [g for g in claimed if g.id in {x.id for x in grants}]
+    await ledger.mark_sending(redis, M, mine, "batch")
+    await ledger.finish(redis, M, mine, "sent")
 
 
 class TestOrderState:
@@ -34,12 +49,28 @@ class TestOrderState:
         assert await apply(redis, grant_outcome(15)) == []
         assert await ledger.entry(redis, M, "order:1") == {"purchase": 15}
 
-    async def test_total_change_adjusts_by_the_difference(self, redis: Redis) -> None:
-        await apply(redis, grant_outcome(15))
+    async def test_total_change_after_sending_adjusts_by_the_difference(self, redis: Redis) -> None:
+        await send_all(redis, await apply(redis, grant_outcome(15)))
         down = await apply(redis, grant_outcome(12))
+        await send_all(redis, down)
         up = await apply(redis, grant_outcome(20))
         assert [(g.type, g.points) for g in down + up] == [("minus", 3), ("plus", 8)]
         assert await ledger.entry(redis, M, "order:1") == {"purchase": 20}
+
+    async def test_total_change_before_sending_replaces_the_unsent_grant(
+        self, redis: Redis
+    ) -> None:
+        [first] = await apply(redis, grant_outcome(15))
+        [replacement] = await apply(redis, grant_outcome(12))
+        assert (replacement.type, replacement.points) == ("plus", 12)
+        [netted] = await ledger.load(redis, [first.id])
+        assert netted.state == "netted"
+        assert [g.id for g in await ledger.grants_in(redis, "pending", M)] == [replacement.id]
+
+    async def test_revoke_before_sending_sends_nothing(self, redis: Redis) -> None:
+        await apply(redis, grant_outcome(15))
+        assert await apply(redis, no_match(), revoke_all=True) == []
+        assert await ledger.grants_in(redis, "pending", M) == []
 
     async def test_no_match_leaves_the_grant_alone(self, redis: Redis) -> None:
         await apply(redis, grant_outcome(15))
@@ -49,7 +80,10 @@ class TestOrderState:
     async def test_revoke_takes_back_exactly_what_was_granted_even_for_deleted_rules(
         self, redis: Redis
     ) -> None:
-        await apply(redis, grant_outcome(15), grant_outcome(5, rule="old_campaign", reason="camp"))
+        granted = await apply(
+            redis, grant_outcome(15), grant_outcome(5, rule="old_campaign", reason="camp")
+        )
+        await send_all(redis, granted)
         # "old_campaign" no longer exists: revocation comes from the ledger, not from the rules.
         back = await apply(redis, no_match(), revoke_all=True)
         assert sorted((g.rule, g.type, g.points, g.reason) for g in back) == [
@@ -59,13 +93,43 @@ class TestOrderState:
         assert await ledger.entry(redis, M, "order:1") == {"purchase": 0, "old_campaign": 0}
 
     async def test_completed_canceled_completed_grants_once_net(self, redis: Redis) -> None:
-        sent = []
-        sent += await apply(redis, grant_outcome(15))
-        sent += await apply(redis, no_match(), revoke_all=True)
-        sent += await apply(redis, grant_outcome(15))
-        sent += await apply(redis, grant_outcome(15))
-        assert sum(g.signed_points for g in sent) == 15
-        assert len(sent) == 3
+        made = []
+        for step in (grant_outcome(15), None, grant_outcome(15), grant_outcome(15)):
+            grants = await (
+                apply(redis, step) if step else apply(redis, no_match(), revoke_all=True)
+            )
+            await send_all(redis, grants)
+            made += grants
+        assert sum(g.signed_points for g in made) == 15
+        assert [(g.type, g.points) for g in made] == [("plus", 15), ("minus", 15), ("plus", 15)]
+
+    async def test_cancel_during_hold_sends_nothing(self, redis: Redis) -> None:
+        [held] = await apply(redis, grant_outcome(15, hold_s=14 * 86400))
+        assert held.due_ms > ledger.now_ms() + 13 * 86400 * 1000
+        assert await apply(redis, no_match(), revoke_all=True) == []
+        assert (await ledger.load(redis, [held.id]))[0].state == "netted"
+        assert await ledger.grants_in(redis, "pending", M) == []
+
+    async def test_total_change_during_hold_keeps_the_hold(self, redis: Redis) -> None:
+        [held] = await apply(redis, grant_outcome(15, hold_s=86400))
+        [replacement] = await apply(redis, grant_outcome(12, hold_s=86400))
+        assert replacement.due_ms == held.due_ms and replacement.points == 12
+
+    async def test_daily_cap_limits_a_customer_across_orders(self, redis: Redis) -> None:
+        capped = {"cap_per_customer_per_day": 20, "day": "2026-03-05"}
+        first = await apply(redis, grant_outcome(15, **capped))
+        second = await apply(redis, grant_outcome(15, scope="order:2", **capped))
+        third = await apply(redis, grant_outcome(15, scope="order:3", **capped))
+        assert [g.points for g in first + second + third] == [15, 5]
+
+    async def test_once_per_customer_bonus_is_revoked_with_its_order(self, redis: Redis) -> None:
+        bonus = grant_outcome(100, rule="first_order", scope="customer:42")
+        await send_all(redis, await apply(redis, grant_outcome(15), bonus))
+        back = await apply(redis, no_match(), revoke_all=True)
+        assert sorted((g.rule, g.type, g.points) for g in back) == [
+            ("first_order", "minus", 100),
+            ("purchase", "minus", 15),
+        ]
 
     async def test_points_above_salla_maximum_are_split(self, redis: Redis) -> None:
         grants = await apply(redis, grant_outcome(2_100_000))
@@ -89,7 +153,7 @@ class TestGrantStates:
 
     async def test_sweep_returns_claimed_and_sends_sending_to_unknown(self, redis: Redis) -> None:
         await apply(redis, grant_outcome(15))
-        await ledger.apply_outcomes(redis, M, "order:2", 43, [grant_outcome(7)])
+        await ledger.apply_outcomes(redis, M, [grant_outcome(7, scope="order:2")], customer=43)
         claimed = await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=-1)
         sending = [g for g in claimed if g.customer == 43]
         await ledger.mark_sending(redis, M, sending, "b1")

@@ -47,10 +47,13 @@ class TestRedaction:
     def test_secrets_are_masked(self, capsys: pytest.CaptureFixture[str]) -> None:
         configure_logging("json", "DEBUG")
         get_logger("t").info(
-            "token_refreshed", access_token="AT-123", refresh_token="RT-456",
+            "token_refreshed",
+            access_token="AT-123",
+            refresh_token="RT-456",
             headers={"Authorization": "Bearer AT-123"},
-            customer={"mobile": "+966500000000", "name": "Ali"}, secret="s3cret",
-        )  # fmt: skip
+            customer={"mobile": "+966500000000", "name": "Ali"},
+            secret="s3cret",
+        )
         line = capsys.readouterr().err.strip().splitlines()[-1]
         for leaked in ("AT-123", "RT-456", "+966500000000", "s3cret"):
             assert leaked not in line

@@ -36,10 +36,12 @@ class TestVerify:
         verify(Headers(signed_headers(VECTOR_BODY, SECRET)), VECTOR_BODY, SECRET, "signature")
 
     def test_signature_compare_ignores_hex_case_and_header_case(self) -> None:
-        headers = Headers({
-            "x-salla-security-strategy": "SIGNATURE",
-            "X-SALLA-SIGNATURE": sign(VECTOR_BODY, SECRET).upper(),
-        })  # fmt: skip
+        headers = Headers(
+            {
+                "x-salla-security-strategy": "SIGNATURE",
+                "X-SALLA-SIGNATURE": sign(VECTOR_BODY, SECRET).upper(),
+            }
+        )
         verify(headers, VECTOR_BODY, SECRET, "signature")
 
     def test_one_changed_byte_is_refused(self) -> None:

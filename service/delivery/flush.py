@@ -105,10 +105,14 @@ async def _send(
     )
     grants = batch.grants
     bound = log.bind(
-        merchant=merchant, batch_id=batch_id, customers=len(grants), points=batch.points,
-        type=batch.type, grant_ids=[g.id for g in grants],
+        merchant=merchant,
+        batch_id=batch_id,
+        customers=len(grants),
+        points=batch.points,
+        type=batch.type,
+        grant_ids=[g.id for g in grants],
         trace_ids=sorted({g.trace_id for g in grants if g.trace_id}),
-    )  # fmt: skip
+    )
     await ledger.mark_sending(deps.redis, merchant, grants, batch_id)
     attempt = max(g.attempts for g in grants) + 1
     started = time.perf_counter()
@@ -163,10 +167,14 @@ async def _refresh(
     settings = deps.settings
     try:
         fresh = await tokens.refresh(
-            deps.redis, deps.salla, merchant, token.access_token,
-            token_url=settings.salla_oauth_token_url, client_id=settings.salla_client_id,
+            deps.redis,
+            deps.salla,
+            merchant,
+            token.access_token,
+            token_url=settings.salla_oauth_token_url,
+            client_id=settings.salla_client_id,
             client_secret=settings.salla_client_secret.get_secret_value(),
-        )  # fmt: skip
+        )
     except SallaError as exc:
         await _park(deps, merchant, grants, bound, f"token refresh failed: {exc}")
         counts["parked"] += len(grants)
@@ -181,9 +189,15 @@ async def _park(deps: Deps, merchant: int, grants: Any, bound: Any, why: str) ->
 
 
 async def _retry(
-    deps: Deps, merchant: int, grants: Any, bound: Any, attempt: int, why: str,
-    retry_after_s: float | None, counts: dict[str, int],
-) -> int:  # fmt: skip
+    deps: Deps,
+    merchant: int,
+    grants: Any,
+    bound: Any,
+    attempt: int,
+    why: str,
+    retry_after_s: float | None,
+    counts: dict[str, int],
+) -> int:
     """Put `grants` back to pending after a backoff; return when they are due."""
     settings = deps.settings
     delay = (

@@ -163,8 +163,13 @@ class Sandbox:
             )
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None,
-           fields: dict[str, list[str]] | None = None) -> JSONResponse:  # fmt: skip
+def _error(
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    fields: dict[str, list[str]] | None = None,
+) -> JSONResponse:
     error: dict[str, Any] = {"code": code, "message": message}
     if fields is not None:
         error["fields"] = fields
@@ -256,8 +261,9 @@ def create_sandbox_app(sandbox: Sandbox | None = None) -> Starlette:
             return _DroppedAfterApply()
         return JSONResponse(
             {"status": 201, "success": True, "data": {"code": 201, "message": SUCCESS_MESSAGE}},
-            201, store.bucket.headers(),
-        )  # fmt: skip
+            201,
+            store.bucket.headers(),
+        )
 
     async def points_history(request: Request) -> Response:
         store, refusal = await authorized(request)
@@ -279,12 +285,21 @@ def create_sandbox_app(sandbox: Sandbox | None = None) -> Starlette:
         total_pages = max(1, math.ceil(len(entries) / per_page))
         return JSONResponse(
             {
-                "status": 200, "success": True, "data": chunk,
-                "pagination": {"count": len(chunk), "total": len(entries), "perPage": per_page,
-                               "currentPage": page, "totalPages": total_pages, "links": {}},
+                "status": 200,
+                "success": True,
+                "data": chunk,
+                "pagination": {
+                    "count": len(chunk),
+                    "total": len(entries),
+                    "perPage": per_page,
+                    "currentPage": page,
+                    "totalPages": total_pages,
+                    "links": {},
+                },
             },
-            200, store.bucket.headers(),
-        )  # fmt: skip
+            200,
+            store.bucket.headers(),
+        )
 
     async def oauth_token(request: Request) -> Response:
         # Salla's token endpoint takes application/x-www-form-urlencoded.
@@ -340,12 +355,15 @@ def create_sandbox_app(sandbox: Sandbox | None = None) -> Starlette:
         store = box.stores.get(int(request.path_params["merchant"]))
         if store is None:
             return JSONResponse({"error": "no such store"}, 404)
-        return JSONResponse({
-            "merchant": store.merchant,
-            "balances": {str(k): v for k, v in store.balances.items()},
-            "history": {str(k): v for k, v in store.history.items()},
-            "calls": store.calls, "counters": store.counters,
-        })  # fmt: skip
+        return JSONResponse(
+            {
+                "merchant": store.merchant,
+                "balances": {str(k): v for k, v in store.balances.items()},
+                "history": {str(k): v for k, v in store.history.items()},
+                "calls": store.calls,
+                "counters": store.counters,
+            }
+        )
 
     async def control_expire(request: Request) -> Response:
         store = box.stores.get(int(request.path_params["merchant"]))
@@ -372,15 +390,17 @@ def create_sandbox_app(sandbox: Sandbox | None = None) -> Starlette:
         box.stores.clear()
         return JSONResponse({"reset": True})
 
-    app = Starlette(routes=[
-        Route("/customers/loyalty/points", add_points, methods=["POST"]),
-        Route("/customers/loyalty/points", points_history, methods=["GET"]),
-        Route("/oauth2/token", oauth_token, methods=["POST"]),
-        Route("/_sandbox/stores", control_add_store, methods=["POST"]),
-        Route("/_sandbox/stores/{merchant:int}", control_store, methods=["GET"]),
-        Route("/_sandbox/stores/{merchant:int}/expire", control_expire, methods=["POST"]),
-        Route("/_sandbox/faults", control_faults, methods=["POST"]),
-        Route("/_sandbox/reset", control_reset, methods=["POST"]),
-    ])  # fmt: skip
+    app = Starlette(
+        routes=[
+            Route("/customers/loyalty/points", add_points, methods=["POST"]),
+            Route("/customers/loyalty/points", points_history, methods=["GET"]),
+            Route("/oauth2/token", oauth_token, methods=["POST"]),
+            Route("/_sandbox/stores", control_add_store, methods=["POST"]),
+            Route("/_sandbox/stores/{merchant:int}", control_store, methods=["GET"]),
+            Route("/_sandbox/stores/{merchant:int}/expire", control_expire, methods=["POST"]),
+            Route("/_sandbox/faults", control_faults, methods=["POST"]),
+            Route("/_sandbox/reset", control_reset, methods=["POST"]),
+        ]
+    )
     app.state.sandbox = box
     return app
