@@ -10,7 +10,7 @@ UV_VERSION := 0.13.8
 
 help:
 	@echo "make run        run the service on embedded defaults (Redis, Salla sandbox, rules/)"
-	@echo "make test       install what is needed, run the tests, lint and type checks"
+	@echo "make test       install what is needed, run the tests, the rules' tests, lint, types"
 	@echo "make lint       ruff check + format check    make format   apply ruff fixes/format"
 	@echo "make typecheck  mypy --strict on service/    make bench    benchmarks"
 	@echo "make lock       re-pin requirements.lock     make clean    remove .venv and var/"
@@ -29,6 +29,7 @@ run: install
 
 test: install
 	$(BIN)/pytest
+	$(BIN)/salla-rewards rules test rules
 	$(BIN)/ruff check service tests benchmarks
 	$(BIN)/ruff format --check service tests benchmarks
 	$(BIN)/mypy

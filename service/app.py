@@ -24,7 +24,8 @@ from service import queue
 from service.errors import PayloadTooLarge, WebhookError
 from service.logging import configure_logging, get_logger
 from service.processing import SEEN_PREFIX, handles
-from service.rules import RuleSet, load_rules
+from service.rules import RuleSet
+from service.rules.reloader import RulesHolder, live_rules
 from service.settings import Settings
 from service.webhooks import delivery_id, parse_envelope, verify
 
@@ -35,7 +36,11 @@ log = get_logger("service.web")
 class AppState:
     settings: Settings
     pool: ArqRedis
-    rules: RuleSet
+    holder: RulesHolder
+
+    @property
+    def rules(self) -> RuleSet:
+        return self.holder.current
 
 
 def _state(request: Request) -> AppState:
@@ -128,21 +133,22 @@ def _ms(started: float) -> float:
 
 def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None) -> Starlette:
     """The web application. Rules are loaded at start-up; invalid rules refuse to start."""
-    ruleset = rules if rules is not None else load_rules(settings.rules_path)
+    holder = RulesHolder(settings.rules_path, rules)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         configure_logging(settings.log_format, settings.log_level)
         pool = await queue.connect(redis_url)
-        app.state.service = AppState(settings, pool, ruleset)
+        app.state.service = AppState(settings, pool, holder)
         log.info(
             "web_started",
-            rules=len(ruleset.rules),
+            rules=len(holder.current.rules),
             strategy=settings.salla_webhook_strategy,
             app_env=settings.app_env,
         )
         try:
-            yield
+            async with live_rules(holder, watch=settings.is_development):
+                yield
         finally:
             await pool.aclose()
 

@@ -20,6 +20,7 @@ from service.events import KNOWN_ORDER_STATUSES, normalise
 from service.logging import get_logger
 from service.rules import RuleSet, evaluate
 from service.rules.engine import prepare, revokes
+from service.rules.reloader import RulesHolder
 from service.salla import TokenSet
 from service.settings import Settings
 from service.webhooks import Envelope, parse_envelope
@@ -34,7 +35,12 @@ class ProcessingDeps:
     settings: Settings
     redis: Redis
     pool: ArqRedis
-    rules: RuleSet
+    rules_source: RuleSet | RulesHolder
+
+    @property
+    def rules(self) -> RuleSet:
+        source = self.rules_source
+        return source.current if isinstance(source, RulesHolder) else source
 
 
 AppHandler = Callable[[ProcessingDeps, Envelope], Awaitable[dict[str, Any]]]

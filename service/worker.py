@@ -16,7 +16,7 @@ from service import ledger, queue
 from service.delivery.flush import Deps, flush
 from service.logging import configure_logging, get_logger
 from service.processing import ProcessingDeps, process_event
-from service.rules import load_rules
+from service.rules.reloader import RulesHolder, live_rules
 from service.salla import SallaClient
 from service.settings import Settings
 
@@ -72,19 +72,24 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
             ),
             limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
         )
-        rules = load_rules(settings.rules_path)
+        holder = RulesHolder(settings.rules_path)
+        live = live_rules(holder, watch=settings.is_development)
+        await live.__aenter__()
+        ctx["live_rules"] = live
         ctx["http"] = http
         ctx["plain_redis"] = redis
-        ctx["processing"] = ProcessingDeps(settings, redis, pool, rules)
+        ctx["processing"] = ProcessingDeps(settings, redis, pool, holder)
         ctx["delivery"] = Deps(settings, redis, pool, SallaClient(http, settings.salla_api_base))
         log.info(
             "worker_started",
-            rules=len(rules.rules),
-            rule_files=len(rules.files),
+            rules=len(holder.current.rules),
+            rule_files=len(holder.current.files),
             salla_api_base=settings.salla_api_base,
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
+        if "live_rules" in ctx:
+            await ctx["live_rules"].__aexit__(None, None, None)
         if "http" in ctx:
             await ctx["http"].aclose()
             await ctx["plain_redis"].aclose()

@@ -24,6 +24,7 @@ from service.worker import create_worker
 from tests.support.servers import free_port, serve_in_thread
 
 FIXTURES = Path(__file__).parent / "fixtures"
+ROOT_DIR = Path(__file__).parent.parent
 SECRET = "test-webhook-secret"
 
 

@@ -172,3 +172,49 @@ def _wait_for(check, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
             pass
         time.sleep(0.1)
     raise AssertionError(f"not within {timeout_s}s")
+
+
+class TestRulesCommands:
+    """`rules check | simulate | test` work without Redis or Salla."""
+
+    def test_check_passes_on_the_examples(self) -> None:
+        result = cli("rules", "check")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("ok: ") and "11 tests" in result.stdout
+
+    def test_check_names_file_and_line(self, tmp_path: Path) -> None:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(
+            "version: 1\nrules:\n  - {id: a, on: order.nope, points: 1, type: plus, reason: r}\n"
+        )
+        result = cli("rules", "check", str(bad))
+        assert result.returncode == 1
+        assert f"{bad}:3: unknown Salla event 'order.nope'" in result.stderr
+
+    def test_simulate_shows_grants_and_why(self) -> None:
+        result = cli("rules", "simulate", "examples/webhooks/order.status.updated.json")
+        assert result.returncode == 0, result.stderr
+        assert "purchase" in result.stdout and "rounded (floor) to 15" in result.stdout
+        assert "grant: plus 15 (purchase)" in result.stdout
+
+    def test_simulate_json_with_store_settings(self, tmp_path: Path) -> None:
+        settings_file = tmp_path / "settings.json"
+        settings_file.write_text('{"sar_per_point": 5, "vip_group": "not a number"}')
+        result = cli("rules", "simulate", "examples/webhooks/order.status.updated.json",
+                     "--settings", str(settings_file), "--json")  # fmt: skip
+        doc = __import__("json").loads(result.stdout)
+        assert doc["grants"] == [{"rule": "purchase", "points": 30, "type": "plus"}]
+        assert doc["problems"] == ["setting 'vip_group': 'not a number' is not a Decimal"]
+
+    def test_rule_tests_fail_when_expectations_are_wrong(self, tmp_path: Path) -> None:
+        (tmp_path / "r.yaml").write_text(
+            "version: 1\nrules:\n  - {id: r, on: review.added, points: 50, type: plus, reason: x}\n"
+            "tests:\n  - name: wrong\n    event: "
+            f"{ROOT / 'examples/webhooks/review.added.json'}\n"
+            "    expect: [{rule: r, points: 51}]\n"
+        )
+        result = cli("rules", "test", str(tmp_path))
+        assert result.returncode == 1
+        assert "FAIL wrong" in result.stdout
+        assert "expected grants [('r', 51, 'plus')], got [('r', 50, 'plus')]" in result.stdout
+        assert "0 passed, 1 failed" in result.stdout

@@ -10,12 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.errors import RuleError
-from service.events import Customer, EventContext, Order, normalise
+from service.events import Customer, EventContext, Order
 from service.rules import evaluate, load_rules, parse_rules_text
-from service.rules.engine import revokes, scope_of
 from service.rules.model import round_points
-from service.webhooks import parse_envelope
-from tests.conftest import fixture_bytes
+from service.rules.testing import run_tests, simulate
+from tests.conftest import fixture_json
 
 RULES_DIR = Path(__file__).parent.parent / "rules"
 
@@ -41,28 +40,44 @@ class TestExampleRules:
 
     def test_they_load(self) -> None:
         ruleset = load_rules(RULES_DIR)
-        assert {r.id for r in ruleset.rules} >= {"purchase", "review"}
+        assert {r.id for r in ruleset.rules} >= {"purchase", "review", "signup", "ramadan_double"}
 
     def test_completed_sample_order_earns_one_point_per_10_sar(self) -> None:
-        ctx = normalise(parse_envelope(fixture_bytes("order.status.updated.json")))
-        [outcome] = evaluate(load_rules(RULES_DIR), ctx)
-        assert (outcome.verdict, outcome.deserved) == ("grant", 15)  # 154 SAR, floored
-        assert outcome.reason == "نقاط الطلب رقم 42264"
+        result = simulate(load_rules(RULES_DIR), fixture_json("order.status.updated.json"))
+        assert result.grants == [("purchase", 15, "plus")]  # 154 SAR, floored
+        purchase = next(o for o in result.outcomes if o.rule_id == "purchase")
+        assert purchase.reason == "نقاط الطلب رقم 42264"
+        assert purchase.scope == "order:629263027"
+        ramadan = next(o for o in result.outcomes if o.rule_id == "ramadan_double")
+        assert ramadan.verdict == "inactive"
 
     def test_order_under_review_earns_nothing_yet(self) -> None:
-        ctx = normalise(parse_envelope(fixture_bytes("order.created.json")))
-        [outcome] = evaluate(load_rules(RULES_DIR), ctx)
-        assert outcome.verdict == "no_match" and outcome.deserved == 0
+        result = simulate(load_rules(RULES_DIR), fixture_json("order.created.json"))
+        assert result.grants == []
+        assert {o.verdict for o in result.outcomes} <= {"no_match", "inactive"}
 
     def test_review_earns_fixed_bonus(self) -> None:
-        ctx = normalise(parse_envelope(fixture_bytes("review.added.json")))
-        [outcome] = evaluate(load_rules(RULES_DIR), ctx)
+        result = simulate(load_rules(RULES_DIR), fixture_json("review.added.json"))
+        [outcome] = result.outcomes
         assert outcome.deserved == 50
-        assert scope_of(ctx) == "review:1289663293:1653503260"
+        assert outcome.scope == "review:1289663293:1653503260"
 
     def test_canceled_order_revokes(self) -> None:
-        ctx = normalise(parse_envelope(fixture_bytes("order.cancelled.derived.json")))
-        assert revokes(load_rules(RULES_DIR), ctx)
+        result = simulate(load_rules(RULES_DIR), fixture_json("order.cancelled.derived.json"))
+        assert result.revokes_order
+
+    def test_store_override_replaces_and_disables(self) -> None:
+        ruleset = load_rules(RULES_DIR)
+        review = simulate(ruleset, fixture_json("review.added.json"), merchant=1000000001)
+        assert review.grants == [("review", 100, "plus")]
+        signup = simulate(
+            ruleset, fixture_json("customer.created.derived.json"), merchant=1000000001
+        )
+        assert signup.outcomes == ()
+
+    def test_every_example_rule_test_passes(self) -> None:
+        results = run_tests(load_rules(RULES_DIR))
+        assert results and all(r.ok for r in results), [r.failures for r in results if not r.ok]
 
 
 class TestValidation:
@@ -181,3 +196,136 @@ rules:
         assert round_points(Decimal("2.5"), "half_up") == 3
         assert round_points(Decimal("2.5"), "floor") == 2
         assert round_points(Decimal("2.1"), "ceil") == 3
+
+
+def order_event(
+    total: int = 200, status: str = "completed", groups: list[int] | None = None
+) -> dict:  # type: ignore[type-arg]
+    return {
+        "event": "order.updated", "merchant": 1, "created_at": "",
+        "data": {"id": 10, "reference_id": 1010, "status": {"slug": status},
+                 "amounts": {"total": {"amount": total}},
+                 "customer": {"id": 5, "groups": groups or []}},
+    }  # fmt: skip
+
+
+FEATURES = """version: 1
+timezone: Asia/Riyadh
+settings: {rate: 10}
+rules:
+  - id: weekend
+    on: [order.updated]
+    when: order.status == "completed"
+    active: {from: 2026-03-01, until: 2026-03-31, days: [fri, sat]}
+    points: 7
+    type: plus
+    reason: weekend
+  - id: big
+    priority: 10
+    stop: true
+    on: [order.updated]
+    when: order.total >= 1000
+    points: order.total / settings.rate
+    caps: {per_grant: 50}
+    type: plus
+    reason: big
+  - id: normal
+    on: [order.updated]
+    when: order.status == "completed"
+    points: order.total / settings.rate
+    once_per: customer
+    type: plus
+    reason: normal
+"""
+
+
+class TestFeatures:
+    """Windows, priorities, caps, scopes and store settings, each as the docs say."""
+
+    def test_active_window_uses_the_rule_timezone(self) -> None:
+        ruleset = parse_rules_text(FEATURES, "f.yaml")
+        # Thursday 23:30 UTC is Friday 02:30 in Riyadh: inside the window.
+        inside = simulate(ruleset, order_event(), now="2026-03-05T23:30:00+00:00")
+        outside = simulate(ruleset, order_event(), now="2026-03-05T20:00:00+00:00")
+        assert ("weekend", 7, "plus") in inside.grants
+        assert ("weekend", 7, "plus") not in outside.grants
+        after = simulate(ruleset, order_event(), now="2026-04-03T12:00:00+03:00")
+        assert ("weekend", 7, "plus") not in after.grants
+
+    def test_priority_stop_and_cap_per_grant(self) -> None:
+        ruleset = parse_rules_text(FEATURES, "f.yaml")
+        result = simulate(ruleset, order_event(total=2000), now="2026-03-02T12:00:00+03:00")
+        verdicts = {o.rule_id: o.verdict for o in result.outcomes}
+        assert result.outcomes[0].rule_id == "big"
+        assert result.grants == [("big", 50, "plus")]  # 200 capped at 50
+        assert verdicts["normal"] == verdicts["weekend"] == "stopped"
+
+    def test_once_per_customer_scope(self) -> None:
+        ruleset = parse_rules_text(FEATURES, "f.yaml")
+        result = simulate(ruleset, order_event(), now="2026-03-02T12:00:00+03:00")
+        scopes = {o.rule_id: o.scope for o in result.outcomes}
+        assert scopes["normal"] == "customer:5"
+        assert scopes["weekend"] == "order:10"
+
+    def test_store_settings_override_defaults_and_hostile_values_are_refused(self) -> None:
+        ruleset = parse_rules_text(FEATURES, "f.yaml")
+        good = simulate(ruleset, order_event(), settings={"rate": "20"}, now="2026-03-02T12:00:00")
+        assert ("normal", 10, "plus") in good.grants
+        for hostile in ("NaN", "1e999999", "0x10", "__import__('os')", [1], {"a": 1}, True):
+            result = simulate(
+                ruleset, order_event(), settings={"rate": hostile}, now="2026-03-02T12:00:00"
+            )
+            assert ("normal", 20, "plus") in result.grants, hostile
+            assert result.problems, hostile
+
+    def test_division_by_a_zero_setting_is_an_error_verdict_not_a_crash(self) -> None:
+        ruleset = parse_rules_text(FEATURES, "f.yaml")
+        result = simulate(ruleset, order_event(), settings={"rate": 0}, now="2026-03-02T12:00:00")
+        normal = next(o for o in result.outcomes if o.rule_id == "normal")
+        assert normal.verdict == "error" and result.grants == []
+
+    def test_multipliers_apply_before_the_one_rounding(self) -> None:
+        text = """version: 1
+rules:
+  - id: m
+    on: [order.updated]
+    points: order.total / 10
+    rounding: floor
+    type: plus
+    reason: m
+    multipliers:
+      - {when: 7 in customer.groups, factor: 1.5}
+"""
+        ruleset = parse_rules_text(text, "m.yaml")
+        assert simulate(ruleset, order_event(total=105, groups=[7])).grants == [("m", 15, "plus")]
+        assert simulate(ruleset, order_event(total=105)).grants == [("m", 10, "plus")]
+
+    def test_feature_validation_messages(self) -> None:
+        text = """version: 1
+rules:
+  - id: x
+    on: [order.updated]
+    points: 1
+    type: plus
+    reason: r
+    once_per: week
+    hold_days: -1
+    caps: {per_grant: 0, per_week: 3}
+    active: {from: "2026-02-30", days: [funday]}
+    multipliers: [{when: order.total, factor: 0}]
+"""
+        with pytest.raises(RuleError) as info:
+            parse_rules_text(text, "x.yaml")
+        problems = "\n".join(info.value.problems)
+        with pytest.raises(RuleError, match=r"a value cannot be read: month must be in 1\.\.12"):
+            parse_rules_text(text.replace('"2026-02-30"', "2026-13-01"), "y.yaml")
+        for expected in (
+            "x.yaml:8: once_per must be one of",
+            "x.yaml:9: hold_days must be a number of days",
+            "caps.per_grant must be a whole number of at least 1",
+            "unknown cap 'per_week'",
+            "active.from must be a date",
+            "active.days must list days",
+            "factor must be a number above 0",
+        ):
+            assert expected in problems, expected

@@ -171,6 +171,9 @@ class _File:
             line = mark.line + 1 if mark is not None else 0
             problems.append(f"{path}:{line}: not valid YAML: {getattr(exc, 'problem', exc)}")
             return
+        except ValueError as exc:  # a value YAML recognises but cannot build, e.g. 2026-13-01
+            problems.append(f"{path}: a value cannot be read: {exc}")
+            return
         if not isinstance(doc, dict):
             problems.append(f"{path}:1: a rule file must be a mapping with 'version' and 'rules'")
             return

@@ -1,0 +1,105 @@
+"""Rules reload while the service runs; invalid rules never replace valid ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.logging import configure_logging
+from service.rules.reloader import RulesHolder
+from service.webhooks import signed_headers
+from tests.conftest import ROOT_DIR, SECRET, fixture_bytes
+from tests.support.servers import free_port
+
+REVIEW = (
+    "version: 1\nrules:\n  - {id: review, on: review.added, points: 50, type: plus, reason: r}\n"
+)
+SIGNUP = (
+    "version: 1\nrules:\n  - {id: signup, on: customer.created, points: 9, type: plus, reason: s}\n"
+)
+
+
+class TestHolder:
+    """`RulesHolder.reload()` swaps in valid rules and keeps the old ones otherwise."""
+
+    def test_valid_change_is_taken(self, tmp_path: Path) -> None:
+        (tmp_path / "a.yaml").write_text(REVIEW)
+        holder = RulesHolder(tmp_path)
+        (tmp_path / "b.yaml").write_text(SIGNUP)
+        assert holder.reload() is True
+        assert {r.id for r in holder.current.rules} == {"review", "signup"}
+
+    def test_invalid_change_keeps_the_old_rules_and_says_why(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        configure_logging("json", "INFO")
+        (tmp_path / "a.yaml").write_text(REVIEW)
+        holder = RulesHolder(tmp_path)
+        before = holder.current
+        (tmp_path / "a.yaml").write_text(REVIEW.replace("points: 50", "points: order.status"))
+        assert holder.reload() is False
+        assert holder.current is before
+        line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+        assert line["event"] == "rules_reload_failed"
+        assert "points must give a number" in line["problems"][0]
+
+
+class TestSighup:
+    """A running `serve` reloads its rules on SIGHUP."""
+
+    def test_sighup_reloads_and_survives_a_bad_file(self, tmp_path: Path, redis_url: str) -> None:
+        rules = tmp_path / "rules"
+        rules.mkdir()
+        (rules / "review.yaml").write_text(REVIEW)
+        port = free_port()
+        env = {**os.environ, "REDIS_URL": redis_url, "SALLA_WEBHOOK_SECRET": SECRET,
+               "RULES_PATH": str(rules), "LOG_FORMAT": "json"}  # fmt: skip
+        log_path = tmp_path / "serve.log"
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "service", "serve", "--port", str(port)],
+                cwd=ROOT_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        url = f"http://127.0.0.1:{port}/webhooks/salla"
+        body = fixture_bytes("customer.created.derived.json")
+        try:
+            _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200)
+            assert _post(url, body)["status"] == "ignored"  # no rule uses customer.created yet
+            (rules / "signup.yaml").write_text(SIGNUP)
+            proc.send_signal(signal.SIGHUP)
+            _wait(lambda: '"rules_reloaded"' in log_path.read_text())
+            assert _post(url, body)["status"] == "accepted"
+            (rules / "signup.yaml").write_text("version: 1\nrules: [")
+            proc.send_signal(signal.SIGHUP)
+            _wait(lambda: '"rules_reload_failed"' in log_path.read_text())
+            assert httpx.get(f"http://127.0.0.1:{port}/readyz").json()["rules"] == 2
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def _post(url: str, body: bytes) -> dict[str, str]:
+    answer: dict[str, str] = httpx.post(
+        url, content=body, headers=signed_headers(body, SECRET)
+    ).json()
+    return answer
+
+
+def _wait(check, timeout_s: float = 15) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout_s}s")
