@@ -144,6 +144,8 @@ def _mapping(value: object) -> Mapping[str, Any]:
 def _birthday(raw: object) -> tuple[int, int]:
     """Salla sends `{"date": "1997-06-03 00:00:00.000000", ...}` or a plain date string."""
     text = _text(_mapping(raw).get("date") if isinstance(raw, Mapping) else raw)
+    if len(text) < 10:
+        return 0, 0
     try:
         day = dt.date.fromisoformat(text[:10])
     except ValueError:

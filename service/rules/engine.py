@@ -6,7 +6,6 @@ day) deserves now; the ledger turns the difference from what was already granted
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,8 +45,11 @@ def prepare(
 ) -> tuple[EventContext, list[str]]:
     """Give `ctx` the store's settings and a local `now`; return problems with the settings."""
     settings, problems = ruleset.settings.build(store_settings)
-    now = ctx.now.astimezone(ruleset.timezone)
-    return dataclasses.replace(ctx, settings=settings, now=now), problems
+    local = EventContext(
+        event=ctx.event, merchant=ctx.merchant, now=ctx.now.astimezone(ruleset.timezone),
+        order=ctx.order, customer=ctx.customer, review=ctx.review, settings=settings,
+    )  # fmt: skip
+    return local, problems
 
 
 def scope_of(ctx: EventContext, rule: Rule | None = None, delivery: str = "") -> str:

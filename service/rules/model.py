@@ -99,9 +99,10 @@ class Rule:
     stop: bool = False
     multipliers: tuple[Multiplier, ...] = ()
 
-    @property
-    def version(self) -> str:
-        """Identifies the rule's text, so the ledger can say which version granted what."""
+    #: Identifies the rule's text, so the ledger can say which version granted what.
+    version: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
         parts = [
             self.when.text if self.when else "",
             self.points.text if isinstance(self.points, rule_engine.Rule) else str(self.points),
@@ -110,7 +111,8 @@ class Rule:
             ",".join(f"{m.when.text}*{m.factor}" for m in self.multipliers),
             str(self.cap_per_grant),
         ]
-        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+        digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+        object.__setattr__(self, "version", digest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,7 @@ class StoreSettingsSchema:
 
     defaults: Mapping[str, SettingValue]
     cls: type
+    default_instance: Any = None
 
     def build(self, overrides: Mapping[str, Any] | None = None) -> tuple[Any, list[str]]:
         """A settings object from defaults plus a store's values; bad values keep the default.
@@ -140,9 +143,11 @@ class StoreSettingsSchema:
         Store values come from `app.settings.updated`, i.e. from the merchant: each is coerced
         to the type of its default, and anything that does not fit is refused with a sentence.
         """
+        if not overrides:
+            return self.default_instance, []
         values = dict(self.defaults)
         problems: list[str] = []
-        for key, raw in (overrides or {}).items():
+        for key, raw in overrides.items():
             if key not in self.defaults:
                 continue
             default = self.defaults[key]
@@ -178,7 +183,7 @@ def coerce_setting(raw: Any, default: SettingValue) -> SettingValue | None:
 def settings_schema(defaults: Mapping[str, SettingValue]) -> StoreSettingsSchema:
     fields_ = [(name, type(value)) for name, value in sorted(defaults.items())]
     cls = dataclasses.make_dataclass("StoreSettings", fields_, frozen=True, slots=True)
-    return StoreSettingsSchema(dict(defaults), cls)
+    return StoreSettingsSchema(dict(defaults), cls, cls(**defaults))
 
 
 @dataclass(frozen=True, slots=True)
