@@ -130,3 +130,56 @@ class TestOrderStateProperty:
     @given(history=steps)
     def test_net_points_match_the_final_state(self, redis_url: str, history: list[Any]) -> None:
         asyncio.run(scenario(redis_url, history))
+
+
+class TestNamedHistories:
+    """The histories the issue names, each spelled out through the real processing path."""
+
+    async def run(
+        self, redis_url: str, steps: list[tuple[int, str, str, int]]
+    ) -> tuple[int, list[Any]]:
+        """steps: (rate, event, status, total); returns (credited, every grant made)."""
+        redis = Redis.from_url(redis_url, decode_responses=True)
+        pool = await queue.connect(redis_url)
+        await redis.flushall()
+        made: list[Any] = []
+        credited = 0
+        try:
+            for n, (rate, event, status, total) in enumerate(steps):
+                deps = ProcessingDeps(make_settings(), redis, pool, RULESETS[rate])
+                await _apply_rules(deps, parse_envelope(body(status, total, event)), f"d{n}", "t")
+                before = {g.id for g in made}
+                claimed = await ledger.claim_due(
+                    redis, MERCHANT, limit=100, claim_timeout_ms=60_000
+                )
+                made += [g for g in claimed if g.id not in before]
+                credited += await _send(redis, claimed)
+        finally:
+            await pool.aclose()
+            await redis.aclose()
+        return credited, made
+
+    async def test_update_before_create_is_not_undone_by_the_late_create(
+        self, redis_url: str
+    ) -> None:
+        credited, _ = await self.run(redis_url, [
+            (10, "order.updated", "completed", 154),
+            (10, "order.created", "under_review", 154),
+        ])  # fmt: skip
+        assert credited == 15
+
+    async def test_cancel_after_a_rule_edit_takes_back_what_was_granted(
+        self, redis_url: str
+    ) -> None:
+        credited, made = await self.run(redis_url, [
+            (10, "order.updated", "completed", 154),  # 15 at 1 per 10 SAR
+            (5, "order.cancelled", "canceled", 154),  # the rule now says 1 per 5 SAR
+        ])  # fmt: skip
+        assert [(g.type, g.points) for g in made] == [("plus", 15), ("minus", 15)]
+        assert credited == 0
+
+
+async def _send(redis: Redis, claimed: list[Any]) -> int:
+    await ledger.mark_sending(redis, MERCHANT, claimed, "b")
+    await ledger.finish(redis, MERCHANT, claimed, "sent")
+    return sum(g.signed_points for g in claimed)

@@ -103,3 +103,27 @@ def _wait(check, timeout_s: float = 15) -> None:  # type: ignore[no-untyped-def]
             pass
         time.sleep(0.05)
     raise AssertionError(f"not within {timeout_s}s")
+
+
+class TestWatch:
+    """In development a changed rule file is reloaded without a signal."""
+
+    async def test_file_change_reloads(self, tmp_path: Path) -> None:
+        import asyncio
+
+        configure_logging("json", "INFO")  # log to this test's stderr
+        (tmp_path / "a.yaml").write_text(REVIEW)
+        holder = RulesHolder(tmp_path)
+        stop = asyncio.Event()
+        task = asyncio.create_task(holder.watch(stop))
+        try:
+            await asyncio.sleep(0.3)  # let the watcher start
+            (tmp_path / "b.yaml").write_text(SIGNUP)
+            for _ in range(100):
+                if holder.reloads:
+                    break
+                await asyncio.sleep(0.05)
+            assert {r.id for r in holder.current.rules} == {"review", "signup"}
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, timeout=5)
