@@ -48,9 +48,14 @@ def bench_rules(rounds: int = 5, seconds: float = 1.0) -> dict[str, Any]:
     heavy = [parse_envelope(SAMPLE)]
     mix = [
         parse_envelope((fixtures / name).read_bytes())
-        for name in ("order.status.updated.json", "order.created.json", "review.added.json",
-                     "customer.created.derived.json", "order.cancelled.derived.json")
-    ]  # fmt: skip
+        for name in (
+            "order.status.updated.json",
+            "order.created.json",
+            "review.added.json",
+            "customer.created.derived.json",
+            "order.cancelled.derived.json",
+        )
+    ]
 
     def rates(envelopes: list[Any]) -> tuple[int, int]:
         measured = []
@@ -102,13 +107,21 @@ async def bench_ingest(
     redis_url: str, requests: int = 4000, concurrency: int = 32
 ) -> dict[str, Any]:
     port = 18000 + os.getpid() % 1000
-    env = {**os.environ, "REDIS_URL": redis_url, "SALLA_WEBHOOK_SECRET": SECRET,
-           "LOG_LEVEL": "WARNING", "LOG_FORMAT": "json"}  # fmt: skip
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "SALLA_WEBHOOK_SECRET": SECRET,
+        "LOG_LEVEL": "WARNING",
+        "LOG_FORMAT": "json",
+    }
     # The server must be its own process; starting it synchronously here is fine.
     server = subprocess.Popen(  # noqa: S603, ASYNC220
-        [sys.executable, "-m", "service", "serve", "--port", str(port)], env=env, cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [sys.executable, "-m", "service", "serve", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/webhooks/salla"
     try:
         async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency)) as client:
@@ -157,9 +170,12 @@ async def bench_ingest(
 
 async def main() -> None:
     results: dict[str, Any] = {
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                    "platform": platform.platform()},
-    }  # fmt: skip
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
+    }
     results["rules"] = bench_rules()
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp), 16399) as redis:
         results["ledger"] = await bench_ledger(redis.url)

@@ -44,12 +44,13 @@ from service.rules.engine import Outcome
 from service.rules.model import MAX_POINTS_PER_CALL
 
 GrantState = Literal[
-    "pending", "claimed", "sending", "sent", "failed", "unknown", "parked", "netted"
+    "pending", "claimed", "sending", "sent", "failed", "unknown", "parked", "netted", "review"
 ]
 
 PREFIX = "sr:"
 REVERSAL_PREFIX = "Reversal: "
 STORES_PENDING = f"{PREFIX}stores:pending"
+STORES_UNKNOWN = f"{PREFIX}stores:unknown"
 
 
 def now_ms() -> int:
@@ -86,12 +87,13 @@ class Grant:
     batch: str = ""
     error: str = ""
     trace_id: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
+    #: Sent alone: it was in a batch Salla refused (422) and bisection could not finish.
+    isolate: bool = False
 
     @property
-    def group_key(self) -> tuple[str, int, str, tuple[str, ...]]:
+    def group_key(self) -> tuple[str, int, str, tuple[str, ...], str]:
         """Grants with the same key can share one Salla call."""
-        return (self.type, self.points, self.reason, self.channels)
+        return (self.type, self.points, self.reason, self.channels, self.id if self.isolate else "")
 
     @property
     def signed_points(self) -> int:
@@ -115,6 +117,7 @@ class Grant:
             "batch": self.batch,
             "error": self.error,
             "trace_id": self.trace_id,
+            "isolate": int(self.isolate),
         }
 
     @classmethod
@@ -137,6 +140,7 @@ class Grant:
             batch=doc.get("batch", ""),
             error=doc.get("error", ""),
             trace_id=doc.get("trace_id", ""),
+            isolate=doc.get("isolate", "0") == "1",
         )
 
 
@@ -491,18 +495,30 @@ async def finish(
             pipe.zrem(_key("claimed", merchant), grant.id)
             if state != "sent":
                 pipe.zadd(_key(state, merchant), {grant.id: at})
+        if state == "unknown":
+            pipe.sadd(STORES_UNKNOWN, str(merchant))
         await pipe.execute()
 
 
 async def release(
-    redis: Redis, merchant: int, grants: Sequence[Grant], due_ms: int, error: str = ""
+    redis: Redis,
+    merchant: int,
+    grants: Sequence[Grant],
+    due_ms: int,
+    error: str = "",
+    *,
+    isolate: bool = False,
 ) -> None:
-    """Return claimed grants to pending, due at `due_ms` (a retry, or work left over)."""
+    """Return claimed grants to pending, due at `due_ms` (a retry, or work left over).
+
+    `isolate` makes each grant go alone next time (it was in a batch Salla refused).
+    """
     async with redis.pipeline(transaction=True) as pipe:
         for grant in grants:
-            pipe.hset(
-                grant_key(grant.id), mapping={"state": "pending", "due_ms": due_ms, "error": error}
-            )
+            fields: dict[str, str | int] = {"state": "pending", "due_ms": due_ms, "error": error}
+            if isolate:
+                fields["isolate"] = 1
+            pipe.hset(grant_key(grant.id), mapping=fields)
             pipe.zrem(_key("claimed", merchant), grant.id)
             pipe.zadd(_key("pending", merchant), {grant.id: due_ms})
         pipe.sadd(STORES_PENDING, str(merchant))
@@ -614,3 +630,48 @@ async def grants_in(redis: Redis, kind: str, merchant: int) -> list[Grant]:
     """Grants listed under `kind` (pending, claimed, parked, failed, unknown) for a store."""
     ids: list[str] = await redis.zrange(_key(kind, merchant), 0, -1)
     return await load(redis, ids)
+
+
+async def resolve_unknown(
+    redis: Redis,
+    merchant: int,
+    grants: Sequence[Grant],
+    outcome: Literal["sent", "pending", "review"],
+    note: str,
+) -> None:
+    """Settle grants whose call got no answer, from what Salla's history says (or not)."""
+    at = now_ms()
+    async with redis.pipeline(transaction=True) as pipe:
+        for grant in grants:
+            pipe.zrem(_key("unknown", merchant), grant.id)
+            fields: dict[str, str | int] = {"state": outcome, "error": note}
+            if outcome == "pending":
+                fields["due_ms"] = at
+                pipe.zadd(_key("pending", merchant), {grant.id: at})
+            elif outcome == "review":
+                pipe.zadd(_key("review", merchant), {grant.id: at})
+            else:
+                fields["done_ms"] = at
+            pipe.hset(grant_key(grant.id), mapping=fields)
+        if outcome == "pending":
+            pipe.sadd(STORES_PENDING, str(merchant))
+        await pipe.execute()
+
+
+async def unknown_since(redis: Redis, merchant: int, before_ms: int) -> list[Grant]:
+    """Unknown-outcome grants that have waited since before `before_ms`."""
+    ids: list[str] = await redis.zrangebyscore(_key("unknown", merchant), "-inf", before_ms)
+    return await load(redis, ids)
+
+
+async def stores_with_unknown(redis: Redis) -> list[int]:
+    return [int(m) for m in await redis.smembers(STORES_UNKNOWN)]  # type: ignore[misc]
+
+
+async def count_reconcile_attempt(redis: Redis, grant: Grant) -> int:
+    return int(await redis.hincrby(grant_key(grant.id), "reconcile_attempts", 1))  # type: ignore[misc]
+
+
+async def forget_unknown_store_if_empty(redis: Redis, merchant: int) -> None:
+    if not await redis.zcard(_key("unknown", merchant)):
+        await redis.srem(STORES_UNKNOWN, str(merchant))  # type: ignore[misc]

@@ -5,6 +5,7 @@ Handlers are registered by event name; every other event goes through the rules.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -95,6 +96,19 @@ APP_HANDLERS: dict[str, AppHandler] = {
 }
 
 
+def event_time(created_at: str) -> float | None:
+    """Epoch seconds of an app event's `created_at` ("2022-12-31 12:31:25" or ISO 8601)."""
+    try:
+        moment = dt.datetime.fromisoformat(created_at.strip())
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)).timestamp()
+
+
+#: Lifecycle events whose order matters: an older one must not undo a newer one.
+ORDERED_APP_EVENTS = frozenset({"app.store.authorize", "app.uninstalled"})
+
+
 def handles(rules: RuleSet, event: str) -> bool:
     """Whether an event is worth a job: an app event we keep, or one the rules use."""
     return event in APP_HANDLERS or rules.uses(event)
@@ -111,11 +125,19 @@ async def process_event(
     )
     try:
         handler = APP_HANDLERS.get(env.event)
-        result = (
-            await handler(deps, env)
-            if handler
-            else await _apply_rules(deps, env, delivery, trace_id)
+        stale = (
+            handler is not None
+            and env.event in ORDERED_APP_EVENTS
+            and not await tokens.lifecycle_is_current(
+                deps.redis, env.merchant, event_time(env.created_at)
+            )
         )
+        if stale:
+            result: dict[str, Any] = {"outcome": "stale", "why": "a newer lifecycle event applied"}
+        elif handler is not None:
+            result = await handler(deps, env)
+        else:
+            result = await _apply_rules(deps, env, delivery, trace_id)
         await deps.redis.set(SEEN_PREFIX + delivery, "1", ex=deps.settings.dedupe_ttl_s)
         log.info(
             "event_processed",

@@ -13,6 +13,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 
 PROCESS_EVENT = "process_event"
 FLUSH = "flush"
+RECONCILE = "reconcile"
 
 
 def redis_settings(url: str) -> RedisSettings:
@@ -43,4 +44,12 @@ async def enqueue_flush(
         job_id = f"flush:{merchant}:{int(at * 1000)}"
     await pool.enqueue_job(
         FLUSH, merchant, _job_id=job_id, _defer_by=max(0.0, run_at - time.time())
+    )
+
+
+async def enqueue_reconcile(pool: ArqRedis, merchant: int, delay_s: float = 0.0) -> None:
+    """One reconcile job per store per 10 seconds (the sweep cron is the backstop)."""
+    at = time.time() + delay_s
+    await pool.enqueue_job(
+        RECONCILE, merchant, _job_id=f"reconcile:{merchant}:{int(at // 10)}", _defer_by=delay_s
     )

@@ -66,6 +66,21 @@ class Settings(BaseSettings):
     #: Lifetime of a worker's job before arq cancels it.
     job_timeout_s: float = Field(default=120.0, gt=0)
 
+    #: Our per-store bucket: the customers endpoints' cap is 500 per 10 minutes. That the loyalty
+    #: endpoint counts against it is a guess; Salla's headers correct the bucket either way.
+    rate_limit_requests: int = Field(default=500, ge=1)
+    rate_limit_window_s: float = Field(default=600.0, gt=0)
+
+    #: Append ` #<batch code>` to each call's reason so an unknown outcome can be read back from
+    #: the customers' points history. Off: unknown outcomes always go to review.
+    reconcile_marker: bool = True
+    #: How long after an unanswered call its outcome is read back from the points history.
+    reconcile_after_s: float = Field(default=30.0, ge=0)
+    #: Reads of the history that fail before the grants are put aside for review.
+    reconcile_max_attempts: int = Field(default=10, ge=1)
+    #: Tokens closer than this to expiry are refreshed by a scheduled job.
+    token_refresh_ahead_s: int = Field(default=2 * 86400, ge=0)
+
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> Settings:
         secret = self.salla_webhook_secret.get_secret_value().strip().lower()

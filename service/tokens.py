@@ -22,7 +22,11 @@ def store_key(merchant: int) -> str:
     return f"{PREFIX}store:{merchant}"
 
 
+STORES_AUTHORIZED = f"{PREFIX}stores:authorized"
+
+
 async def save(redis: Redis, merchant: int, tokens: TokenSet) -> None:
+    await redis.sadd(STORES_AUTHORIZED, str(merchant))  # type: ignore[misc]
     await redis.hset(  # type: ignore[misc]
         store_key(merchant),
         mapping={
@@ -57,6 +61,7 @@ async def mark_installed(redis: Redis, merchant: int, event: str) -> None:
 async def revoke(redis: Redis, merchant: int, status: str) -> None:
     """The tokens are dead (uninstalled, or refresh refused): forget them, keep the record."""
     async with redis.pipeline(transaction=True) as pipe:
+        pipe.srem(STORES_AUTHORIZED, str(merchant))
         pipe.hdel(store_key(merchant), "access_token", "refresh_token", "expires_at_s")
         pipe.hset(store_key(merchant), mapping={"status": status, "updated_s": int(time.time())})
         await pipe.execute()
@@ -108,3 +113,38 @@ async def refresh(
         return fresh
     finally:
         await redis.eval(_RELEASE, 1, lock_key, owner)  # type: ignore[misc]
+
+
+async def expiring(redis: Redis, within_s: int) -> list[tuple[int, TokenSet]]:
+    """Authorized stores whose access token expires within `within_s` seconds."""
+    soon = time.time() + within_s
+    result = []
+    for raw in await redis.smembers(STORES_AUTHORIZED):  # type: ignore[misc]
+        merchant = int(raw)
+        current = await get(redis, merchant)
+        if current and current.refresh_token and 0 < current.expires_at_s <= soon:
+            result.append((merchant, current))
+    return result
+
+
+_LIFECYCLE_GUARD = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'lifecycle_at') or '0')
+local incoming = tonumber(ARGV[1])
+if incoming < current then return 0 end
+redis.call('HSET', KEYS[1], 'lifecycle_at', ARGV[1])
+return 1
+"""
+
+
+async def lifecycle_is_current(redis: Redis, merchant: int, at_epoch_s: float | None) -> bool:
+    """Record an app lifecycle event's time; False when a newer one was already applied.
+
+    Jobs run concurrently and Salla re-sends, so an old `app.store.authorize` can arrive after
+    `app.uninstalled`. Events whose time cannot be read are applied.
+    """
+    if at_epoch_s is None:
+        return True
+    applied: int = await redis.eval(  # type: ignore[misc]
+        _LIFECYCLE_GUARD, 1, store_key(merchant), repr(at_epoch_s)
+    )
+    return bool(applied)

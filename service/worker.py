@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import ledger, queue
-from service.delivery.flush import Deps, flush
+from service.delivery.flush import Deps, flush, reconcile, refresh_expiring_tokens
 from service.logging import configure_logging, get_logger
 from service.processing import ProcessingDeps, process_event
 from service.rules.reloader import RulesHolder, live_rules
@@ -39,9 +39,24 @@ async def _flush_job(ctx: dict[str, Any], merchant: int) -> Any:
         raise Retry(defer=min(2 ** ctx["job_try"], 60)) from exc
 
 
+async def _reconcile_job(ctx: dict[str, Any], merchant: int) -> Any:
+    try:
+        return await reconcile(ctx["delivery"], merchant)
+    except _REDIS_TRANSIENT as exc:
+        raise Retry(defer=min(2 ** ctx["job_try"], 60)) from exc
+
+
+async def refresh_tokens(ctx: dict[str, Any]) -> int:
+    return await refresh_expiring_tokens(ctx["delivery"])
+
+
 async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
-    """Recover dead workers' claims and start flushes for stores with due grants."""
+    """Recover dead workers' claims, start due flushes, and reconcile unknown outcomes."""
     deps: Deps = ctx["delivery"]
+    for merchant in await ledger.stores_with_unknown(deps.redis):
+        settle = ledger.now_ms() - int(deps.settings.reconcile_after_s * 1000)
+        if await ledger.unknown_since(deps.redis, merchant, settle):
+            await queue.enqueue_reconcile(deps.pool, merchant)
     returned = unknown = flushed = 0
     for merchant in await ledger.stores_with_work(deps.redis):
         back, lost = await ledger.sweep_claims(deps.redis, merchant)
@@ -97,11 +112,15 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
     functions: list[Function] = [
         func(_process_event_job, name=queue.PROCESS_EVENT, keep_result=0, max_tries=10),
         func(_flush_job, name=queue.FLUSH, keep_result=0, max_tries=10),
+        func(_reconcile_job, name=queue.RECONCILE, keep_result=0, max_tries=10),
     ]
     sweep_seconds = set(range(0, 60, 5))
     return {
         "functions": functions,
-        "cron_jobs": [cron(sweep, second=sweep_seconds, run_at_startup=True, unique=True)],
+        "cron_jobs": [
+            cron(sweep, second=sweep_seconds, run_at_startup=True, unique=True),
+            cron(refresh_tokens, minute=set(range(0, 60, 10)), second=30, unique=True),
+        ],
         "redis_settings": queue.redis_settings(redis_url),
         "on_startup": startup,
         "on_shutdown": shutdown,

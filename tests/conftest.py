@@ -76,6 +76,7 @@ def make_settings(sandbox_url: str = "http://127.0.0.1:9", **overrides: Any) -> 
         "retry_cap_s": 0.2,
         "salla_timeout_s": 2.0,
         "claim_timeout_s": 5.0,
+        "reconcile_after_s": 0.1,
     }
     values.update(overrides)
     return Settings(**values)

@@ -200,8 +200,14 @@ class TestRulesCommands:
     def test_simulate_json_with_store_settings(self, tmp_path: Path) -> None:
         settings_file = tmp_path / "settings.json"
         settings_file.write_text('{"sar_per_point": 5, "vip_group": "not a number"}')
-        result = cli("rules", "simulate", "examples/webhooks/order.status.updated.json",
-                     "--settings", str(settings_file), "--json")  # fmt: skip
+        result = cli(
+            "rules",
+            "simulate",
+            "examples/webhooks/order.status.updated.json",
+            "--settings",
+            str(settings_file),
+            "--json",
+        )
         doc = __import__("json").loads(result.stdout)
         assert doc["grants"] == [{"rule": "purchase", "points": 30, "type": "plus"}]
         assert doc["problems"] == ["setting 'vip_group': 'not a number' is not a Decimal"]

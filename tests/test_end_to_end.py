@@ -79,7 +79,7 @@ class TestPublishedSamples:
             headers={"Authorization": f"Bearer {store.access_token}"},
         ).json()
         assert history["data"][0]["points"] == 15
-        assert history["data"][0]["notes"] == "نقاط الطلب رقم 42264"
+        assert history["data"][0]["notes"].startswith("نقاط الطلب رقم 42264 #")
 
     async def test_review_sample_with_token_strategy(
         self, redis: Redis, redis_url: str, worker: Any, sandbox: tuple[str, Sandbox]
@@ -221,14 +221,35 @@ class TestStoreLifecycle:
         self, web: Service, worker: Any, sandbox: tuple[str, Sandbox], redis: Redis
     ) -> None:
         _, box = sandbox
-        install(web, box, ORDER_MERCHANT)
-        uninstall = with_merchant("app.uninstalled.json", ORDER_MERCHANT)
+        install(web, box, ORDER_MERCHANT)  # authorized at 2022-12-31 12:31:25
+        await eventually(lambda: _store_status(redis, ORDER_MERCHANT, "authorized"))
+        uninstall = with_merchant(
+            "app.uninstalled.json", ORDER_MERCHANT, created_at="2023-01-05 10:00:00"
+        )
         assert web.post_webhook(uninstall).json()["status"] == "accepted"
         await eventually(lambda: _store_status(redis, ORDER_MERCHANT, "uninstalled"))
         web.post_webhook(fixture_bytes("order.status.updated.json"))
         await eventually(lambda: redis.zcard(f"sr:parked:{ORDER_MERCHANT}"))
         assert box.stores[ORDER_MERCHANT].calls == []
         assert not await redis.hget(f"sr:store:{ORDER_MERCHANT}", "access_token")
+
+    async def test_an_old_authorize_arriving_after_uninstall_is_ignored(
+        self, web: Service, worker: Any, sandbox: tuple[str, Sandbox], redis: Redis
+    ) -> None:
+        _, box = sandbox
+        store = box.add_store(ORDER_MERCHANT)
+        web.post_webhook(
+            with_merchant("app.uninstalled.json", ORDER_MERCHANT, created_at="2023-01-05 10:00:00")
+        )
+        await eventually(lambda: _store_status(redis, ORDER_MERCHANT, "uninstalled"))
+        web.post_webhook(authorize_body(ORDER_MERCHANT, store))  # sent 2022-12-31: older
+        await eventually(
+            lambda: redis.exists(
+                f"sr:seen:{ORDER_MERCHANT}:app.store.authorize:"
+                f"{_digest(authorize_body(ORDER_MERCHANT, store))}"
+            )
+        )
+        assert await redis.hget(f"sr:store:{ORDER_MERCHANT}", "status") == "uninstalled"
 
     async def test_expired_token_is_refreshed_once_and_the_grant_sent(
         self, web: Service, worker: Any, sandbox: tuple[str, Sandbox]
@@ -241,8 +262,74 @@ class TestStoreLifecycle:
         assert store.counters.get("refreshed") == 1
 
 
+def _digest(body: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(body).hexdigest()[:32]
+
+
 async def _store_status(redis: Redis, merchant: int, status: str) -> bool:
     return bool(await redis.hget(f"sr:store:{merchant}", "status") == status)
+
+
+async def _all_grants(redis: Redis) -> list[ledger.Grant]:
+    ids = [key.removeprefix("sr:grant:") async for key in redis.scan_iter("sr:grant:*")]
+    return await ledger.load(redis, ids)
+
+
+async def _grant_states(redis: Redis, merchant: int) -> list[str]:
+    return sorted(g.state for g in await _all_grants(redis) if g.merchant == merchant)
+
+
+def states_are(redis: Redis, merchant: int, expected: list[str]) -> Any:
+    """A check for `eventually`: the store's grants are in exactly these states."""
+
+    async def check() -> bool:
+        return await _grant_states(redis, merchant) == expected
+
+    return check
+
+
+class TestRateLimits:
+    """Our shared bucket keeps calls inside the store's limit: Salla never answers 429."""
+
+    async def test_backlog_drains_within_the_limit(
+        self, redis: Redis, redis_url: str, web: Service, sandbox: tuple[str, Sandbox]
+    ) -> None:
+        url, box = sandbox
+        store = install(web, box, ORDER_MERCHANT, rate_limit=4, rate_window_s=1)
+        for customer in range(21, 31):  # ten reviews with distinct points: ten calls
+            web.post_webhook(
+                with_merchant(
+                    "review.added.json",
+                    ORDER_MERCHANT,
+                    data__customer__id=str(customer),
+                    data__product__id=str(customer),
+                )
+            )
+        settings = make_settings(url, rate_limit_requests=4, rate_limit_window_s=1.0)
+        async with running_worker(settings, redis_url):
+            await eventually(lambda: sum(store.balances.values()) == 500, timeout_s=20)
+        assert store.counters.get("rate_limited", 0) == 0
+
+    async def test_scheduled_refresh_renews_tokens_before_expiry(
+        self, redis: Redis, redis_url: str, web: Service, sandbox: tuple[str, Sandbox]
+    ) -> None:
+        from service.delivery.flush import Deps, refresh_expiring_tokens
+        from service.salla import SallaClient
+
+        url, box = sandbox
+        store = box.add_store(ORDER_MERCHANT, access_ttl_s=3600)  # expires within the day
+        web.post_webhook(authorize_body(ORDER_MERCHANT, store))
+        settings = make_settings(url)
+        async with running_worker(settings, redis_url) as worker:
+            await eventually(lambda: redis.hget(f"sr:store:{ORDER_MERCHANT}", "access_token"))
+            deps: Deps = worker.ctx["delivery"]
+            assert await refresh_expiring_tokens(deps) == 1
+            assert await refresh_expiring_tokens(deps) == 0  # now valid for 14 days
+        assert store.counters.get("refreshed") == 1
+        assert await redis.hget(f"sr:store:{ORDER_MERCHANT}", "access_token") == store.access_token
+        _ = SallaClient
 
 
 class TestSallaFaults:
@@ -269,18 +356,72 @@ class TestSallaFaults:
         await eventually(lambda: balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 15, timeout_s=15)
         assert store.counters.get("fault_429") == 1
 
-    async def test_dropped_connection_after_apply_is_unknown_not_resent(
+    async def test_dropped_connection_after_apply_is_reconciled_not_resent(
         self, web: Service, worker: Any, sandbox: tuple[str, Sandbox], redis: Redis
     ) -> None:
         _, box = sandbox
         store = install(web, box, ORDER_MERCHANT)
         store.faults.drop_after_apply = 1
         web.post_webhook(fixture_bytes("order.status.updated.json"))
-        await eventually(lambda: redis.zcard(f"sr:unknown:{ORDER_MERCHANT}"))
-        [grant] = await ledger.grants_in(redis, "unknown", ORDER_MERCHANT)
-        assert grant.state == "unknown" and grant.batch
+        await eventually(lambda: store.counters.get("dropped_after_apply"))
+        await eventually(states_are(redis, ORDER_MERCHANT, ["sent"]))
+        [grant] = await _all_grants(redis)
+        assert grant.error == "reconciled: found in the points history"
         assert balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 15
         assert len(store.calls) == 1
+
+    async def test_dropped_connection_before_apply_is_reconciled_and_sent_once(
+        self, web: Service, worker: Any, sandbox: tuple[str, Sandbox], redis: Redis
+    ) -> None:
+        _, box = sandbox
+        store = install(web, box, ORDER_MERCHANT)
+        store.faults.drop_before_apply = 1
+        web.post_webhook(fixture_bytes("order.status.updated.json"))
+        await eventually(lambda: balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 15)
+        await eventually(states_are(redis, ORDER_MERCHANT, ["sent"]))
+        assert store.counters.get("dropped_before_apply") == 1
+        assert store.counters.get("applied") == 1
+        assert store.calls[0]["reason"].startswith("نقاط الطلب رقم 42264 #")
+
+    async def test_unreadable_history_sends_the_grant_to_review(
+        self, redis: Redis, redis_url: str, web: Service, sandbox: tuple[str, Sandbox]
+    ) -> None:
+        url, box = sandbox
+        store = install(web, box, ORDER_MERCHANT)
+        store.faults.drop_after_apply = 1
+        settings = make_settings(url, reconcile_max_attempts=2)
+        async with running_worker(settings, redis_url):
+            web.post_webhook(fixture_bytes("order.status.updated.json"))
+            await eventually(lambda: store.counters.get("dropped_after_apply"))
+            store.faults.statuses = [503] * 10  # the history cannot be read
+            await eventually(lambda: redis.zcard(f"sr:review:{ORDER_MERCHANT}"), timeout_s=30)
+        [grant] = await ledger.grants_in(redis, "review", ORDER_MERCHANT)
+        assert grant.state == "review" and "history unreadable 2 times" in grant.error
+        assert len(store.calls) == 1
+
+    async def test_422_isolates_the_refused_customer_and_sends_the_rest(
+        self, redis: Redis, redis_url: str, web: Service, sandbox: tuple[str, Sandbox]
+    ) -> None:
+        url, box = sandbox
+        store = install(web, box, ORDER_MERCHANT)
+        store.faults.invalid_customers = {13}
+        for customer in (11, 12, 13, 14):
+            web.post_webhook(
+                with_merchant(
+                    "review.added.json",
+                    ORDER_MERCHANT,
+                    data__customer__id=str(customer),
+                    data__product__id=str(customer),
+                )
+            )
+        async with running_worker(make_settings(url, batch_window_s=0.5), redis_url):
+            await eventually(lambda: redis.zcard(f"sr:failed:{ORDER_MERCHANT}"))
+            await eventually(
+                lambda: sum(balance(box, ORDER_MERCHANT, c) for c in (11, 12, 14)) == 150
+            )
+        [failed] = await ledger.grants_in(redis, "failed", ORDER_MERCHANT)
+        assert failed.customer == 13 and "alert.invalid_fields" in failed.error
+        assert balance(box, ORDER_MERCHANT, 13) == 0
 
     async def test_422_records_the_grant_as_failed_with_salla_message(
         self, web: Service, worker: Any, sandbox: tuple[str, Sandbox], redis: Redis

@@ -162,19 +162,25 @@ class TestNamedHistories:
     async def test_update_before_create_is_not_undone_by_the_late_create(
         self, redis_url: str
     ) -> None:
-        credited, _ = await self.run(redis_url, [
-            (10, "order.updated", "completed", 154),
-            (10, "order.created", "under_review", 154),
-        ])  # fmt: skip
+        credited, _ = await self.run(
+            redis_url,
+            [
+                (10, "order.updated", "completed", 154),
+                (10, "order.created", "under_review", 154),
+            ],
+        )
         assert credited == 15
 
     async def test_cancel_after_a_rule_edit_takes_back_what_was_granted(
         self, redis_url: str
     ) -> None:
-        credited, made = await self.run(redis_url, [
-            (10, "order.updated", "completed", 154),  # 15 at 1 per 10 SAR
-            (5, "order.cancelled", "canceled", 154),  # the rule now says 1 per 5 SAR
-        ])  # fmt: skip
+        credited, made = await self.run(
+            redis_url,
+            [
+                (10, "order.updated", "completed", 154),  # 15 at 1 per 10 SAR
+                (5, "order.cancelled", "canceled", 154),  # the rule now says 1 per 5 SAR
+            ],
+        )
         assert [(g.type, g.points) for g in made] == [("plus", 15), ("minus", 15)]
         assert credited == 0
 

@@ -60,14 +60,22 @@ class TestSighup:
         rules.mkdir()
         (rules / "review.yaml").write_text(REVIEW)
         port = free_port()
-        env = {**os.environ, "REDIS_URL": redis_url, "SALLA_WEBHOOK_SECRET": SECRET,
-               "RULES_PATH": str(rules), "LOG_FORMAT": "json"}  # fmt: skip
+        env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "SALLA_WEBHOOK_SECRET": SECRET,
+            "RULES_PATH": str(rules),
+            "LOG_FORMAT": "json",
+        }
         log_path = tmp_path / "serve.log"
         with log_path.open("w") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "service", "serve", "--port", str(port)],
-                cwd=ROOT_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                cwd=ROOT_DIR,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         url = f"http://127.0.0.1:{port}/webhooks/salla"
         body = fixture_bytes("customer.created.derived.json")
         try:

@@ -202,11 +202,17 @@ def order_event(
     total: int = 200, status: str = "completed", groups: list[int] | None = None
 ) -> dict:  # type: ignore[type-arg]
     return {
-        "event": "order.updated", "merchant": 1, "created_at": "",
-        "data": {"id": 10, "reference_id": 1010, "status": {"slug": status},
-                 "amounts": {"total": {"amount": total}},
-                 "customer": {"id": 5, "groups": groups or []}},
-    }  # fmt: skip
+        "event": "order.updated",
+        "merchant": 1,
+        "created_at": "",
+        "data": {
+            "id": 10,
+            "reference_id": 1010,
+            "status": {"slug": status},
+            "amounts": {"total": {"amount": total}},
+            "customer": {"id": 5, "groups": groups or []},
+        },
+    }
 
 
 FEATURES = """version: 1

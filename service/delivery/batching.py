@@ -32,11 +32,11 @@ def plan_batches(grants: Iterable[Grant], max_customers: int) -> list[Batch]:
     """Batches for `grants`, in order of each group's oldest grant."""
     if max_customers < 1:
         raise ValueError("max_customers must be at least 1")
-    groups: dict[tuple[str, int, str, tuple[str, ...]], list[Grant]] = {}
+    groups: dict[tuple[str, int, str, tuple[str, ...], str], list[Grant]] = {}
     for grant in sorted(grants, key=lambda g: (g.created_ms, g.id)):
         groups.setdefault(grant.group_key, []).append(grant)
     batches: list[Batch] = []
-    for (grant_type, points, reason, channels), members in groups.items():
+    for (grant_type, points, reason, channels, _alone), members in groups.items():
         for chunk in _chunks(members, max_customers):
             batches.append(Batch(grant_type, points, reason, channels, tuple(chunk)))
     return batches

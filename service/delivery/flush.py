@@ -3,13 +3,17 @@
 Every step is written to the ledger before the action it allows (`sending` before the HTTP
 call), so a worker killed anywhere leaves work that the sweeper can recover without paying
 twice: `claimed` goes back to pending; `sending` goes to `unknown`, never to a blind resend.
+Unknown outcomes are settled by `reconcile`, which reads Salla's points history for the marker
+of the call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +22,7 @@ from redis.asyncio import Redis
 
 from service import ledger, queue, tokens
 from service.delivery.batching import Batch, plan_batches
+from service.delivery.ratelimit import RateLimiter
 from service.errors import (
     OutcomeUnknown,
     SallaAuthError,
@@ -26,11 +31,15 @@ from service.errors import (
     SallaUnavailable,
     SallaValidationError,
 )
+from service.ledger import Grant
 from service.logging import get_logger
-from service.salla import SallaClient, TokenSet, loyalty_body
+from service.salla import SallaClient, TokenSet, history_has_marker, loyalty_body, marked_reason
 from service.settings import Settings
 
 log = get_logger("service.delivery")
+
+#: The longest a bisection waits inline for the rate limiter before putting the rest aside.
+BISECT_MAX_WAIT_S = 10.0
 
 
 @dataclass
@@ -41,6 +50,18 @@ class Deps:
     redis: Redis
     pool: ArqRedis
     salla: SallaClient
+    limiter: RateLimiter | None = None
+
+    def __post_init__(self) -> None:
+        if self.limiter is None:
+            self.limiter = RateLimiter(
+                self.redis, self.settings.rate_limit_requests, self.settings.rate_limit_window_s
+            )
+
+    @property
+    def bucket(self) -> RateLimiter:
+        assert self.limiter is not None  # set in __post_init__
+        return self.limiter
 
 
 def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
@@ -59,10 +80,216 @@ class _StopFlush(Exception):
         self.resume_ms = resume_ms
 
 
+class _Flush:
+    """One run of the flush job for one store."""
+
+    def __init__(self, deps: Deps, merchant: int, token: TokenSet) -> None:
+        self.deps = deps
+        self.merchant = merchant
+        self.token = token
+        self.counts = {
+            "sent": 0,
+            "failed": 0,
+            "unknown": 0,
+            "retry": 0,
+            "parked": 0,
+            "batches": 0,
+            "rate_limit_waits": 0,
+        }
+
+    async def run(self, batches: list[Batch]) -> dict[str, int]:
+        for index, batch in enumerate(batches):
+            wait = await self.deps.bucket.take(self.merchant)
+            if wait > 0:
+                rest = [g for b in batches[index:] for g in b.grants]
+                due = ledger.now_ms() + int(wait * 1000)
+                await ledger.release(self.deps.redis, self.merchant, rest, due)
+                await queue.enqueue_flush(self.deps.pool, self.merchant, 0, delay_s=wait)
+                self.counts["rate_limit_waits"] += 1
+                log.info(
+                    "rate_limit_wait",
+                    merchant=self.merchant,
+                    wait_s=round(wait, 3),
+                    grants=len(rest),
+                )
+                return self.counts
+            try:
+                await self.deliver(batch, list(batch.grants))
+            except _StopFlush as stop:
+                rest = [g for b in batches[index + 1 :] for g in b.grants]
+                if rest and stop.resume_ms is None:
+                    await ledger.park(self.deps.redis, self.merchant, rest, "no usable token")
+                elif rest and stop.resume_ms is not None:
+                    await ledger.release(self.deps.redis, self.merchant, rest, stop.resume_ms)
+                return self.counts  # a retry flush is already scheduled, or the store is parked
+        return self.counts
+
+    async def deliver(self, batch: Batch, grants: list[Grant]) -> None:
+        """Send one call; on 422 split it in halves until the refused customers are alone."""
+        refused = await self.call(batch, grants)
+        if refused is None:
+            return
+        if len(grants) == 1:
+            await ledger.finish(self.deps.redis, self.merchant, grants, "failed", refused)
+            self.counts["failed"] += 1
+            log.error(
+                "grant_failed",
+                merchant=self.merchant,
+                grant_ids=[grants[0].id],
+                customer_ids=[grants[0].customer],
+                error=refused,
+                status=422,
+            )
+            return
+        middle = len(grants) // 2
+        halves = [grants[:middle], grants[middle:]]
+        log.warning("batch_bisected", merchant=self.merchant, customers=len(grants), error=refused)
+        for index, half in enumerate(halves):
+            wait = await self.deps.bucket.take(self.merchant)
+            if wait > BISECT_MAX_WAIT_S:
+                rest = [g for h in halves[index:] for g in h]
+                due = ledger.now_ms() + int(wait * 1000)
+                await ledger.release(
+                    self.deps.redis, self.merchant, rest, due, refused, isolate=True
+                )
+                await queue.enqueue_flush(self.deps.pool, self.merchant, 0, delay_s=wait)
+                return
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await self.deliver(batch, half)
+
+    async def call(self, batch: Batch, grants: Sequence[Grant]) -> str | None:
+        """POST one call for `grants`; None when settled, else Salla's refusal (422)."""
+        deps, merchant = self.deps, self.merchant
+        settings = deps.settings
+        batch_id = uuid.uuid4().hex[:16]
+        reason = (
+            marked_reason(batch.reason, batch_id) if settings.reconcile_marker else batch.reason
+        )
+        body = loyalty_body(
+            batch.points, batch.type, reason, list(batch.channels), [g.customer for g in grants]
+        )
+        bound = log.bind(
+            merchant=merchant,
+            batch_id=batch_id,
+            customer_ids=len(grants),
+            points=batch.points,
+            type=batch.type,
+            grant_ids=[g.id for g in grants],
+            trace_ids=sorted({g.trace_id for g in grants if g.trace_id}),
+        )
+        await ledger.mark_sending(deps.redis, merchant, grants, batch_id)
+        attempt = max(g.attempts for g in grants) + 1
+        started = time.perf_counter()
+        refreshed = False
+        while True:
+            try:
+                limits = await deps.salla.add_points(self.token.access_token, body)
+            except SallaAuthError as exc:
+                if refreshed or exc.status != 401:
+                    await self.park(grants, bound, f"Salla refused the token: {exc}")
+                    raise _StopFlush(None) from exc
+                self.token = await self.refresh(grants, bound)
+                refreshed = True
+                continue
+            except SallaRateLimited as exc:
+                await deps.bucket.observe(merchant, retry_after_s=exc.retry_after_s)
+                due = await self.retry(grants, bound, attempt, str(exc), exc.retry_after_s)
+                raise _StopFlush(due) from exc
+            except SallaUnavailable as exc:
+                due = await self.retry(grants, bound, attempt, str(exc), None)
+                raise _StopFlush(due) from exc
+            except OutcomeUnknown as exc:
+                await ledger.finish(deps.redis, merchant, grants, "unknown", str(exc))
+                await queue.enqueue_reconcile(deps.pool, merchant, settings.reconcile_after_s)
+                self.counts["unknown"] += len(grants)
+                bound.error(
+                    "batch_outcome_unknown",
+                    error=str(exc),
+                    attempt=attempt,
+                    duration_ms=_ms(started),
+                )
+                return None
+            except SallaValidationError as exc:
+                bound.warning(
+                    "batch_refused", status=422, error=_message(exc), duration_ms=_ms(started)
+                )
+                return _message(exc)
+            except SallaError as exc:
+                await ledger.finish(deps.redis, merchant, grants, "failed", _message(exc))
+                self.counts["failed"] += len(grants)
+                bound.error(
+                    "batch_failed",
+                    status=exc.status,
+                    error=_message(exc),
+                    attempt=attempt,
+                    duration_ms=_ms(started),
+                )
+                return None
+            await deps.bucket.observe(
+                merchant, remaining=limits.remaining, reset_epoch_s=limits.reset_epoch_s
+            )
+            await ledger.finish(deps.redis, merchant, grants, "sent")
+            self.counts["sent"] += len(grants)
+            self.counts["batches"] += 1
+            bound.info(
+                "batch_sent",
+                status=201,
+                attempt=attempt,
+                duration_ms=_ms(started),
+                rate_limit_remaining=limits.remaining,
+            )
+            return None
+
+    async def refresh(self, grants: Sequence[Grant], bound: Any) -> TokenSet:
+        settings = self.deps.settings
+        try:
+            fresh = await tokens.refresh(
+                self.deps.redis,
+                self.deps.salla,
+                self.merchant,
+                self.token.access_token,
+                token_url=settings.salla_oauth_token_url,
+                client_id=settings.salla_client_id,
+                client_secret=settings.salla_client_secret.get_secret_value(),
+            )
+        except SallaError as exc:
+            await self.park(grants, bound, f"token refresh failed: {exc}")
+            raise _StopFlush(None) from exc
+        bound.info("token_refreshed")
+        return fresh
+
+    async def park(self, grants: Sequence[Grant], bound: Any, why: str) -> None:
+        await ledger.park(self.deps.redis, self.merchant, grants, why)
+        self.counts["parked"] += len(grants)
+        bound.warning("grants_parked", why=why)
+
+    async def retry(
+        self,
+        grants: Sequence[Grant],
+        bound: Any,
+        attempt: int,
+        why: str,
+        retry_after_s: float | None,
+    ) -> int:
+        """Put `grants` back to pending after a backoff; return when they are due."""
+        settings = self.deps.settings
+        delay = (
+            retry_after_s
+            if retry_after_s is not None
+            else backoff_s(attempt, settings.retry_base_s, settings.retry_cap_s)
+        )
+        due_ms = ledger.now_ms() + int(delay * 1000)
+        await ledger.release(self.deps.redis, self.merchant, grants, due_ms, why)
+        await queue.enqueue_flush(self.deps.pool, self.merchant, 0, delay_s=delay)
+        self.counts["retry"] += len(grants)
+        bound.warning("retry_scheduled", error=why, attempt=attempt, delay_s=round(delay, 3))
+        return due_ms
+
+
 async def flush(deps: Deps, merchant: int) -> dict[str, int]:
     """Send up to `batches_per_flush` batches of `merchant`'s due grants; re-enqueue if more."""
     settings = deps.settings
-    counts = {"sent": 0, "failed": 0, "unknown": 0, "retry": 0, "parked": 0, "batches": 0}
     grants = await ledger.claim_due(
         deps.redis,
         merchant,
@@ -71,146 +298,124 @@ async def flush(deps: Deps, merchant: int) -> dict[str, int]:
     )
     if not grants:
         await ledger.forget_store_if_idle(deps.redis, merchant)
-        return counts
+        return {}
     token = await tokens.get(deps.redis, merchant)
     if token is None:
         await ledger.park(deps.redis, merchant, grants, "store has no access token")
         log.warning("grants_parked", merchant=merchant, grants=len(grants), why="no token")
-        counts["parked"] = len(grants)
+        return {"parked": len(grants)}
+    run = _Flush(deps, merchant, token)
+    counts = await run.run(plan_batches(grants, settings.max_customers_per_call))
+    if counts["rate_limit_waits"] or counts["retry"] or counts["parked"]:
         return counts
-    batches = plan_batches(grants, settings.max_customers_per_call)
-    for index, batch in enumerate(batches):
-        try:
-            token = await _send(deps, merchant, batch, token, counts)
-        except _StopFlush as stop:
-            rest = [g for b in batches[index + 1 :] for g in b.grants]
-            if rest and stop.resume_ms is None:
-                await ledger.park(deps.redis, merchant, rest, "store has no usable token")
-            elif rest and stop.resume_ms is not None:
-                await ledger.release(deps.redis, merchant, rest, stop.resume_ms)
-            return counts  # a retry flush is already scheduled, or the store is parked
     if await ledger.due_count(deps.redis, merchant):
-        await queue.enqueue_flush(deps.pool, merchant, 0)
+        await queue.enqueue_flush(deps.pool, merchant, 0)  # fairness: a new job, not a loop
     else:
         await ledger.forget_store_if_idle(deps.redis, merchant)
     return counts
 
 
-async def _send(
-    deps: Deps, merchant: int, batch: Batch, token: TokenSet, counts: dict[str, int]
-) -> TokenSet:
-    batch_id = uuid.uuid4().hex[:16]
-    body = loyalty_body(
-        batch.points, batch.type, batch.reason, list(batch.channels), batch.customers
-    )
-    grants = batch.grants
-    bound = log.bind(
-        merchant=merchant,
-        batch_id=batch_id,
-        customers=len(grants),
-        points=batch.points,
-        type=batch.type,
-        grant_ids=[g.id for g in grants],
-        trace_ids=sorted({g.trace_id for g in grants if g.trace_id}),
-    )
-    await ledger.mark_sending(deps.redis, merchant, grants, batch_id)
-    attempt = max(g.attempts for g in grants) + 1
-    started = time.perf_counter()
-    refreshed = False
-    while True:
-        try:
-            await deps.salla.add_points(token.access_token, body)
-        except SallaAuthError as exc:
-            if refreshed or exc.status != 401:
-                await _park(deps, merchant, grants, bound, f"Salla refused the token: {exc}")
-                counts["parked"] += len(grants)
-                raise _StopFlush(None) from exc
-            token = await _refresh(deps, merchant, token, grants, bound, counts)
-            refreshed = True
+async def reconcile(deps: Deps, merchant: int) -> dict[str, int]:
+    """Settle unknown outcomes from Salla's points history; never resend on a guess.
+
+    For each unanswered call old enough to show up in the history: the call's marker in a
+    customer's history means it applied (sent); a readable history without it means it did not
+    (pending again, sent anew); an unreadable history is tried again later and, after
+    `reconcile_max_attempts`, the grant goes to review.
+    """
+    settings = deps.settings
+    counts = {"sent": 0, "resend": 0, "review": 0, "later": 0}
+    before = ledger.now_ms() - int(settings.reconcile_after_s * 1000)
+    grants = await ledger.unknown_since(deps.redis, merchant, before)
+    token = await tokens.get(deps.redis, merchant)
+    for grant in grants:
+        if not settings.reconcile_marker or not grant.batch:
+            await ledger.resolve_unknown(
+                deps.redis, merchant, [grant], "review", "no marker to read the outcome back"
+            )
+            counts["review"] += 1
             continue
-        except SallaRateLimited as exc:
-            due = await _retry(
-                deps, merchant, grants, bound, attempt, str(exc), exc.retry_after_s, counts
+        if token is None or await deps.bucket.take(merchant) > 0:
+            counts["later"] += 1
+            continue
+        try:
+            history = await deps.salla.points_history(token.access_token, grant.customer)
+        except (SallaError, OSError) as exc:
+            attempts = await ledger.count_reconcile_attempt(deps.redis, grant)
+            if attempts >= settings.reconcile_max_attempts:
+                await ledger.resolve_unknown(
+                    deps.redis,
+                    merchant,
+                    [grant],
+                    "review",
+                    f"history unreadable {attempts} times: {exc}",
+                )
+                counts["review"] += 1
+                log.error(
+                    "grant_to_review",
+                    merchant=merchant,
+                    grant_ids=[grant.id],
+                    batch_id=grant.batch,
+                    error=str(exc),
+                )
+            else:
+                counts["later"] += 1
+            continue
+        if history_has_marker(history, grant.batch):
+            await ledger.resolve_unknown(
+                deps.redis, merchant, [grant], "sent", "reconciled: found in the points history"
             )
-            raise _StopFlush(due) from exc
-        except SallaUnavailable as exc:
-            due = await _retry(deps, merchant, grants, bound, attempt, str(exc), None, counts)
-            raise _StopFlush(due) from exc
-        except OutcomeUnknown as exc:
-            await ledger.finish(deps.redis, merchant, grants, "unknown", str(exc))
-            counts["unknown"] += len(grants)
-            bound.error(
-                "batch_outcome_unknown", error=str(exc), attempt=attempt, duration_ms=_ms(started)
+            counts["sent"] += 1
+            log.info(
+                "reconciled",
+                merchant=merchant,
+                grant_ids=[grant.id],
+                batch_id=grant.batch,
+                outcome="applied",
             )
-            return token
-        except (SallaValidationError, SallaError) as exc:
-            await ledger.finish(deps.redis, merchant, grants, "failed", _message(exc))
-            counts["failed"] += len(grants)
-            bound.error(
-                "batch_failed",
-                status=exc.status,
-                error=_message(exc),
-                attempt=attempt,
-                duration_ms=_ms(started),
+        else:
+            await ledger.resolve_unknown(
+                deps.redis,
+                merchant,
+                [grant],
+                "pending",
+                "reconciled: not in the points history; sending again",
             )
-            return token
-        await ledger.finish(deps.redis, merchant, grants, "sent")
-        counts["sent"] += len(grants)
-        counts["batches"] += 1
-        bound.info("batch_sent", status=201, attempt=attempt, duration_ms=_ms(started))
-        return token
+            counts["resend"] += 1
+            log.warning(
+                "reconciled",
+                merchant=merchant,
+                grant_ids=[grant.id],
+                batch_id=grant.batch,
+                outcome="not_applied",
+            )
+    if counts["resend"]:
+        await queue.enqueue_flush(deps.pool, merchant, 0)
+    await ledger.forget_unknown_store_if_empty(deps.redis, merchant)
+    return counts
 
 
-async def _refresh(
-    deps: Deps, merchant: int, token: TokenSet, grants: Any, bound: Any, counts: dict[str, int]
-) -> TokenSet:
+async def refresh_expiring_tokens(deps: Deps) -> int:
+    """Refresh tokens ahead of expiry, each under its store's lock."""
     settings = deps.settings
-    try:
-        fresh = await tokens.refresh(
-            deps.redis,
-            deps.salla,
-            merchant,
-            token.access_token,
-            token_url=settings.salla_oauth_token_url,
-            client_id=settings.salla_client_id,
-            client_secret=settings.salla_client_secret.get_secret_value(),
-        )
-    except SallaError as exc:
-        await _park(deps, merchant, grants, bound, f"token refresh failed: {exc}")
-        counts["parked"] += len(grants)
-        raise _StopFlush(None) from exc
-    bound.info("token_refreshed")
-    return fresh
-
-
-async def _park(deps: Deps, merchant: int, grants: Any, bound: Any, why: str) -> None:
-    await ledger.park(deps.redis, merchant, grants, why)
-    bound.warning("grants_parked", why=why)
-
-
-async def _retry(
-    deps: Deps,
-    merchant: int,
-    grants: Any,
-    bound: Any,
-    attempt: int,
-    why: str,
-    retry_after_s: float | None,
-    counts: dict[str, int],
-) -> int:
-    """Put `grants` back to pending after a backoff; return when they are due."""
-    settings = deps.settings
-    delay = (
-        retry_after_s
-        if retry_after_s is not None
-        else backoff_s(attempt, settings.retry_base_s, settings.retry_cap_s)
-    )
-    due_ms = ledger.now_ms() + int(delay * 1000)
-    await ledger.release(deps.redis, merchant, grants, due_ms, why)
-    await queue.enqueue_flush(deps.pool, merchant, 0, delay_s=delay)
-    counts["retry"] += len(grants)
-    bound.warning("retry_scheduled", error=why, attempt=attempt, delay_s=round(delay, 3))
-    return due_ms
+    refreshed = 0
+    for merchant, current in await tokens.expiring(deps.redis, settings.token_refresh_ahead_s):
+        try:
+            await tokens.refresh(
+                deps.redis,
+                deps.salla,
+                merchant,
+                current.access_token,
+                token_url=settings.salla_oauth_token_url,
+                client_id=settings.salla_client_id,
+                client_secret=settings.salla_client_secret.get_secret_value(),
+            )
+        except SallaError as exc:
+            log.error("token_refresh_failed", merchant=merchant, error=str(exc))
+            continue
+        refreshed += 1
+        log.info("token_refreshed", merchant=merchant, scheduled=True)
+    return refreshed
 
 
 def _message(exc: SallaError) -> str:

@@ -46,9 +46,14 @@ def prepare(
     """Give `ctx` the store's settings and a local `now`; return problems with the settings."""
     settings, problems = ruleset.settings.build(store_settings)
     local = EventContext(
-        event=ctx.event, merchant=ctx.merchant, now=ctx.now.astimezone(ruleset.timezone),
-        order=ctx.order, customer=ctx.customer, review=ctx.review, settings=settings,
-    )  # fmt: skip
+        event=ctx.event,
+        merchant=ctx.merchant,
+        now=ctx.now.astimezone(ruleset.timezone),
+        order=ctx.order,
+        customer=ctx.customer,
+        review=ctx.review,
+        settings=settings,
+    )
     return local, problems
 
 

@@ -31,13 +31,18 @@ class RulesHolder:
         try:
             fresh = load_rules(self.path)
         except RuleError as exc:
-            log.error("rules_reload_failed", path=str(self.path), problems=exc.problems,
-                      kept_rules=len(self.current.rules))  # fmt: skip
+            log.error(
+                "rules_reload_failed",
+                path=str(self.path),
+                problems=exc.problems,
+                kept_rules=len(self.current.rules),
+            )
             return False
         self.current = fresh
         self.reloads += 1
-        log.info("rules_reloaded", path=str(self.path), rules=len(fresh.rules),
-                 files=len(fresh.files))  # fmt: skip
+        log.info(
+            "rules_reloaded", path=str(self.path), rules=len(fresh.rules), files=len(fresh.files)
+        )
         return True
 
     def install_sighup(self) -> None:

@@ -11,7 +11,8 @@ Control endpoints (tests, `run`, benchmarks):
     GET  /_sandbox/stores/{merchant}   balances, histories, received calls, counters
     POST /_sandbox/stores/{merchant}/expire     expire the current access token
     POST /_sandbox/faults              {merchant?, statuses: [503, 429, ...], latency_s,
-                                        drop_after_apply: n, invalid_customers: [ids]}
+                                        drop_after_apply: n, drop_before_apply: n,
+                                        invalid_customers: [ids]}
     POST /_sandbox/reset               forget everything
 
 Every answer carries `X-RateLimit-Limit/Remaining/Reset`; over the per-store leaky bucket the
@@ -89,6 +90,7 @@ class Faults:
     statuses: list[int] = field(default_factory=list)
     latency_s: float = 0.0
     drop_after_apply: int = 0
+    drop_before_apply: int = 0
     invalid_customers: set[int] = field(default_factory=set)
 
 
@@ -176,7 +178,7 @@ def _error(
     return JSONResponse({"status": status, "success": False, "error": error}, status, headers)
 
 
-class _DroppedAfterApply(Response):
+class _Dropped(Response):
     """Starts the answer, then breaks the connection: the client never learns the outcome."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -252,13 +254,17 @@ def create_sandbox_app(sandbox: Sandbox | None = None) -> Starlette:
                 store.bucket.headers(),
                 {"customers": [f"حقل customers غير صالح: {c}" for c in invalid]},
             )
+        if store.faults.drop_before_apply > 0:
+            store.faults.drop_before_apply -= 1
+            store.count("dropped_before_apply")
+            return _Dropped()
         box.apply(store, body)
         store.calls.append(body)
         store.count("applied")
         if store.faults.drop_after_apply > 0:
             store.faults.drop_after_apply -= 1
             store.count("dropped_after_apply")
-            return _DroppedAfterApply()
+            return _Dropped()
         return JSONResponse(
             {"status": 201, "success": True, "data": {"code": 201, "message": SUCCESS_MESSAGE}},
             201,
@@ -382,6 +388,7 @@ def create_sandbox_app(sandbox: Sandbox | None = None) -> Starlette:
                 statuses=[int(s) for s in doc.get("statuses", [])],
                 latency_s=float(doc.get("latency_s", 0)),
                 drop_after_apply=int(doc.get("drop_after_apply", 0)),
+                drop_before_apply=int(doc.get("drop_before_apply", 0)),
                 invalid_customers={int(c) for c in doc.get("invalid_customers", [])},
             )
         return JSONResponse({"stores": [s.merchant for s in targets]})
