@@ -278,6 +278,224 @@ def rules_test(path: Path | None, rules_path: Path) -> None:
         raise click.ClickException("rule tests failed" if failed else "no rule tests found")
 
 
+_redis_option = click.option(
+    "--redis-url",
+    envvar="REDIS_URL",
+    default=None,
+    help="Redis of the service ($REDIS_URL; default: the embedded one on $EMBEDDED_REDIS_PORT).",
+)
+
+
+def _admin_url(redis_url: str | None) -> str:
+    """The service's Redis for operator commands (no webhook secret needed); fails clearly."""
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    url = redis_url or f"redis://127.0.0.1:{os.environ.get('EMBEDDED_REDIS_PORT', '6390')}/0"
+    client = Redis.from_url(url)
+    try:
+        client.ping()
+    except (RedisError, OSError) as exc:
+        raise click.ClickException(f"cannot reach Redis at {url}: {exc}") from None
+    finally:
+        client.close()
+    return url
+
+
+def _run_async(coro: Any) -> Any:
+    import asyncio
+
+    return asyncio.run(coro)
+
+
+GRANT_KINDS = ("failed", "review", "unknown", "parked", "pending")
+
+
+@main.group()
+def grants() -> None:
+    """Inspect and retry grants (failed, in review, unknown outcome, parked)."""
+
+
+@grants.command("failed")
+@click.option("--merchant", type=int, default=None, help="One store only.")
+@click.option(
+    "--state", "kind", type=click.Choice(GRANT_KINDS), default="failed", show_default=True
+)
+@_redis_option
+def grants_failed(merchant: int | None, kind: str, redis_url: str | None) -> None:
+    """List grants in a state, with the reason each is there."""
+    from redis.asyncio import Redis
+
+    from service import ledger
+
+    url = _admin_url(redis_url)
+
+    async def listing() -> list[ledger.Grant]:
+        client = Redis.from_url(url, decode_responses=True)
+        try:
+            merchants = [merchant] if merchant else await ledger.stores_with(client, kind)
+            found: list[ledger.Grant] = []
+            for store in merchants:
+                found += await ledger.grants_in(client, kind, store)
+            return found
+        finally:
+            await client.aclose()
+
+    found = _run_async(listing())
+    for grant in found:
+        click.echo(
+            f"{grant.id}  store {grant.merchant}  customer {grant.customer}  "
+            f"{grant.type} {grant.points}  rule {grant.rule}  {grant.reason!r}  "
+            f"{grant.error}"
+        )
+    click.echo(f"{len(found)} {kind} grant(s)")
+
+
+@grants.command("retry")
+@click.argument("grant_ids", nargs=-1)
+@click.option("--merchant", type=int, default=None, help="Every grant of this store in --state.")
+@click.option(
+    "--state", "kind", type=click.Choice(GRANT_KINDS[:-1]), default="failed", show_default=True
+)
+@_redis_option
+def grants_retry(
+    grant_ids: tuple[str, ...], merchant: int | None, kind: str, redis_url: str | None
+) -> None:
+    """Send grants again: the given GRANT_IDS, or all of --merchant in --state.
+
+    Each grant moves back to pending atomically, so Ctrl-C leaves nothing half-done.
+    """
+    from redis.asyncio import Redis
+
+    from service import ledger, queue
+
+    if not grant_ids and merchant is None:
+        raise click.UsageError("name grant ids, or --merchant for all of a store's grants")
+    url = _admin_url(redis_url)
+
+    async def retry() -> int:
+        client = Redis.from_url(url, decode_responses=True)
+        pool = await queue.connect(url)
+        try:
+            if grant_ids:
+                chosen = await ledger.load(client, list(grant_ids))
+            else:
+                chosen = await ledger.grants_in(client, kind, merchant or 0)
+            moved = 0
+            stores = set()
+            with click.progressbar(chosen, label=f"retrying {len(chosen)} grant(s)") as bar:
+                for grant in bar:
+                    if grant.state == kind and await ledger.requeue(
+                        client, grant.merchant, grant, kind
+                    ):
+                        moved += 1
+                        stores.add(grant.merchant)
+            for store in stores:
+                await queue.enqueue_flush(pool, store, 0)
+            return moved
+        finally:
+            await pool.aclose()
+            await client.aclose()
+
+    click.echo(f"{_run_async(retry())} grant(s) queued again")
+
+
+@main.command()
+@click.option("--merchant", type=int, required=True)
+@click.option("--points", type=click.IntRange(1, 999_999), required=True)
+@click.option("--reason", required=True, help="Shown to customers; also names the campaign.")
+@click.option(
+    "--type", "grant_type", type=click.Choice(["plus", "minus"]), default="plus", show_default=True
+)
+@click.option("--channels", default="", help="Comma-separated: email,sms,mobile.")
+@click.option(
+    "--customers",
+    "customers_file",
+    type=click.Path(exists=True, path_type=Path),
+    help="A file with one customer id per line (CSV: the first column).",
+)
+@click.option("--all", "everyone", is_flag=True, help="Every customer of the store (select_all).")
+@click.option(
+    "--id",
+    "campaign_id",
+    default=None,
+    help="Campaign id; running the same id again grants nothing twice.",
+)
+@_redis_option
+def campaign(
+    merchant: int,
+    points: int,
+    reason: str,
+    grant_type: str,
+    channels: str,
+    customers_file: Path | None,
+    everyone: bool,
+    campaign_id: str | None,
+    redis_url: str | None,
+) -> None:
+    """Grant points to many customers through the ledger, batching and rate limits."""
+    import hashlib
+
+    from redis.asyncio import Redis
+
+    from service import ledger, queue
+    from service.rules.engine import Outcome
+
+    if everyone == bool(customers_file):
+        raise click.UsageError("give exactly one of --all or --customers FILE")
+    chosen_channels = tuple(c for c in channels.split(",") if c)
+    if not set(chosen_channels) <= {"email", "sms", "mobile"}:
+        raise click.UsageError("--channels takes email, sms and mobile")
+    ids: list[int] = [0]
+    if customers_file:
+        ids = []
+        for line in customers_file.read_text().splitlines():
+            first = line.split(",")[0].strip()
+            if first.isdigit():
+                ids.append(int(first))
+        if not ids:
+            raise click.ClickException(f"{customers_file}: no customer ids found")
+    name = (
+        campaign_id or hashlib.sha256(f"{reason}|{points}|{grant_type}".encode()).hexdigest()[:12]
+    )
+    signed = points if grant_type == "plus" else -points
+    url = _admin_url(redis_url)
+
+    async def grant_all() -> int:
+        client = Redis.from_url(url, decode_responses=True)
+        pool = await queue.connect(url)
+        made = 0
+        try:
+            with click.progressbar(ids, label=f"campaign {name}: {len(ids)} grant(s)") as bar:
+                for customer in bar:
+                    scope = f"campaign:{name}:{'all' if everyone else customer}"
+                    outcome = Outcome(
+                        f"campaign:{name}",
+                        name,
+                        "grant",
+                        signed,
+                        reason,
+                        chosen_channels,
+                        "campaign",
+                        scope=scope,
+                    )
+                    new = await ledger.apply_outcomes(
+                        client, merchant, [outcome], customer=customer
+                    )
+                    if everyone:
+                        for grant in new:
+                            await client.hset(ledger.grant_key(grant.id), "mode", "select_all")
+                    made += len(new)
+            await queue.enqueue_flush(pool, merchant, 0)
+            return made
+        finally:
+            await pool.aclose()
+            await client.aclose()
+
+    made = _run_async(grant_all())
+    click.echo(f"campaign {name}: {made} new grant(s) queued for store {merchant}")
+
+
 def _wait_http(url: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -89,11 +89,14 @@ class Grant:
     trace_id: str = ""
     #: Sent alone: it was in a batch Salla refused (422) and bisection could not finish.
     isolate: bool = False
+    #: "" for a normal grant; "select_all" gives the points to every customer of the store.
+    mode: str = ""
 
     @property
     def group_key(self) -> tuple[str, int, str, tuple[str, ...], str]:
         """Grants with the same key can share one Salla call."""
-        return (self.type, self.points, self.reason, self.channels, self.id if self.isolate else "")
+        alone = self.isolate or self.mode == "select_all"
+        return (self.type, self.points, self.reason, self.channels, self.id if alone else "")
 
     @property
     def signed_points(self) -> int:
@@ -118,6 +121,7 @@ class Grant:
             "error": self.error,
             "trace_id": self.trace_id,
             "isolate": int(self.isolate),
+            "mode": self.mode,
         }
 
     @classmethod
@@ -141,6 +145,7 @@ class Grant:
             error=doc.get("error", ""),
             trace_id=doc.get("trace_id", ""),
             isolate=doc.get("isolate", "0") == "1",
+            mode=doc.get("mode", ""),
         )
 
 
@@ -375,6 +380,7 @@ def _change(
                 due_ms=due,
                 created_ms=now,
                 trace_id=trace_id,
+                mode=outcome.mode,
             )
             change.new.append(grant)
             open_ids.append(grant.id)
@@ -675,3 +681,29 @@ async def count_reconcile_attempt(redis: Redis, grant: Grant) -> int:
 async def forget_unknown_store_if_empty(redis: Redis, merchant: int) -> None:
     if not await redis.zcard(_key("unknown", merchant)):
         await redis.srem(STORES_UNKNOWN, str(merchant))  # type: ignore[misc]
+
+
+async def requeue(redis: Redis, merchant: int, grant: Grant, from_kind: str) -> bool:
+    """Put one failed/review/unknown/parked grant back to pending, due now (an operator's call).
+
+    Atomic per grant, so an interrupted bulk retry leaves every grant in one state or the other.
+    """
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.zrem(_key(from_kind, merchant), grant.id)
+        pipe.hset(
+            grant_key(grant.id), mapping={"state": "pending", "due_ms": now_ms(), "error": ""}
+        )
+        pipe.zadd(_key("pending", merchant), {grant.id: now_ms()})
+        pipe.sadd(STORES_PENDING, str(merchant))
+        removed, *_ = await pipe.execute()
+    return bool(removed)
+
+
+async def stores_with(redis: Redis, kind: str) -> list[int]:
+    """Merchants that have grants listed under `kind` (failed, review, unknown, parked...)."""
+    merchants = set()
+    async for key in redis.scan_iter(f"{PREFIX}{kind}:*"):
+        suffix = key.rsplit(":", 1)[-1]
+        if suffix.isdigit():
+            merchants.add(int(suffix))
+    return sorted(merchants)

@@ -166,9 +166,11 @@ class _Flush:
         reason = (
             marked_reason(batch.reason, batch_id) if settings.reconcile_marker else batch.reason
         )
-        body = loyalty_body(
-            batch.points, batch.type, reason, list(batch.channels), [g.customer for g in grants]
-        )
+        select_all = any(g.mode == "select_all" for g in grants)
+        customers = [] if select_all else [g.customer for g in grants]
+        body = loyalty_body(batch.points, batch.type, reason, list(batch.channels), customers)
+        if select_all:
+            body["select_all"] = True
         bound = log.bind(
             merchant=merchant,
             batch_id=batch_id,

@@ -34,6 +34,7 @@ class Outcome:
     hold_s: int = 0
     cap_per_customer_per_day: int | None = None
     day: str = ""  # the local date, for daily caps
+    mode: str = ""  # "select_all": every customer of the store (campaigns)
 
     @property
     def changes_ledger(self) -> bool:

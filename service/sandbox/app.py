@@ -107,6 +107,8 @@ class Store:
     calls: list[dict[str, Any]] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
     used_refresh_tokens: set[str] = field(default_factory=set)
+    #: The store's customers, for `select_all` (those with points are always included).
+    known_customers: set[int] = field(default_factory=set)
 
     def count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -133,6 +135,7 @@ class Sandbox:
                 float(options.get("rate_window_s", self.rate_window_s)),
             ),
         )
+        store.known_customers = {int(c) for c in options.get("customers", [])}
         self.stores[merchant] = store
         return store
 
@@ -145,7 +148,10 @@ class Sandbox:
     def apply(self, store: Store, body: dict[str, Any]) -> None:
         sign = 1 if body["type"] == "plus" else -1
         points = int(body["points"])
-        for raw_id in body["customers"]:
+        targets = body["customers"]
+        if body.get("select_all"):
+            targets = sorted(store.known_customers | set(store.balances))
+        for raw_id in targets:
             customer = int(raw_id)
             self.entry_seq += 1
             store.balances[customer] = store.balances.get(customer, 0) + sign * points
