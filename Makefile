@@ -6,13 +6,14 @@ STAMP := $(VENV)/.installed
 UV_VERSION := 0.13.8
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint format typecheck bench clean lock
+.PHONY: help install run test chaos lint format typecheck bench clean lock
 
 help:
 	@echo "make run        run the service on embedded defaults (Redis, Salla sandbox, rules/)"
 	@echo "make test       install what is needed, run the tests, the rules' tests, lint, types"
 	@echo "make lint       ruff check + format check    make format   apply ruff fixes/format"
 	@echo "make typecheck  mypy --strict on service/    make bench    benchmarks"
+	@echo "make chaos      the randomized fault suite (real workers, SIGKILL, Salla faults)"
 	@echo "make lock       re-pin requirements.lock     make clean    remove .venv and var/"
 
 $(STAMP): pyproject.toml requirements.lock
@@ -33,6 +34,9 @@ test: install
 	$(BIN)/ruff check service tests benchmarks
 	$(BIN)/ruff format --check service tests benchmarks
 	$(BIN)/mypy
+
+chaos: install
+	$(BIN)/pytest -m chaos --timeout 600 tests/test_faults.py
 
 lint: install
 	$(BIN)/ruff check service tests benchmarks

@@ -174,6 +174,10 @@ NETTABLE_STATES = frozenset({"pending", "parked"})
 OPEN_STATES = frozenset({"pending", "parked", "claimed", "sending"})
 
 
+#: Returned by `apply_outcomes` when a newer event of the order was already applied.
+STALE: list[Grant] = []
+
+
 async def apply_outcomes(
     redis: Redis,
     merchant: int,
@@ -183,11 +187,14 @@ async def apply_outcomes(
     order_id: int = 0,
     revoke_order: bool = False,
     trace_id: str = "",
+    event_at: float | None = None,
 ) -> list[Grant]:
     """Bring each scope's ledger entry to what `outcomes` say it deserves; return new grants.
 
     `revoke_order` sets every rule recorded for the order to 0 (including rules that no longer
     exist, and once-per-customer bonuses this order earned): reversals come from the ledger.
+    `event_at` (the event's time) orders the events of one order: the order's entry remembers
+    the newest applied, and an older one changes nothing and returns `STALE`.
     """
     by_scope: dict[str, list[Outcome]] = {}
     for outcome in outcomes:
@@ -198,18 +205,21 @@ async def apply_outcomes(
         revoke_scopes = {f"order:{order_id}"} | set(
             await redis.smembers(order_index_key(merchant, order_id))  # type: ignore[misc]
         )
+    order_scope = f"order:{order_id}" if order_id else ""
+    scopes = sorted(set(by_scope) | revoke_scopes | ({order_scope} if event_at else set()))
+    if order_scope in scopes:  # the order's entry first: it decides whether the event is stale
+        scopes.remove(order_scope)
+        scopes.insert(0, order_scope)
     grants: list[Grant] = []
-    for scope in sorted(set(by_scope) | revoke_scopes):
-        grants += await _apply_scope(
-            redis,
-            merchant,
-            scope,
-            by_scope.get(scope, []),
-            customer=customer,
-            order_id=order_id,
-            revoke=scope in revoke_scopes,
-            trace_id=trace_id,
-        )
+    for scope in scopes:
+        made = await _apply_scope(
+            redis, merchant, scope, by_scope.get(scope, []), customer=customer,
+            order_id=order_id, revoke=scope in revoke_scopes, trace_id=trace_id,
+            event_at=event_at if scope == order_scope else None,
+        )  # fmt: skip
+        if made is STALE:
+            return STALE
+        grants += made
     return grants
 
 
@@ -234,6 +244,7 @@ async def _apply_scope(
     order_id: int,
     revoke: bool,
     trace_id: str,
+    event_at: float | None = None,
 ) -> list[Grant]:
     key = entry_key(merchant, scope)
     async with redis.pipeline(transaction=True) as pipe:
@@ -241,6 +252,10 @@ async def _apply_scope(
             try:
                 await pipe.watch(key)
                 raw: dict[str, str] = await pipe.hgetall(key)  # type: ignore[misc]
+                newest = float(raw.get("event_at", "-inf"))
+                if event_at is not None and event_at < newest:
+                    await pipe.reset()  # type: ignore[no-untyped-call]
+                    return STALE
                 records = {n[2:]: json.loads(v) for n, v in raw.items() if n.startswith("r:")}
                 targets = {o.rule_id: o for o in outcomes}
                 if revoke:
@@ -279,11 +294,15 @@ async def _apply_scope(
                     )
                     is not None
                 ]
-                if not changes:
+                bump = event_at is not None and event_at > newest
+                if not changes and not bump:
                     await pipe.reset()  # type: ignore[no-untyped-call]
                     return []
                 pipe.multi()  # type: ignore[no-untyped-call]
-                _write(pipe, merchant, scope, key, changes, customer, order_id)
+                if bump:
+                    pipe.hset(key, "event_at", repr(event_at))
+                if changes:
+                    _write(pipe, merchant, scope, key, changes, customer, order_id)
                 await pipe.execute()
                 return [g for c in changes for g in c.new]
             except WatchError:
@@ -586,6 +605,7 @@ for _, id in ipairs(ids) do
     returned = returned + 1
   end
 end
+if unknown > 0 then redis.call('SADD', KEYS[4], ARGV[3]) end
 return {returned, unknown}
 """
 
@@ -594,12 +614,14 @@ async def sweep_claims(redis: Redis, merchant: int) -> tuple[int, int]:
     """Recover work of dead workers: claimed → pending; sending → unknown (never resent blindly)."""
     returned, unknown = await redis.eval(  # type: ignore[misc]
         _SWEEP,
-        3,
+        4,
         _key("claimed", merchant),
         _key("pending", merchant),
         _key("unknown", merchant),
+        STORES_UNKNOWN,
         str(now_ms()),
         f"{PREFIX}grant:",
+        str(merchant),
     )
     return int(returned), int(unknown)
 

@@ -5,7 +5,6 @@ Handlers are registered by event name; every other event goes through the rules.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -24,7 +23,7 @@ from service.rules.engine import prepare, revokes
 from service.rules.reloader import RulesHolder
 from service.salla import TokenSet
 from service.settings import Settings
-from service.webhooks import Envelope, parse_envelope
+from service.webhooks import Envelope, event_time, parse_envelope
 
 log = get_logger("service.processing")
 
@@ -94,15 +93,6 @@ APP_HANDLERS: dict[str, AppHandler] = {
     "app.uninstalled": _uninstalled,
     "app.settings.updated": _settings,
 }
-
-
-def event_time(created_at: str) -> float | None:
-    """Epoch seconds of an app event's `created_at` ("2022-12-31 12:31:25" or ISO 8601)."""
-    try:
-        moment = dt.datetime.fromisoformat(created_at.strip())
-    except ValueError:
-        return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)).timestamp()
 
 
 #: Lifecycle events whose order matters: an older one must not undo a newer one.
@@ -182,7 +172,10 @@ async def _apply_rules(
             why=outcome.why,
         )
     revoke_order = bool(order_id) and revokes(ruleset, ctx)
-    if not any(o.changes_ledger for o in outcomes) and not revoke_order:
+    # An order event always visits the order's entry: even one that changes nothing records
+    # its time, so an older event processed after it (jobs run concurrently) is refused.
+    at = event_time(env.created_at) if order_id else None
+    if not any(o.changes_ledger for o in outcomes) and not revoke_order and at is None:
         return {"outcome": "no_change", "order_id": order_id or None}
     grants = await ledger.apply_outcomes(
         deps.redis,
@@ -192,7 +185,11 @@ async def _apply_rules(
         order_id=order_id,
         revoke_order=revoke_order,
         trace_id=trace_id,
+        event_at=at,
     )
+    if grants is ledger.STALE:
+        log.warning("event_stale", order_id=order_id, why="a newer event of this order was applied")
+        return {"outcome": "stale", "order_id": order_id}
     for grant in grants:
         log.info(
             "grant_queued",

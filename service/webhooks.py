@@ -12,6 +12,7 @@ Salla does.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import json
@@ -131,3 +132,26 @@ def delivery_id(merchant: int, event: str, body: bytes) -> str:
     """A stable id for one delivery: Salla sends none, and re-sends the same bytes."""
     digest = hashlib.sha256(body).hexdigest()[:32]
     return f"{merchant}:{event}:{digest}"
+
+
+_JS_DATE = "%a %b %d %Y %H:%M:%S GMT%z"  # "Sun Jun 26 2022 12:21:48 GMT+0300"
+
+
+def event_time(created_at: str) -> float | None:
+    """Epoch seconds of an envelope's `created_at`, or None when it cannot be read.
+
+    Salla uses several formats: "Sun Jun 26 2022 12:21:48 GMT+0300" (store events),
+    "2022-12-31 12:31:25" (app events, read as UTC) and ISO 8601. The time only orders events
+    of one store; it never keys idempotency.
+    """
+    text = created_at.strip()
+    if not text:
+        return None
+    try:
+        moment = dt.datetime.strptime(text, _JS_DATE)
+    except ValueError:
+        try:
+            moment = dt.datetime.fromisoformat(text)
+        except ValueError:
+            return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)).timestamp()
