@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 from redis.asyncio import Redis
 
+from benchmarks.delivery import bench_delivery
 from service import ledger
 from service.embedded import EmbeddedRedis
 from service.events import normalise
@@ -180,15 +181,16 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp), 16399) as redis:
         results["ledger"] = await bench_ledger(redis.url)
         results["ingest"] = await bench_ingest(redis.url)
+        results["delivery"] = await bench_delivery(redis.url)
     out = ROOT / "var" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2))
-    print(f"{'benchmark':<10} {'figure':<34} value")
+    print(f"{'benchmark':<10} {'figure':<40} value")
     for section, figures in results.items():
         if section == "machine":
             continue
         for name, value in figures.items():
-            print(f"{section:<10} {name:<34} {value}")
+            print(f"{section:<10} {name:<40} {value}")
     print(f"\nsaved: {out / 'latest.json'}")
 
 

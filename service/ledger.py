@@ -213,10 +213,16 @@ async def apply_outcomes(
     grants: list[Grant] = []
     for scope in scopes:
         made = await _apply_scope(
-            redis, merchant, scope, by_scope.get(scope, []), customer=customer,
-            order_id=order_id, revoke=scope in revoke_scopes, trace_id=trace_id,
+            redis,
+            merchant,
+            scope,
+            by_scope.get(scope, []),
+            customer=customer,
+            order_id=order_id,
+            revoke=scope in revoke_scopes,
+            trace_id=trace_id,
             event_at=event_at if scope == order_scope else None,
-        )  # fmt: skip
+        )
         if made is STALE:
             return STALE
         grants += made
@@ -465,16 +471,16 @@ local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, to
 for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[1], id)
   redis.call('ZADD', KEYS[2], ARGV[3], id)
-  redis.call('HSET', ARGV[4] .. id, 'state', 'claimed')
+  redis.call('HSET', ARGV[4] .. id, 'state', 'claimed', 'claim', ARGV[5])
 end
 return ids
 """
 
 
 async def claim_due(
-    redis: Redis, merchant: int, *, limit: int, claim_timeout_ms: int
+    redis: Redis, merchant: int, *, limit: int, claim_timeout_ms: int, token: str = ""
 ) -> list[Grant]:
-    """Atomically move up to `limit` due grants from pending to claimed, and load them."""
+    """Atomically move up to `limit` due grants from pending to claimed by `token`; load them."""
     now = now_ms()
     ids: list[str] = await redis.eval(  # type: ignore[misc]
         _CLAIM,
@@ -485,8 +491,19 @@ async def claim_due(
         str(limit),
         str(now + claim_timeout_ms),
         f"{PREFIX}grant:",
+        token,
     )
     return await load(redis, ids)
+
+
+async def extend_claims(
+    redis: Redis, merchant: int, grants: Sequence[Grant], timeout_ms: int
+) -> None:
+    """A live flush's heartbeat: its claims stay its own while it keeps working."""
+    if grants:
+        await redis.zadd(
+            _key("claimed", merchant), {g.id: now_ms() + timeout_ms for g in grants}, xx=True
+        )
 
 
 async def load(redis: Redis, ids: Sequence[str]) -> list[Grant]:
@@ -497,12 +514,57 @@ async def load(redis: Redis, ids: Sequence[str]) -> list[Grant]:
     return [Grant.from_redis(doc) for doc in docs if doc]
 
 
-async def mark_sending(redis: Redis, merchant: int, grants: Sequence[Grant], batch: str) -> None:
-    """Written before the HTTP call: a crash after this point is an unknown outcome."""
+# KEYS[1] claimed zset; ARGV: grant key prefix, claim token, batch id, deadline ms, ids...
+_MARK_SENDING = """
+local owned = {}
+for i = 5, #ARGV do
+  local key = ARGV[1] .. ARGV[i]
+  local state = redis.call('HMGET', key, 'state', 'claim')
+  if state[1] == 'claimed' and state[2] == ARGV[2] then
+    redis.call('HSET', key, 'state', 'sending', 'batch', ARGV[3])
+    redis.call('HINCRBY', key, 'attempts', 1)
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[4], ARGV[i])
+    owned[#owned + 1] = ARGV[i]
+  end
+end
+return owned
+"""
+
+
+async def mark_sending(
+    redis: Redis,
+    merchant: int,
+    grants: Sequence[Grant],
+    batch: str,
+    *,
+    token: str = "",
+    call_timeout_ms: int = 60_000,
+) -> list[Grant]:
+    """Written before the HTTP call: a crash after this point is an unknown outcome.
+
+    Only grants still claimed by `token` are marked (a flush that stalled past its claim may
+    have lost some to another worker); the call must go to exactly the returned grants. Their
+    claim deadline moves past the call's timeout, so the sweeper leaves a live call alone.
+    """
+    owned: list[str] = await redis.eval(  # type: ignore[misc]
+        _MARK_SENDING,
+        1,
+        _key("claimed", merchant),
+        f"{PREFIX}grant:",
+        token,
+        batch,
+        str(now_ms() + call_timeout_ms),
+        *(g.id for g in grants),
+    )
+    mine = set(owned)
+    return [g for g in grants if g.id in mine]
+
+
+async def unsend(redis: Redis, grants: Sequence[Grant]) -> None:
+    """Salla refused the whole call (422), so nothing was applied: back to claimed, same owner."""
     async with redis.pipeline(transaction=True) as pipe:
         for grant in grants:
-            pipe.hset(grant_key(grant.id), mapping={"state": "sending", "batch": batch})
-            pipe.hincrby(grant_key(grant.id), "attempts", 1)
+            pipe.hset(grant_key(grant.id), mapping={"state": "claimed", "batch": ""})
         await pipe.execute()
 
 

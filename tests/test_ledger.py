@@ -156,12 +156,30 @@ class TestGrantStates:
         await ledger.apply_outcomes(redis, M, [grant_outcome(7, scope="order:2")], customer=43)
         claimed = await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=-1)
         sending = [g for g in claimed if g.customer == 43]
-        await ledger.mark_sending(redis, M, sending, "b1")
+        await ledger.mark_sending(redis, M, sending, "b1", call_timeout_ms=-1)  # then it died
         returned, unknown = await ledger.sweep_claims(redis, M)
         assert (returned, unknown) == (1, 1)
         assert [g.customer for g in await ledger.grants_in(redis, "pending", M)] == [42]
         [lost] = await ledger.grants_in(redis, "unknown", M)
         assert (lost.customer, lost.state) == (43, "unknown")
+
+    async def test_a_stalled_flush_cannot_send_what_another_worker_took_over(
+        self, redis: Redis
+    ) -> None:
+        await apply(redis, grant_outcome(15))
+        [stalled] = await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=-1, token="A")
+        assert await ledger.sweep_claims(redis, M) == (1, 0)  # A's claim expired
+        [taken] = await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=60_000, token="B")
+        assert await ledger.mark_sending(redis, M, [stalled], "b-a", token="A") == []
+        assert [g.id for g in await ledger.mark_sending(redis, M, [taken], "b-b", token="B")] == [
+            taken.id
+        ]
+
+    async def test_heartbeat_keeps_a_live_claim(self, redis: Redis) -> None:
+        await apply(redis, grant_outcome(15))
+        claimed = await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=-1, token="A")
+        await ledger.extend_claims(redis, M, claimed, 60_000)
+        assert await ledger.sweep_claims(redis, M) == (0, 0)
 
     async def test_parked_grants_come_back_on_unpark(self, redis: Redis) -> None:
         await apply(redis, grant_outcome(15))

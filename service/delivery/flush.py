@@ -83,10 +83,11 @@ class _StopFlush(Exception):
 class _Flush:
     """One run of the flush job for one store."""
 
-    def __init__(self, deps: Deps, merchant: int, token: TokenSet) -> None:
+    def __init__(self, deps: Deps, merchant: int, token: TokenSet, claim: str) -> None:
         self.deps = deps
         self.merchant = merchant
         self.token = token
+        self.claim = claim  # this run's claim token: it only ever sends grants it holds
         self.counts = {
             "sent": 0,
             "failed": 0,
@@ -98,7 +99,15 @@ class _Flush:
         }
 
     async def run(self, batches: list[Batch]) -> dict[str, int]:
+        claim_ms = int(self.deps.settings.claim_timeout_s * 1000)
         for index, batch in enumerate(batches):
+            # Heartbeat: the claims on what is left stay ours while this run is alive.
+            await ledger.extend_claims(
+                self.deps.redis,
+                self.merchant,
+                [g for b in batches[index:] for g in b.grants],
+                claim_ms,
+            )
             wait = await self.deps.bucket.take(self.merchant)
             if wait > 0:
                 rest = [g for b in batches[index:] for g in b.grants]
@@ -145,6 +154,12 @@ class _Flush:
         halves = [grants[:middle], grants[middle:]]
         log.warning("batch_bisected", merchant=self.merchant, customers=len(grants), error=refused)
         for index, half in enumerate(halves):
+            await ledger.extend_claims(
+                self.deps.redis,
+                self.merchant,
+                [g for h in halves[index:] for g in h],
+                int(self.deps.settings.claim_timeout_s * 1000),
+            )
             wait = await self.deps.bucket.take(self.merchant)
             if wait > BISECT_MAX_WAIT_S:
                 rest = [g for h in halves[index:] for g in h]
@@ -163,6 +178,25 @@ class _Flush:
         deps, merchant = self.deps, self.merchant
         settings = deps.settings
         batch_id = uuid.uuid4().hex[:16]
+        owned = await ledger.mark_sending(
+            deps.redis,
+            merchant,
+            grants,
+            batch_id,
+            token=self.claim,
+            call_timeout_ms=int((settings.salla_timeout_s + settings.claim_timeout_s) * 1000),
+        )
+        if len(owned) != len(grants):  # a stalled run lost claims: send only what it holds
+            log.warning(
+                "claims_lost",
+                merchant=merchant,
+                batch_id=batch_id,
+                kept=len(owned),
+                lost=len(grants) - len(owned),
+            )
+            if not owned:
+                return None
+            grants = owned
         reason = (
             marked_reason(batch.reason, batch_id) if settings.reconcile_marker else batch.reason
         )
@@ -180,7 +214,6 @@ class _Flush:
             grant_ids=[g.id for g in grants],
             trace_ids=sorted({g.trace_id for g in grants if g.trace_id}),
         )
-        await ledger.mark_sending(deps.redis, merchant, grants, batch_id)
         attempt = max(g.attempts for g in grants) + 1
         started = time.perf_counter()
         refreshed = False
@@ -213,6 +246,7 @@ class _Flush:
                 )
                 return None
             except SallaValidationError as exc:
+                await ledger.unsend(deps.redis, grants)
                 bound.warning(
                     "batch_refused", status=422, error=_message(exc), duration_ms=_ms(started)
                 )
@@ -292,11 +326,13 @@ class _Flush:
 async def flush(deps: Deps, merchant: int) -> dict[str, int]:
     """Send up to `batches_per_flush` batches of `merchant`'s due grants; re-enqueue if more."""
     settings = deps.settings
+    claim = uuid.uuid4().hex
     grants = await ledger.claim_due(
         deps.redis,
         merchant,
         limit=settings.batches_per_flush * settings.max_customers_per_call,
         claim_timeout_ms=int(settings.claim_timeout_s * 1000),
+        token=claim,
     )
     if not grants:
         await ledger.forget_store_if_idle(deps.redis, merchant)
@@ -306,7 +342,7 @@ async def flush(deps: Deps, merchant: int) -> dict[str, int]:
         await ledger.park(deps.redis, merchant, grants, "store has no access token")
         log.warning("grants_parked", merchant=merchant, grants=len(grants), why="no token")
         return {"parked": len(grants)}
-    run = _Flush(deps, merchant, token)
+    run = _Flush(deps, merchant, token, claim)
     counts = await run.run(plan_batches(grants, settings.max_customers_per_call))
     if counts["rate_limit_waits"] or counts["retry"] or counts["parked"]:
         return counts
