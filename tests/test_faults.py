@@ -29,6 +29,9 @@ from service.webhooks import signed_headers
 from tests.conftest import ROOT_DIR, SECRET, fixture_json
 from tests.support.servers import free_port, serve_in_thread
 
+# Real processes on 2 cores: a scenario takes 20-60 s, more under load.
+pytestmark = pytest.mark.timeout(240)
+
 MERCHANT = 555000111
 IN_FLIGHT = ("pending", "claimed", "parked", "unknown")
 
