@@ -38,10 +38,14 @@ ROOT = Path(__file__).parent.parent
 
 def _settings(sandbox_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
-        "salla_webhook_secret": SECRET, "salla_api_base": sandbox_url,
-        "salla_oauth_token_url": f"{sandbox_url}/oauth2/token", "log_level": "WARNING",
-        "log_format": "json", "rules_path": ROOT / "rules", "batch_window_s": 0.25,
-    }  # fmt: skip
+        "salla_webhook_secret": SECRET,
+        "salla_api_base": sandbox_url,
+        "salla_oauth_token_url": f"{sandbox_url}/oauth2/token",
+        "log_level": "WARNING",
+        "log_format": "json",
+        "rules_path": ROOT / "rules",
+        "batch_window_s": 0.25,
+    }
     values.update(overrides)
     return Settings(**values)
 
@@ -60,8 +64,11 @@ async def _stop_worker(worker: Any, task: asyncio.Task[Any]) -> None:
 
 async def _install(redis: Redis, box: Sandbox, **options: Any) -> None:
     store = box.add_store(MERCHANT, **options)
-    await tokens.save(redis, MERCHANT, TokenSet(store.access_token, store.refresh_token,
-                                                int(store.access_expires_at)))  # fmt: skip
+    await tokens.save(
+        redis,
+        MERCHANT,
+        TokenSet(store.access_token, store.refresh_token, int(store.access_expires_at)),
+    )
 
 
 async def calls_vs_lower_bound(redis_url: str, max_customers: int = 100) -> dict[str, Any]:
@@ -78,8 +85,12 @@ async def calls_vs_lower_bound(redis_url: str, max_customers: int = 100) -> dict
             outcome = Outcome("b", "v", "grant", 10, reason, ("sms",), "b", scope=f"order:{n}")
             await ledger.apply_outcomes(redis, MERCHANT, [outcome], customer=100000 + n)
         bound = sum(math.ceil(size / max_customers) for size in groups.values())
-        settings = _settings(url, max_customers_per_call=max_customers,
-                             rate_limit_requests=100_000, rate_limit_window_s=60)  # fmt: skip
+        settings = _settings(
+            url,
+            max_customers_per_call=max_customers,
+            rate_limit_requests=100_000,
+            rate_limit_window_s=60,
+        )
         worker, task = await _run_worker(settings, redis_url)
         deadline = time.monotonic() + 60
         store = box.stores[MERCHANT]
@@ -88,8 +99,12 @@ async def calls_vs_lower_bound(redis_url: str, max_customers: int = 100) -> dict
         await _stop_worker(worker, task)
         calls = len(store.calls)
     await redis.aclose()
-    return {"grants": 2000, "lower_bound_calls": bound, "calls": calls,
-            "calls_over_lower_bound": round(calls / bound, 2)}  # fmt: skip
+    return {
+        "grants": 2000,
+        "lower_bound_calls": bound,
+        "calls": calls,
+        "calls_over_lower_bound": round(calls / bound, 2),
+    }
 
 
 async def throughput_under_backlog(
@@ -105,8 +120,12 @@ async def throughput_under_backlog(
         for n in range(calls):  # distinct points: every grant is its own call
             outcome = Outcome("b", "v", "grant", 1 + n, "bonus", ("sms",), "b", scope=f"order:{n}")
             await ledger.apply_outcomes(redis, MERCHANT, [outcome], customer=200000 + n)
-        settings = _settings(url, rate_limit_requests=int(per_s * window_s),
-                             rate_limit_window_s=window_s, batches_per_flush=20)  # fmt: skip
+        settings = _settings(
+            url,
+            rate_limit_requests=int(per_s * window_s),
+            rate_limit_window_s=window_s,
+            batches_per_flush=20,
+        )
         # Drain the bucket's initial burst allowance first, so the figure is the steady rate.
         worker, task = await _run_worker(settings, redis_url)
         store = box.stores[MERCHANT]
@@ -122,10 +141,11 @@ async def throughput_under_backlog(
         limited = store.counters.get("rate_limited", 0)
     await redis.aclose()
     return {
-        "configured_per_s": per_s, "achieved_per_s": round(steady / elapsed, 2),
+        "configured_per_s": per_s,
+        "achieved_per_s": round(steady / elapsed, 2),
         "fraction_of_limit": round(steady / elapsed / per_s, 3),
         "answered_429_share": round(limited / max(1, len(store.calls) + limited), 4),
-    }  # fmt: skip
+    }
 
 
 async def webhook_to_credited(redis_url: str, samples: int = 20) -> dict[str, Any]:
@@ -146,8 +166,11 @@ async def webhook_to_credited(redis_url: str, samples: int = 20) -> dict[str, An
                     fixture["data"]["order"]["customer"]["id"] = 300000 + n
                     body = json.dumps(fixture).encode()
                     started = time.monotonic()
-                    await client.post(f"{web_url}/webhooks/salla", content=body,
-                                      headers=signed_headers(body, SECRET))  # fmt: skip
+                    await client.post(
+                        f"{web_url}/webhooks/salla",
+                        content=body,
+                        headers=signed_headers(body, SECRET),
+                    )
                     while not box.stores[MERCHANT].balances.get(300000 + n):
                         await asyncio.sleep(0.002)
                     latencies.append(time.monotonic() - started)
@@ -159,6 +182,69 @@ async def webhook_to_credited(redis_url: str, samples: int = 20) -> dict[str, An
         "max_ms": round(max(latencies) * 1000, 1),
         "target_ms": round((settings.batch_window_s + 0.1) * 1000, 1),
         "batch_window_ms": settings.batch_window_s * 1000,
+    }
+
+
+async def fairness(redis_url: str, backlog: int = 10_000, samples: int = 5) -> dict[str, Any]:
+    """Store A has `backlog` grants waiting; how long does one grant of store B take?"""
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    await redis.flushall()
+    box = Sandbox()
+    other = MERCHANT + 1
+    with serve_in_thread(create_sandbox_app(box)) as url:
+        await _install(redis, box, rate_limit=100_000, rate_window_s=60)
+        store_b = box.add_store(other, rate_limit=100_000, rate_window_s=60)
+        await tokens.save(
+            redis,
+            other,
+            TokenSet(store_b.access_token, store_b.refresh_token, int(store_b.access_expires_at)),
+        )
+        async with redis.pipeline(transaction=False) as pipe:
+            for n in range(backlog):  # distinct points: every grant its own call
+                grant = ledger.Grant(
+                    id=f"a{n}",
+                    merchant=MERCHANT,
+                    customer=500000 + n,
+                    points=1 + n % 999,
+                    type="plus",
+                    reason=f"backlog {n}",
+                    channels=(),
+                    scope=f"order:{n}",
+                    rule="bench",
+                    due_ms=ledger.now_ms(),
+                    created_ms=ledger.now_ms(),
+                )
+                pipe.hset(ledger.grant_key(grant.id), mapping=grant.to_redis())
+                pipe.zadd(f"sr:pending:{MERCHANT}", {grant.id: grant.due_ms})
+            pipe.sadd(ledger.STORES_PENDING, str(MERCHANT))
+            await pipe.execute()
+        settings = _settings(url, rate_limit_requests=100_000, rate_limit_window_s=60)
+        worker, task = await _run_worker(settings, redis_url)
+        from service import queue
+
+        pool = await queue.connect(redis_url)
+        await queue.enqueue_flush(pool, MERCHANT, 0)
+        while len(box.stores[MERCHANT].calls) < 200:  # the backlog is draining
+            await asyncio.sleep(0.01)
+        latencies = []
+        for n in range(samples):
+            outcome = Outcome("b", "v", "grant", 7, "store B", (), "b", scope=f"order:b{n}")
+            started = time.monotonic()
+            await ledger.apply_outcomes(redis, other, [outcome], customer=600000 + n)
+            await queue.enqueue_flush(pool, other, settings.batch_window_s)
+            while not store_b.balances.get(600000 + n):
+                await asyncio.sleep(0.002)
+            latencies.append(time.monotonic() - started)
+        remaining = await redis.zcard(f"sr:pending:{MERCHANT}")
+        await pool.aclose()
+        await _stop_worker(worker, task)
+    await redis.aclose()
+    return {
+        "backlog_of_other_store": backlog,
+        "backlog_left_when_done": remaining,
+        "median_ms": round(statistics.median(latencies) * 1000, 1),
+        "max_ms": round(max(latencies) * 1000, 1),
+        "target_ms": round((settings.batch_window_s + 1) * 1000, 1),
     }
 
 
@@ -174,4 +260,5 @@ async def bench_delivery(redis_url: str) -> dict[str, Any]:
         {f"backlog_{k}": v for k, v in (await throughput_under_backlog(redis_url)).items()}
     )
     results.update({f"latency_{k}": v for k, v in (await webhook_to_credited(redis_url)).items()})
+    results.update({f"fairness_{k}": v for k, v in (await fairness(redis_url)).items()})
     return results

@@ -312,6 +312,51 @@ class TestRateLimits:
             await eventually(lambda: sum(store.balances.values()) == 500, timeout_s=20)
         assert store.counters.get("rate_limited", 0) == 0
 
+    async def test_one_flush_sends_a_bounded_number_of_calls(
+        self, redis: Redis, redis_url: str, web: Service, sandbox: tuple[str, Sandbox]
+    ) -> None:
+        from service.delivery.flush import Deps, flush
+        from service.rules.engine import Outcome
+
+        url, box = sandbox
+        store = install(web, box, ORDER_MERCHANT)
+        settings = make_settings(url, batches_per_flush=3)
+        for n in range(10):  # distinct points: ten calls
+            outcome = Outcome("r", "v", "grant", 1 + n, "x", (), "t", scope=f"order:{n}")
+            await ledger.apply_outcomes(redis, ORDER_MERCHANT, [outcome], customer=700 + n)
+        from service import queue, tokens
+        from service.salla import SallaClient, TokenSet
+
+        await tokens.save(
+            redis, ORDER_MERCHANT, TokenSet(store.access_token, store.refresh_token, 0)
+        )
+        pool = await queue.connect(redis_url)
+        async with httpx.AsyncClient() as http:
+            deps = Deps(settings, redis, pool, SallaClient(http, url))
+            counts = await flush(deps, ORDER_MERCHANT)
+        await pool.aclose()
+        assert counts["batches"] == 3 and len(store.calls) == 3
+        assert await redis.zcard(f"sr:pending:{ORDER_MERCHANT}") == 7
+
+    async def test_a_throttled_backlog_does_not_starve_another_store(
+        self, redis: Redis, redis_url: str, web: Service, sandbox: tuple[str, Sandbox]
+    ) -> None:
+        from service.rules.engine import Outcome
+
+        url, box = sandbox
+        install(web, box, ORDER_MERCHANT)
+        other = install(web, box, 1029864349)
+        for n in range(300):
+            outcome = Outcome("r", "v", "grant", 1 + n, "x", (), "t", scope=f"order:{n}")
+            await ledger.apply_outcomes(redis, ORDER_MERCHANT, [outcome], customer=800 + n)
+        # Store ORDER_MERCHANT may send 5 calls per 10 minutes: its backlog cannot drain.
+        settings = make_settings(url, rate_limit_requests=5, rate_limit_window_s=600)
+        async with running_worker(settings, redis_url):
+            web.post_webhook(fixture_bytes("review.added.json"))
+            await eventually(lambda: balance(box, 1029864349, 2107468057) == 50)
+        assert await redis.zcard(f"sr:pending:{ORDER_MERCHANT}") >= 290
+        assert other.counters.get("applied") == 1
+
     async def test_scheduled_refresh_renews_tokens_before_expiry(
         self, redis: Redis, redis_url: str, web: Service, sandbox: tuple[str, Sandbox]
     ) -> None:

@@ -342,8 +342,15 @@ async def flush(deps: Deps, merchant: int) -> dict[str, int]:
         await ledger.park(deps.redis, merchant, grants, "store has no access token")
         log.warning("grants_parked", merchant=merchant, grants=len(grants), why="no token")
         return {"parked": len(grants)}
+    batches = plan_batches(grants, settings.max_customers_per_call)
+    # Fairness: a bounded number of calls per job, whatever the shape of the backlog.
+    now, later = batches[: settings.batches_per_flush], batches[settings.batches_per_flush :]
+    if later:
+        await ledger.release(
+            deps.redis, merchant, [g for b in later for g in b.grants], ledger.now_ms()
+        )
     run = _Flush(deps, merchant, token, claim)
-    counts = await run.run(plan_batches(grants, settings.max_customers_per_call))
+    counts = await run.run(now)
     if counts["rate_limit_waits"] or counts["retry"] or counts["parked"]:
         return counts
     if await ledger.due_count(deps.redis, merchant):
