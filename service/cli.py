@@ -402,7 +402,12 @@ def grants_retry(
 
 @main.command()
 @click.option("--merchant", type=int, required=True)
-@click.option("--points", type=click.IntRange(1, 999_999), required=True)
+@click.option(
+    "--points",
+    type=click.IntRange(1, 999_999),
+    default=None,
+    help="Points per customer (not with --reset).",
+)
 @click.option("--reason", required=True, help="Shown to customers; also names the campaign.")
 @click.option(
     "--type", "grant_type", type=click.Choice(["plus", "minus"]), default="plus", show_default=True
@@ -416,6 +421,9 @@ def grants_retry(
 )
 @click.option("--all", "everyone", is_flag=True, help="Every customer of the store (select_all).")
 @click.option(
+    "--reset", is_flag=True, help="Reset the customers' points (Salla's reset flag) instead."
+)
+@click.option(
     "--id",
     "campaign_id",
     default=None,
@@ -424,16 +432,21 @@ def grants_retry(
 @_redis_option
 def campaign(
     merchant: int,
-    points: int,
+    points: int | None,
     reason: str,
     grant_type: str,
     channels: str,
     customers_file: Path | None,
     everyone: bool,
+    reset: bool,
     campaign_id: str | None,
     redis_url: str | None,
 ) -> None:
-    """Grant points to many customers through the ledger, batching and rate limits."""
+    """Grant points to many customers through the ledger, batching and rate limits.
+
+    With --reset the customers' points are reset instead; the ledger records the reset once
+    but does not model balances, so reversals of earlier grants can still follow it.
+    """
     import hashlib
 
     from redis.asyncio import Redis
@@ -443,6 +456,8 @@ def campaign(
 
     if everyone == bool(customers_file):
         raise click.UsageError("give exactly one of --all or --customers FILE")
+    if reset == (points is not None):
+        raise click.UsageError("give --points N to grant, or --reset to reset (not both)")
     chosen_channels = tuple(c for c in channels.split(",") if c)
     if not set(chosen_channels) <= {"email", "sms", "mobile"}:
         raise click.UsageError("--channels takes email, sms and mobile")
@@ -455,10 +470,14 @@ def campaign(
                 ids.append(int(first))
         if not ids:
             raise click.ClickException(f"{customers_file}: no customer ids found")
-    name = (
-        campaign_id or hashlib.sha256(f"{reason}|{points}|{grant_type}".encode()).hexdigest()[:12]
+    action = "reset" if reset else f"{points}|{grant_type}"
+    name = campaign_id or hashlib.sha256(f"{reason}|{action}".encode()).hexdigest()[:12]
+    # A reset is recorded as a 1-point "minus" grant (so the ledger sends it exactly once) and
+    # goes out with the reset flag and no points.
+    signed = -1 if reset else (points or 0) * (1 if grant_type == "plus" else -1)
+    mode = {(True, True): "reset_all", (True, False): "reset", (False, True): "select_all"}.get(
+        (reset, everyone), ""
     )
-    signed = points if grant_type == "plus" else -points
     url = _admin_url(redis_url)
 
     async def grant_all() -> int:
@@ -478,13 +497,11 @@ def campaign(
                         chosen_channels,
                         "campaign",
                         scope=scope,
+                        mode=mode,
                     )
                     new = await ledger.apply_outcomes(
                         client, merchant, [outcome], customer=customer
                     )
-                    if everyone:
-                        for grant in new:
-                            await client.hset(ledger.grant_key(grant.id), "mode", "select_all")
                     made += len(new)
             await queue.enqueue_flush(pool, merchant, 0)
             return made

@@ -89,14 +89,16 @@ class Grant:
     trace_id: str = ""
     #: Sent alone: it was in a batch Salla refused (422) and bisection could not finish.
     isolate: bool = False
-    #: "" for a normal grant; "select_all" gives the points to every customer of the store.
+    #: "" for a normal grant; "select_all" gives the points to every customer of the store;
+    #: "reset" resets the customer's points (Salla's reset flag) and carries no points;
+    #: "reset_all" resets every customer's.
     mode: str = ""
 
     @property
     def group_key(self) -> tuple[str, int, str, tuple[str, ...], str]:
         """Grants with the same key can share one Salla call."""
-        alone = self.isolate or self.mode == "select_all"
-        return (self.type, self.points, self.reason, self.channels, self.id if alone else "")
+        alone = self.isolate or self.mode in ("select_all", "reset_all")
+        return (self.type, self.points, self.reason, self.channels, self.id if alone else self.mode)
 
     @property
     def signed_points(self) -> int:

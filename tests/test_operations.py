@@ -89,11 +89,52 @@ class TestCampaign:
         assert store.calls[0]["select_all"] is True and store.calls[0]["customers"] == []
         assert [store.balances[c] for c in (7, 8, 9)] == [10, 10, 10]
 
+    async def test_reset_sends_the_reset_flag_without_points(
+        self, redis: Redis, redis_url: str, web: Any, sandbox: tuple[str, Sandbox], tmp_path: Path
+    ) -> None:
+        url, box = sandbox
+        store = install(web, box, ORDER_MERCHANT)
+        store.balances.update({101: 40, 102: 7})
+        ids = tmp_path / "ids.txt"
+        ids.write_text("101\n102\n")
+        args = [
+            "campaign",
+            "--merchant",
+            str(ORDER_MERCHANT),
+            "--reset",
+            "--reason",
+            "Season end",
+            "--customers",
+            str(ids),
+        ]
+        result = await cli(redis_url, *args)
+        assert result.returncode == 0, result.stderr
+        async with running_worker(make_settings(url), redis_url):
+            await eventually(lambda: store.calls)
+            assert "0 new grant(s)" in (await cli(redis_url, *args)).stdout
+        [call] = store.calls
+        assert call["reset_points"] is True and "points" not in call
+        assert sorted(call["customers"]) == [101, 102]
+        assert store.balances[101] == store.balances[102] == 0
+
     async def test_needs_exactly_one_audience(self, redis_url: str) -> None:
         result = await cli(
             redis_url, "campaign", "--merchant", "1", "--points", "5", "--reason", "x"
         )
         assert result.returncode == 2 and "exactly one of --all or --customers" in result.stderr
+        both = await cli(
+            redis_url,
+            "campaign",
+            "--merchant",
+            "1",
+            "--points",
+            "5",
+            "--reset",
+            "--reason",
+            "x",
+            "--all",
+        )
+        assert both.returncode == 2 and "not both" in both.stderr
 
 
 class TestGrantsCommands:

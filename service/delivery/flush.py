@@ -33,7 +33,14 @@ from service.errors import (
 )
 from service.ledger import Grant
 from service.logging import get_logger
-from service.salla import SallaClient, TokenSet, history_has_marker, loyalty_body, marked_reason
+from service.salla import (
+    RESET_FLAG,
+    SallaClient,
+    TokenSet,
+    history_has_marker,
+    loyalty_body,
+    marked_reason,
+)
 from service.settings import Settings
 
 log = get_logger("service.delivery")
@@ -200,11 +207,14 @@ class _Flush:
         reason = (
             marked_reason(batch.reason, batch_id) if settings.reconcile_marker else batch.reason
         )
-        select_all = any(g.mode == "select_all" for g in grants)
+        select_all = any(g.mode in ("select_all", "reset_all") for g in grants)
         customers = [] if select_all else [g.customer for g in grants]
         body = loyalty_body(batch.points, batch.type, reason, list(batch.channels), customers)
         if select_all:
             body["select_all"] = True
+        if any(g.mode in ("reset", "reset_all") for g in grants):  # points: "unless reset"
+            del body["points"]
+            body[RESET_FLAG] = True
         bound = log.bind(
             merchant=merchant,
             batch_id=batch_id,

@@ -122,6 +122,9 @@ class Sandbox:
         self.rate_window_s = rate_window_s
         self.stores: dict[int, Store] = {}
         self.validator = jsonschema.Draft202012Validator(request_schema())
+        reset_schema = request_schema()
+        reset_schema["required"] = [r for r in reset_schema["required"] if r != "points"]
+        self.reset_validator = jsonschema.Draft202012Validator(reset_schema)
         self.entry_seq = 1000
 
     def add_store(self, merchant: int, /, **options: Any) -> Store:
@@ -147,13 +150,17 @@ class Sandbox:
 
     def apply(self, store: Store, body: dict[str, Any]) -> None:
         sign = 1 if body["type"] == "plus" else -1
-        points = int(body["points"])
+        reset = body.get("reset_points") is True
+        points = 0 if reset else int(body["points"])
         targets = body["customers"]
         if body.get("select_all"):
             targets = sorted(store.known_customers | set(store.balances))
         for raw_id in targets:
             customer = int(raw_id)
             self.entry_seq += 1
+            if reset:
+                points = store.balances.get(customer, 0)
+                sign = -1
             store.balances[customer] = store.balances.get(customer, 0) + sign * points
             store.history.setdefault(customer, []).insert(
                 0,
@@ -238,7 +245,10 @@ def create_sandbox_app(sandbox: Sandbox | None = None) -> Starlette:
             body = await request.json()
         except ValueError:
             return _error(400, "error", "body is not JSON", store.bucket.headers())
-        errors = sorted(box.validator.iter_errors(body), key=lambda e: list(e.path))
+        validator = box.validator
+        if isinstance(body, dict) and body.get("reset_points") is True:
+            validator = box.reset_validator  # the spec: points "required unless" resetting
+        errors = sorted(validator.iter_errors(body), key=lambda e: list(e.path))
         if errors:
             fields: dict[str, list[str]] = {}
             for err in errors:
