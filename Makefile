@@ -14,7 +14,7 @@ help:
 	@echo "make lint       ruff check + format check    make format   apply ruff fixes/format"
 	@echo "make typecheck  mypy --strict on service/    make bench    benchmarks"
 	@echo "make chaos      the randomized fault suite (real workers, SIGKILL, Salla faults)"
-	@echo "make lock       re-pin requirements.lock     make clean    remove .venv and var/"
+	@echo "make lock       re-pin both lock files       make clean    remove .venv and var/"
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,7 @@ bench: install
 
 lock: install
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 -o requirements.runtime.lock
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

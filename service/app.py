@@ -13,14 +13,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from arq.connections import ArqRedis
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service import queue
+from service import metrics, queue
 from service.errors import PayloadTooLarge, WebhookError
 from service.logging import configure_logging, get_logger
 from service.processing import SEEN_PREFIX, handles
@@ -77,12 +78,14 @@ async def salla_webhook(request: Request) -> JSONResponse:
         verify(request.headers, body, settings.webhook_secret, settings.salla_webhook_strategy)
         env = parse_envelope(body)
     except WebhookError as exc:
+        metrics.WEBHOOKS.labels("unknown", f"rejected_{exc.status_code}").inc()
         bound.warning(
             "webhook_rejected", status=exc.status_code, error=exc.message, duration_ms=_ms(started)
         )
         return _answer(exc.status_code, status="rejected", error=exc.message)
     bound = bound.bind(merchant=env.merchant, salla_event=env.event)
     if not handles(state.rules, env.event):
+        metrics.WEBHOOKS.labels(env.event, "ignored").inc()
         bound.info("webhook_ignored", status=200, duration_ms=_ms(started))
         return _answer(200, status="ignored", event=env.event)
     delivery = delivery_id(env.merchant, env.event, body)
@@ -96,10 +99,15 @@ async def salla_webhook(request: Request) -> JSONResponse:
         bound.error("webhook_not_persisted", status=503, error=repr(exc), duration_ms=_ms(started))
         return _answer(503, status="error", error="could not persist the event; please retry")
     outcome = "accepted" if accepted else "duplicate"
+    metrics.WEBHOOKS.labels(env.event, outcome).inc()
     bound.info(
         "webhook_received", status=200, outcome=outcome, delivery=delivery, duration_ms=_ms(started)
     )
     return _answer(200, status=outcome, trace_id=trace_id)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -157,6 +165,7 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
             Route("/webhooks/salla", salla_webhook, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
         ],
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _unexpected_error},

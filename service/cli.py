@@ -70,8 +70,24 @@ def serve(host: str, port: int) -> None:
 
 
 @main.command()
-def worker() -> None:
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Exit 0 if a worker reported in recently, 1 if not (for health checks).",
+)
+def worker(check: bool) -> None:
     """Run the arq worker: processes events, sends grants to Salla."""
+    if check:
+        import asyncio
+
+        from service.worker import worker_alive
+
+        url = _admin_url(os.environ.get("REDIS_URL"))
+        if asyncio.run(worker_alive(url)):
+            click.echo("ok: a worker reported in recently")
+            return
+        click.echo("no worker has reported in recently", err=True)
+        sys.exit(1)
     from service.logging import configure_logging
     from service.rules import load_rules
     from service.worker import create_worker

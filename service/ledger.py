@@ -793,3 +793,21 @@ async def stores_with(redis: Redis, kind: str) -> list[int]:
         if suffix.isdigit():
             merchants.add(int(suffix))
     return sorted(merchants)
+
+
+async def store_gauges(redis: Redis, merchant: int) -> dict[str, float]:
+    """Queue depth, age of the oldest due grant, and grants needing attention, for one store."""
+    now = now_ms()
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zcard(_key("pending", merchant))
+        pipe.zrangebyscore(_key("pending", merchant), "-inf", now, start=0, num=1, withscores=True)
+        for kind in ("failed", "review", "parked"):
+            pipe.zcard(_key(kind, merchant))
+        pending, oldest, failed, review, parked = await pipe.execute()
+    return {
+        "pending": pending,
+        "oldest_age_s": (now - oldest[0][1]) / 1000 if oldest else 0.0,
+        "failed": failed,
+        "review": review,
+        "parked": parked,
+    }

@@ -15,7 +15,7 @@ import structlog
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
-from service import ledger, queue, tokens
+from service import ledger, metrics, queue, tokens
 from service.events import KNOWN_ORDER_STATUSES, normalise
 from service.logging import get_logger
 from service.rules import RuleSet, evaluate
@@ -129,6 +129,7 @@ async def process_event(
         else:
             result = await _apply_rules(deps, env, delivery, trace_id)
         await deps.redis.set(SEEN_PREFIX + delivery, "1", ex=deps.settings.dedupe_ttl_s)
+        metrics.EVENTS.labels(result.get("outcome", "unknown")).inc()
         log.info(
             "event_processed",
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
@@ -191,6 +192,7 @@ async def _apply_rules(
         log.warning("event_stale", order_id=order_id, why="a newer event of this order was applied")
         return {"outcome": "stale", "order_id": order_id}
     for grant in grants:
+        metrics.GRANTS.labels(grant.rule, "queued").inc()
         log.info(
             "grant_queued",
             grant_id=grant.id,

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     reconcile_max_attempts: int = Field(default=10, ge=1)
     #: Tokens closer than this to expiry are refreshed by a scheduled job.
     token_refresh_ahead_s: int = Field(default=2 * 86400, ge=0)
+    #: The worker's Prometheus port (GET /metrics); 0 turns it off.
+    worker_metrics_port: int = Field(default=9101, ge=0, le=65535)
+    #: How often a live worker reports in (what `worker --check` reads).
+    worker_health_interval_s: int = Field(default=10, ge=1)
 
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> Settings:

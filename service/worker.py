@@ -8,11 +8,12 @@ import httpx
 from arq import cron
 from arq.connections import ArqRedis
 from arq.worker import Function, Retry, Worker, func
+from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import ledger, queue
+from service import ledger, metrics, queue
 from service.delivery.flush import Deps, flush, reconcile, refresh_expiring_tokens
 from service.logging import configure_logging, get_logger
 from service.processing import ProcessingDeps, process_event
@@ -64,6 +65,11 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
         unknown += lost
         if lost:
             log.error("claims_recovered_unknown", merchant=merchant, grants=lost)
+        gauges = await ledger.store_gauges(deps.redis, merchant)
+        metrics.PENDING.labels(str(merchant)).set(gauges["pending"])
+        metrics.OLDEST_PENDING.labels(str(merchant)).set(gauges["oldest_age_s"])
+        for kind in ("failed", "review", "parked"):
+            metrics.ATTENTION.labels(str(merchant), kind).set(gauges[kind])
         if await ledger.due_count(deps.redis, merchant):
             await queue.enqueue_flush(deps.pool, merchant, deps.settings.batch_window_s)
             flushed += 1
@@ -95,6 +101,13 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
         ctx["plain_redis"] = redis
         ctx["processing"] = ProcessingDeps(settings, redis, pool, holder)
         ctx["delivery"] = Deps(settings, redis, pool, SallaClient(http, settings.salla_api_base))
+        if settings.worker_metrics_port:
+            try:
+                start_http_server(settings.worker_metrics_port, registry=metrics.REGISTRY)
+            except OSError as exc:  # e.g. several workers on one host: the first one serves
+                log.warning(
+                    "metrics_port_unavailable", port=settings.worker_metrics_port, error=str(exc)
+                )
         log.info(
             "worker_started",
             rules=len(holder.current.rules),
@@ -128,8 +141,21 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
         "keep_result": 0,
         "max_jobs": 20,
         "handle_signals": True,
+        "health_check_interval": settings.worker_health_interval_s,
     }
 
 
 def create_worker(settings: Settings, redis_url: str, **overrides: Any) -> Worker:
     return Worker(**{**build_worker_settings(settings, redis_url), **overrides})
+
+
+async def worker_alive(redis_url: str) -> bool:
+    """Whether some worker reported in within its health interval (arq's health-check key)."""
+    from arq.constants import default_queue_name, health_check_key_suffix
+    from redis.asyncio import Redis as AsyncRedis
+
+    client = AsyncRedis.from_url(redis_url)
+    try:
+        return bool(await client.exists(default_queue_name + health_check_key_suffix))
+    finally:
+        await client.aclose()

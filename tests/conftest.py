@@ -77,6 +77,8 @@ def make_settings(sandbox_url: str = "http://127.0.0.1:9", **overrides: Any) -> 
         "salla_timeout_s": 2.0,
         "claim_timeout_s": 5.0,
         "reconcile_after_s": 0.1,
+        "worker_metrics_port": 0,
+        "worker_health_interval_s": 1,
     }
     values.update(overrides)
     return Settings(**values)

@@ -50,6 +50,7 @@ class Cluster:
             "LOG_FORMAT": "json", "BATCH_WINDOW_S": "0.1", "SALLA_TIMEOUT_S": "1",
             "CLAIM_TIMEOUT_S": "2", "RECONCILE_AFTER_S": "0.3", "RETRY_BASE_S": "0.1",
             "RETRY_CAP_S": "1", "JOB_TIMEOUT_S": "8", "MAX_CUSTOMERS_PER_CALL": "5",
+            "WORKER_METRICS_PORT": "0",
         }  # fmt: skip
         self.sent_events = 0
         self.logs: list[Any] = []

@@ -100,3 +100,21 @@ class TestSettingsAreDocumented:
             env_name = name.upper()
             assert env_name in readme, f"{env_name} missing from README.md"
             assert f"{env_name}=" in example, f"{env_name} missing from .env.example"
+
+
+class TestLogEventsAreDocumented:
+    """Every log event name the code emits is explained in docs/logging.md."""
+
+    def test_each_event_name_is_in_the_docs(self) -> None:
+        import re
+        from pathlib import Path
+
+        root = Path(__file__).parent.parent
+        doc = (root / "docs" / "logging.md").read_text()
+        names: set[str] = set()
+        pattern = re.compile(r"\.(?:info|warning|error|exception)\(\s*\"([a-z_]+)\"")
+        for path in (root / "service").rglob("*.py"):
+            names |= set(pattern.findall(path.read_text()))
+        assert len(names) > 20
+        missing = sorted(n for n in names if f"`{n}`" not in doc)
+        assert not missing, f"undocumented log events: {missing}"

@@ -20,7 +20,7 @@ from typing import Any
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
-from service import ledger, queue, tokens
+from service import ledger, metrics, queue, tokens
 from service.delivery.batching import Batch, plan_batches
 from service.delivery.ratelimit import RateLimiter
 from service.errors import (
@@ -122,6 +122,7 @@ class _Flush:
                 await ledger.release(self.deps.redis, self.merchant, rest, due)
                 await queue.enqueue_flush(self.deps.pool, self.merchant, 0, delay_s=wait)
                 self.counts["rate_limit_waits"] += 1
+                metrics.RATE_LIMIT_WAITS.inc()
                 log.info(
                     "rate_limit_wait",
                     merchant=self.merchant,
@@ -146,6 +147,7 @@ class _Flush:
         if refused is None:
             return
         if len(grants) == 1:
+            _count(grants, "failed")
             await ledger.finish(self.deps.redis, self.merchant, grants, "failed", refused)
             self.counts["failed"] += 1
             log.error(
@@ -229,8 +231,10 @@ class _Flush:
         refreshed = False
         while True:
             try:
-                limits = await deps.salla.add_points(self.token.access_token, body)
+                with metrics.SALLA_SECONDS.time():
+                    limits = await deps.salla.add_points(self.token.access_token, body)
             except SallaAuthError as exc:
+                metrics.SALLA_CALLS.labels(str(exc.status)).inc()
                 if refreshed or exc.status != 401:
                     await self.park(grants, bound, f"Salla refused the token: {exc}")
                     raise _StopFlush(None) from exc
@@ -238,13 +242,17 @@ class _Flush:
                 refreshed = True
                 continue
             except SallaRateLimited as exc:
+                metrics.SALLA_CALLS.labels("429").inc()
                 await deps.bucket.observe(merchant, retry_after_s=exc.retry_after_s)
                 due = await self.retry(grants, bound, attempt, str(exc), exc.retry_after_s)
                 raise _StopFlush(due) from exc
             except SallaUnavailable as exc:
+                metrics.SALLA_CALLS.labels(str(exc.status or "connect_error")).inc()
                 due = await self.retry(grants, bound, attempt, str(exc), None)
                 raise _StopFlush(due) from exc
             except OutcomeUnknown as exc:
+                metrics.SALLA_CALLS.labels("no_answer").inc()
+                _count(grants, "unknown")
                 await ledger.finish(deps.redis, merchant, grants, "unknown", str(exc))
                 await queue.enqueue_reconcile(deps.pool, merchant, settings.reconcile_after_s)
                 self.counts["unknown"] += len(grants)
@@ -256,12 +264,15 @@ class _Flush:
                 )
                 return None
             except SallaValidationError as exc:
+                metrics.SALLA_CALLS.labels("422").inc()
                 await ledger.unsend(deps.redis, grants)
                 bound.warning(
                     "batch_refused", status=422, error=_message(exc), duration_ms=_ms(started)
                 )
                 return _message(exc)
             except SallaError as exc:
+                metrics.SALLA_CALLS.labels(str(exc.status)).inc()
+                _count(grants, "failed")
                 await ledger.finish(deps.redis, merchant, grants, "failed", _message(exc))
                 self.counts["failed"] += len(grants)
                 bound.error(
@@ -276,6 +287,8 @@ class _Flush:
                 merchant, remaining=limits.remaining, reset_epoch_s=limits.reset_epoch_s
             )
             await ledger.finish(deps.redis, merchant, grants, "sent")
+            metrics.SALLA_CALLS.labels("201").inc()
+            _count(grants, "sent")
             self.counts["sent"] += len(grants)
             self.counts["batches"] += 1
             bound.info(
@@ -471,6 +484,11 @@ async def refresh_expiring_tokens(deps: Deps) -> int:
         refreshed += 1
         log.info("token_refreshed", merchant=merchant, scheduled=True)
     return refreshed
+
+
+def _count(grants: Sequence[Grant], state: str) -> None:
+    for grant in grants:
+        metrics.GRANTS.labels(grant.rule, state).inc()
 
 
 def _message(exc: SallaError) -> str:

@@ -1,0 +1,66 @@
+"""Prometheus metrics, fenced in one module. Web and worker each expose their own registry.
+
+Counters are incremented where the event happens; store-level gauges (queue depth, oldest
+pending grant, failed grants) are read from Redis by the worker's sweep, so every worker
+reports the same figures and `max by (merchant)` gives the truth.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+WEBHOOKS = Counter(
+    "salla_rewards_webhooks_total",
+    "Webhook deliveries by Salla event and outcome.",
+    ["salla_event", "outcome"],
+    registry=REGISTRY,
+)
+EVENTS = Counter(
+    "salla_rewards_events_processed_total",
+    "Events processed by the worker, by outcome.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+GRANTS = Counter(
+    "salla_rewards_grants_total",
+    "Grant state changes, by rule and new state.",
+    ["rule", "state"],
+    registry=REGISTRY,
+)
+SALLA_CALLS = Counter(
+    "salla_rewards_salla_calls_total",
+    "Calls to POST /customers/loyalty/points, by answer.",
+    ["status"],
+    registry=REGISTRY,
+)
+SALLA_SECONDS = Histogram(
+    "salla_rewards_salla_call_seconds",
+    "Latency of calls to Salla.",
+    registry=REGISTRY,
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RATE_LIMIT_WAITS = Counter(
+    "salla_rewards_rate_limit_waits_total",
+    "Flushes that waited for a store's rate limit.",
+    registry=REGISTRY,
+)
+PENDING = Gauge(
+    "salla_rewards_pending_grants",
+    "Grants waiting to be sent, per store.",
+    ["merchant"],
+    registry=REGISTRY,
+)
+OLDEST_PENDING = Gauge(
+    "salla_rewards_oldest_pending_grant_age_seconds",
+    "Age of the oldest due grant not yet sent, per store.",
+    ["merchant"],
+    registry=REGISTRY,
+)
+ATTENTION = Gauge(
+    "salla_rewards_grants_needing_attention",
+    "Grants that will not go out by themselves, per store and kind (failed, review, parked).",
+    ["merchant", "kind"],
+    registry=REGISTRY,
+)

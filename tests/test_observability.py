@@ -1,0 +1,105 @@
+"""Metrics and health as an operator reads them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from typing import Any
+
+import httpx
+from redis.asyncio import Redis
+
+from service import metrics
+from service.sandbox.app import Sandbox
+from service.worker import sweep
+from tests.conftest import ROOT_DIR, eventually, fixture_bytes, make_settings, running_worker
+from tests.test_end_to_end import ORDER_CUSTOMER, ORDER_MERCHANT, balance, install
+
+
+def sample(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class TestMetrics:
+    """Counters move with the work; gauges show each store's queue."""
+
+    def test_web_exposes_prometheus_text(self, web: Any) -> None:
+        before = sample(
+            "salla_rewards_webhooks_total", salla_event="order.status.updated", outcome="accepted"
+        )
+        web.post_webhook(fixture_bytes("order.status.updated.json"))
+        web.post_webhook(fixture_bytes("order.status.updated.json"), secret="wrong")
+        text = httpx.get(f"{web.url}/metrics").text
+        assert "# TYPE salla_rewards_webhooks_total counter" in text
+        assert (
+            sample(
+                "salla_rewards_webhooks_total",
+                salla_event="order.status.updated",
+                outcome="accepted",
+            )
+            == before + 1
+        )
+        assert (
+            sample("salla_rewards_webhooks_total", salla_event="unknown", outcome="rejected_401")
+            >= 1
+        )
+
+    async def test_worker_counts_calls_and_grants(
+        self, web: Any, worker: Any, sandbox: tuple[str, Sandbox]
+    ) -> None:
+        _, box = sandbox
+        calls = sample("salla_rewards_salla_calls_total", status="201")
+        sent = sample("salla_rewards_grants_total", rule="purchase", state="sent")
+        install(web, box, ORDER_MERCHANT)
+        web.post_webhook(fixture_bytes("order.status.updated.json"))
+        await eventually(lambda: balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 15)
+        await eventually(
+            lambda: sample("salla_rewards_grants_total", rule="purchase", state="sent") == sent + 1
+        )
+        assert sample("salla_rewards_salla_calls_total", status="201") == calls + 1
+        assert sample("salla_rewards_salla_call_seconds_count") >= 1
+
+    async def test_sweep_sets_store_gauges(
+        self, redis: Redis, redis_url: str, web: Any, sandbox: tuple[str, Sandbox]
+    ) -> None:
+        url, _ = sandbox
+        web.post_webhook(fixture_bytes("order.status.updated.json"))  # no token: it will park
+        async with running_worker(make_settings(url), redis_url) as worker:
+            await eventually(lambda: redis.zcard(f"sr:parked:{ORDER_MERCHANT}"))
+            await redis.sadd("sr:stores:pending", str(ORDER_MERCHANT))
+            await sweep(worker.ctx)
+        assert (
+            sample(
+                "salla_rewards_grants_needing_attention",
+                merchant=str(ORDER_MERCHANT),
+                kind="parked",
+            )
+            == 1
+        )
+        assert sample("salla_rewards_pending_grants", merchant=str(ORDER_MERCHANT)) == 0
+
+
+class TestWorkerCheck:
+    """`worker --check` says whether any worker reported in recently."""
+
+    async def check(self, redis_url: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "service", "worker", "--check"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT_DIR,
+            timeout=30,
+            env={**os.environ, "REDIS_URL": redis_url},
+        )
+
+    async def test_fails_without_workers_and_passes_with_one(
+        self, redis: Redis, redis_url: str, sandbox: tuple[str, Sandbox]
+    ) -> None:
+        assert (await self.check(redis_url)).returncode == 1
+        async with running_worker(make_settings(sandbox[0]), redis_url):
+            await eventually(lambda: redis.exists("arq:queue:health-check"))
+            result = await self.check(redis_url)
+            assert result.returncode == 0 and result.stdout.startswith("ok")
