@@ -529,7 +529,7 @@ def campaign(
     click.echo(f"campaign {name}: {made} new grant(s) queued for store {merchant}")
 
 
-def _wait_http(url: str, timeout_s: float = 30.0) -> None:
+def _wait_http(url: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:

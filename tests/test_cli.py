@@ -109,6 +109,8 @@ class TestRefusesToStart:
 class TestRun:
     """`salla-rewards run`: one command, and a sample order ends as points in the sandbox."""
 
+    pytestmark = pytest.mark.timeout(240)
+
     def test_sample_order_becomes_points(self, tmp_path: Path) -> None:
         port, sandbox_port = free_port(), free_port()
         env = {
@@ -129,7 +131,8 @@ class TestRun:
                 stderr=subprocess.STDOUT,
             )
         try:
-            _wait_for(lambda: "Ctrl-C stops everything" in log_path.read_text(), 30)
+            # Four processes start here; on a loaded 2-core machine that can take a while.
+            _wait_for(lambda: "Ctrl-C stops everything" in log_path.read_text(), 90)
             banner = log_path.read_text()
             assert f"http://127.0.0.1:{port}/webhooks/salla" in banner
             result = cli(

@@ -14,7 +14,7 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -57,18 +57,12 @@ class Deps:
     redis: Redis
     pool: ArqRedis
     salla: SallaClient
-    limiter: RateLimiter | None = None
+    bucket: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.limiter is None:
-            self.limiter = RateLimiter(
-                self.redis, self.settings.rate_limit_requests, self.settings.rate_limit_window_s
-            )
-
-    @property
-    def bucket(self) -> RateLimiter:
-        assert self.limiter is not None  # set in __post_init__
-        return self.limiter
+        self.bucket = RateLimiter(
+            self.redis, self.settings.rate_limit_requests, self.settings.rate_limit_window_s
+        )
 
 
 def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
@@ -429,34 +423,19 @@ async def reconcile(deps: Deps, merchant: int) -> dict[str, int]:
             else:
                 counts["later"] += 1
             continue
-        if history_has_marker(history, grant.batch):
-            await ledger.resolve_unknown(
-                deps.redis, merchant, [grant], "sent", "reconciled: found in the points history"
-            )
-            counts["sent"] += 1
-            log.info(
-                "reconciled",
-                merchant=merchant,
-                grant_ids=[grant.id],
-                batch_id=grant.batch,
-                outcome="applied",
-            )
-        else:
-            await ledger.resolve_unknown(
-                deps.redis,
-                merchant,
-                [grant],
-                "pending",
-                "reconciled: not in the points history; sending again",
-            )
-            counts["resend"] += 1
-            log.warning(
-                "reconciled",
-                merchant=merchant,
-                grant_ids=[grant.id],
-                batch_id=grant.batch,
-                outcome="not_applied",
-            )
+        applied = history_has_marker(history, grant.batch)
+        note = "found in the points history" if applied else "not in the history; sending again"
+        await ledger.resolve_unknown(
+            deps.redis, merchant, [grant], "sent" if applied else "pending", f"reconciled: {note}"
+        )
+        counts["sent" if applied else "resend"] += 1
+        (log.info if applied else log.warning)(
+            "reconciled",
+            merchant=merchant,
+            grant_ids=[grant.id],
+            batch_id=grant.batch,
+            outcome="applied" if applied else "not_applied",
+        )
     if counts["resend"]:
         await queue.enqueue_flush(deps.pool, merchant, 0)
     await ledger.forget_unknown_store_if_empty(deps.redis, merchant)

@@ -254,7 +254,6 @@ def _parse_rule(
     doc: Any,
     file: _File,
     compiler: _Compiler,
-    schema: StoreSettingsSchema,
     defaults: Mapping[str, Any],
     default_revoke: rule_engine.Rule,
 ) -> Rule | None:
@@ -596,14 +595,12 @@ def build_ruleset(texts: Mapping[str, str], override_texts: Mapping[str, str]) -
             problems.append(f"{file.at('rules')}: 'rules' must be a list of rules")
             rules_doc = []
         for item in rules_doc:
-            rule = _parse_rule(item, file, compiler, schema, defaults, default_revoke)
+            rule = _parse_rule(item, file, compiler, defaults, default_revoke)
             if rule is not None:
                 rules.append(rule)
         tests.extend(_parse_tests(file, problems))
     _check_duplicates(rules, problems)
-    merchant_overrides = _parse_overrides(
-        override_texts, compiler, schema, default_revoke, rules, tests
-    )
+    merchant_overrides = _parse_overrides(override_texts, compiler, default_revoke, rules, tests)
     if problems:
         raise RuleError(problems)
     order = {rule.id: index for index, rule in enumerate(rules)}
@@ -632,7 +629,6 @@ def _check_duplicates(rules: Iterable[Rule], problems: list[str]) -> None:
 def _parse_overrides(
     texts: Mapping[str, str],
     compiler: _Compiler,
-    schema: StoreSettingsSchema,
     default_revoke: rule_engine.Rule,
     base_rules: list[Rule],
     tests: list[RuleTest],
@@ -661,7 +657,7 @@ def _parse_overrides(
                 problems.append(f"{file.at('disable')}: disable names unknown rule {rule_id!r}")
         rules = []
         for item in file.doc.get("rules", []) or []:
-            rule = _parse_rule(item, file, compiler, schema, {}, default_revoke)
+            rule = _parse_rule(item, file, compiler, {}, default_revoke)
             if rule is not None:
                 rules.append(rule)
         _check_duplicates(rules, problems)
