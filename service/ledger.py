@@ -51,6 +51,9 @@ PREFIX = "sr:"
 REVERSAL_PREFIX = "Reversal: "
 STORES_PENDING = f"{PREFIX}stores:pending"
 STORES_UNKNOWN = f"{PREFIX}stores:unknown"
+#: How long the record of a settled (sent or netted) grant is kept. The ledger entries, which
+#: reversals are computed from, are kept for good; this only bounds the per-grant history.
+SETTLED_GRANT_TTL_S = 90 * 86400
 
 
 def now_ms() -> int:
@@ -440,6 +443,7 @@ def _write(
         pipe.hset(key, f"r:{change.rule}", json.dumps(change.record, ensure_ascii=False))
         for grant_id in change.netted:
             pipe.hset(grant_key(grant_id), mapping={"state": "netted", "error": ""})
+            pipe.expire(grant_key(grant_id), SETTLED_GRANT_TTL_S)
             pipe.zrem(_key("pending", merchant), grant_id)
             pipe.zrem(_key("parked", merchant), grant_id)
         for grant in change.new:
@@ -582,7 +586,9 @@ async def finish(
         for grant in grants:
             pipe.hset(grant_key(grant.id), mapping={"state": state, "error": error, "done_ms": at})
             pipe.zrem(_key("claimed", merchant), grant.id)
-            if state != "sent":
+            if state == "sent":
+                pipe.expire(grant_key(grant.id), SETTLED_GRANT_TTL_S)
+            else:
                 pipe.zadd(_key(state, merchant), {grant.id: at})
         if state == "unknown":
             pipe.sadd(STORES_UNKNOWN, str(merchant))
@@ -745,6 +751,8 @@ async def resolve_unknown(
             else:
                 fields["done_ms"] = at
             pipe.hset(grant_key(grant.id), mapping=fields)
+            if outcome == "sent":
+                pipe.expire(grant_key(grant.id), SETTLED_GRANT_TTL_S)
         if outcome == "pending":
             pipe.sadd(STORES_PENDING, str(merchant))
         await pipe.execute()

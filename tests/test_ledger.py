@@ -175,6 +175,16 @@ class TestGrantStates:
             taken.id
         ]
 
+    async def test_settled_grants_expire_but_the_ledger_entry_stays(self, redis: Redis) -> None:
+        [sent] = await apply(redis, grant_outcome(15))
+        await send_all(redis, [sent])
+        [replaced] = await apply(redis, grant_outcome(20))
+        await apply(redis, grant_outcome(10))  # nets `replaced` (+5, unsent), then minus 5
+        assert 0 < await redis.ttl(ledger.grant_key(sent.id)) <= ledger.SETTLED_GRANT_TTL_S
+        assert (await ledger.load(redis, [replaced.id]))[0].state == "netted"
+        assert await redis.ttl(ledger.grant_key(replaced.id)) > 0
+        assert await redis.ttl(ledger.entry_key(M, "order:1")) == -1  # kept for good
+
     async def test_heartbeat_keeps_a_live_claim(self, redis: Redis) -> None:
         await apply(redis, grant_outcome(15))
         claimed = await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=-1, token="A")
