@@ -7,14 +7,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import FIXTURES, SECRET, Service
-from tests.support.servers import free_port
+from tests.support.servers import free_port, wait_until
 
 CLI = [sys.executable, "-m", "service"]
 ROOT = Path(__file__).parent.parent
@@ -132,7 +131,7 @@ class TestRun:
             )
         try:
             # Four processes start here; on a loaded 2-core machine that can take a while.
-            _wait_for(lambda: "Ctrl-C stops everything" in log_path.read_text(), 90)
+            wait_until(lambda: "Ctrl-C stops everything" in log_path.read_text(), 90)
             banner = log_path.read_text()
             assert f"http://127.0.0.1:{port}/webhooks/salla" in banner
             result = cli(
@@ -153,8 +152,8 @@ class TestRun:
                 ).json()
                 return bool(answer["data"]) and answer["data"][0]["points"] == 15
 
-            _wait_for(credited, 20)
-            _wait_for(lambda: '"batch_sent"' in log_path.read_text(), 5)
+            wait_until(credited, 20)
+            wait_until(lambda: '"batch_sent"' in log_path.read_text(), 5)
             story = log_path.read_text()
             for step in ("webhook_received", "rule_evaluated", "grant_queued", "batch_sent"):
                 assert f'"event": "{step}"' in story, step
@@ -163,18 +162,6 @@ class TestRun:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)
         assert (tmp_path / "redis" / "appendonly.aof").exists()
-
-
-def _wait_for(check, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (httpx.HTTPError, OSError, KeyError, ValueError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout_s}s")
 
 
 class TestRulesCommands:

@@ -27,7 +27,7 @@ from service.embedded import EmbeddedRedis
 from service.sandbox.app import Sandbox, create_sandbox_app
 from service.webhooks import signed_headers
 from tests.conftest import ROOT_DIR, SECRET, fixture_json
-from tests.support.servers import free_port, serve_in_thread
+from tests.support.servers import free_port, serve_in_thread, wait_until
 
 # Real processes on 2 cores: a scenario takes 20-60 s, more under load.
 pytestmark = pytest.mark.timeout(240)
@@ -67,7 +67,7 @@ class Cluster:
                                     stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         for _ in range(workers):
             self.add_worker()
-        _wait(lambda: httpx.get(f"http://127.0.0.1:{self.web_port}/readyz").status_code == 200)
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{self.web_port}/readyz").status_code == 200)
 
     def add_worker(self) -> None:
         log = self.log(f"worker{len(self.workers)}.log")
@@ -184,18 +184,6 @@ def assert_books_balance(cluster: Cluster, view: dict[str, Any], deserved: dict[
     assert balances == sent, "sandbox balances differ from what the ledger says was sent"
     assert sent == {c: p for c, p in deserved.items() if p}, "sent differs from what was earned"
     assert view["states"].get("review", 0) == 0 and view["states"].get("failed", 0) == 0
-
-
-def _wait(check: Any, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError("not ready in time")
 
 
 def run_orders(

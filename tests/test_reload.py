@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,7 @@ from service.logging import configure_logging
 from service.rules.reloader import RulesHolder
 from service.webhooks import signed_headers
 from tests.conftest import ROOT_DIR, SECRET, fixture_bytes
-from tests.support.servers import free_port
+from tests.support.servers import free_port, wait_until
 
 REVIEW = (
     "version: 1\nrules:\n  - {id: review, on: review.added, points: 50, type: plus, reason: r}\n"
@@ -79,15 +78,15 @@ class TestSighup:
         url = f"http://127.0.0.1:{port}/webhooks/salla"
         body = fixture_bytes("customer.created.derived.json")
         try:
-            _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200)
+            wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200)
             assert _post(url, body)["status"] == "ignored"  # no rule uses customer.created yet
             (rules / "signup.yaml").write_text(SIGNUP)
             proc.send_signal(signal.SIGHUP)
-            _wait(lambda: '"rules_reloaded"' in log_path.read_text())
+            wait_until(lambda: '"rules_reloaded"' in log_path.read_text())
             assert _post(url, body)["status"] == "accepted"
             (rules / "signup.yaml").write_text("version: 1\nrules: [")
             proc.send_signal(signal.SIGHUP)
-            _wait(lambda: '"rules_reload_failed"' in log_path.read_text())
+            wait_until(lambda: '"rules_reload_failed"' in log_path.read_text())
             assert httpx.get(f"http://127.0.0.1:{port}/readyz").json()["rules"] == 2
         finally:
             proc.terminate()
@@ -99,18 +98,6 @@ def _post(url: str, body: bytes) -> dict[str, str]:
         url, content=body, headers=signed_headers(body, SECRET)
     ).json()
     return answer
-
-
-def _wait(check, timeout_s: float = 15) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout_s}s")
 
 
 class TestWatch:

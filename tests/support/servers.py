@@ -5,10 +5,11 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import uvicorn
 
 
@@ -36,3 +37,16 @@ def serve_in_thread(app: Any, port: int | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def wait_until(check: Callable[[], Any], timeout_s: float = 30, interval_s: float = 0.05) -> None:
+    """Poll a synchronous `check()` until it is truthy; connection errors count as "not yet"."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError, KeyError, ValueError):
+            pass
+        time.sleep(interval_s)
+    raise AssertionError(f"condition not met within {timeout_s}s")
