@@ -335,3 +335,37 @@ rules:
             "factor must be a number above 0",
         ):
             assert expected in problems, expected
+
+
+class TestHostileExpressions:
+    """No expression can run code, hang or crash evaluation: it is refused or gives `error`."""
+
+    @pytest.mark.parametrize(
+        "expression",
+        [
+            '__import__("os").system("id")',
+            "order.__class__",
+            "order.items.__class__.__mro__",
+            '"a" * 1000000000',
+            "10 ** 10 ** 10",
+            "10 ** 999999",
+            "-(10 ** 999999)",
+            "(order.total ** 1000000) / 1",
+            "order.total / 0",
+            '$len("a")',
+            "[i.total for i in order.items for j in order.items for k in order.items][0]",
+        ],
+    )
+    def test_is_refused_or_errors(self, expression: str) -> None:
+        text = (
+            "version: 1\nrules:\n  - id: x\n    on: [order.updated]\n"
+            f"    points: {expression!r}\n    type: plus\n    reason: r\n"
+        )
+        try:
+            ruleset = parse_rules_text(text, "hostile.yaml")
+        except RuleError:
+            return  # refused before it could run
+        result = simulate(ruleset, order_event())
+        [outcome] = result.outcomes
+        assert outcome.verdict == "error" or (outcome.verdict == "grant" and outcome.deserved == 0)
+        assert result.grants == []

@@ -17,6 +17,9 @@ import rule_engine
 from service.events import EventContext
 from service.rules.model import Rule, RuleSet, render_template, round_points
 
+#: Points beyond this are a rule mistake (or hostile input), never a grant.
+MAX_RULE_POINTS = Decimal(10) ** 12
+
 Verdict = Literal["grant", "revoke", "no_match", "inactive", "no_customer", "stopped", "error"]
 
 
@@ -139,10 +142,12 @@ def _evaluate_rule(
         if rule.when is not None and not rule.when.matches(ctx):
             return outcome("no_match", 0, f"when is false: {rule.when.text}")
         points, multiplied = _points(rule, ctx)
+        if not points.is_finite() or abs(points) > MAX_RULE_POINTS:
+            return outcome("error", 0, f"points {points:.6g} are out of range (at most 1e12)")
+        rounded = round_points(points, rule.rounding)
     except (rule_engine.EngineError, ArithmeticError) as exc:
         message = exc.message if isinstance(exc, rule_engine.EngineError) else repr(exc)
         return outcome("error", 0, f"evaluation failed: {message}")
-    rounded = round_points(points, rule.rounding)
     why = f"points {points} {multiplied} rounded ({rule.rounding}) to {rounded}".replace("  ", " ")
     if rule.cap_per_grant is not None and rounded > rule.cap_per_grant:
         rounded = rule.cap_per_grant
