@@ -6,6 +6,7 @@ route → read body (limited) → verify → parse → dedupe + persist (an arq 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -22,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service import metrics, queue
-from service.errors import PayloadTooLarge, WebhookError
+from service.errors import PayloadTooLarge, RequestTimeout, WebhookError
 from service.logging import configure_logging, get_logger
 from service.processing import SEEN_PREFIX, handles
 from service.rules import RuleSet
@@ -49,17 +50,21 @@ def _state(request: Request) -> AppState:
     return state
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body is {declared} bytes; the limit is {limit}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout_s:g}s") from None
     return b"".join(chunks)
 
 
@@ -74,7 +79,7 @@ async def salla_webhook(request: Request) -> JSONResponse:
     trace_id = uuid.uuid4().hex[:16]
     bound = log.bind(trace_id=trace_id)
     try:
-        body = await _read_body(request, settings.max_body_bytes)
+        body = await _read_body(request, settings.max_body_bytes, settings.request_body_timeout_s)
         verify(request.headers, body, settings.webhook_secret, settings.salla_webhook_strategy)
         env = parse_envelope(body)
     except WebhookError as exc:

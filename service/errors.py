@@ -43,6 +43,10 @@ class PayloadTooLarge(WebhookError):
     status_code = 413
 
 
+class RequestTimeout(WebhookError):
+    status_code = 408
+
+
 class InvalidPayload(WebhookError):
     status_code = 400
 

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
 
     #: Largest webhook body accepted; Salla's order payloads are ~15 KiB.
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    #: A client that has not sent its whole body by then gets 408 (slow or abusive clients).
+    request_body_timeout_s: float = Field(default=10.0, gt=0)
     #: How long a webhook delivery is remembered for deduplication (Salla retries for ~15 min).
     dedupe_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
 

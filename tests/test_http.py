@@ -130,3 +130,43 @@ class TestHealth:
         response = httpx.get(f"{web.url}/readyz")
         assert response.status_code == 200
         assert response.json()["redis"] == "ok" and response.json()["rules"] >= 2
+
+
+class TestSlowClients:
+    """Slow or stalled clients get 408 and never hold up other deliveries."""
+
+    async def test_stalled_body_gets_408_and_others_are_served(
+        self, redis: Redis, redis_url: str
+    ) -> None:
+        import socket
+
+        from service.app import create_app
+        from tests.conftest import make_settings
+        from tests.support.servers import serve_in_thread
+
+        settings = make_settings(request_body_timeout_s=0.5)
+        with serve_in_thread(create_app(settings, redis_url)) as url:
+            host, port = url.removeprefix("http://").split(":")
+            loris = []
+            for _ in range(20):  # clients dribbling headers that never finish
+                sock = socket.create_connection((host, int(port)))
+                sock.sendall(b"POST /webhooks/salla HTTP/1.1\r\nHost: x\r\n")
+                loris.append(sock)
+            stalled = socket.create_connection((host, int(port)))
+            stalled.sendall(
+                b"POST /webhooks/salla HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"event":'
+            )
+            body = fixture_bytes("order.status.updated.json")
+            from service.webhooks import signed_headers
+
+            normal = httpx.post(f"{url}/webhooks/salla", content=body,
+                                headers=signed_headers(body, SECRET), timeout=5)  # fmt: skip
+            assert normal.status_code == 200 and normal.json()["status"] == "accepted"
+            stalled.settimeout(5)
+            answer = stalled.recv(4096).decode()
+            assert answer.startswith("HTTP/1.1 408")
+            assert "the body did not arrive within 0.5s" in answer
+            for sock in [*loris, stalled]:
+                sock.close()
+        assert await queued_jobs(redis) == 1
