@@ -217,6 +217,30 @@ class TestStoreLifecycle:
         web.post_webhook(authorize_body(ORDER_MERCHANT, store))
         await eventually(lambda: balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 15)
 
+    async def test_authorize_racing_a_flush_that_parks_does_not_strand_grants(
+        self, redis: Redis, redis_url: str, sandbox: tuple[str, Sandbox]
+    ) -> None:
+        """The flush read "no token", then authorize stored one and unparked (nothing yet)."""
+        from service import queue, tokens
+        from service.delivery.flush import Deps, park_unless_authorized
+        from service.rules.engine import Outcome
+        from service.salla import SallaClient, TokenSet
+
+        url, box = sandbox
+        outcome = Outcome("r", "v", "grant", 5, "x", (), "t", scope="order:1")
+        await ledger.apply_outcomes(redis, ORDER_MERCHANT, [outcome], customer=9)
+        claimed = await ledger.claim_due(redis, ORDER_MERCHANT, limit=10, claim_timeout_ms=60_000)
+        store = box.add_store(ORDER_MERCHANT)
+        await tokens.save(redis, ORDER_MERCHANT, TokenSet(store.access_token, "r", 0))
+        await ledger.unpark(redis, ORDER_MERCHANT)  # the authorize handler ran first
+        pool = await queue.connect(redis_url)
+        async with httpx.AsyncClient() as http:
+            deps = Deps(make_settings(url), redis, pool, SallaClient(http, url))
+            await park_unless_authorized(deps, ORDER_MERCHANT, claimed, "no token", None)
+        await pool.aclose()
+        assert await redis.zcard(f"sr:parked:{ORDER_MERCHANT}") == 0
+        assert await ledger.due_count(redis, ORDER_MERCHANT) == 1
+
     async def test_uninstall_stops_deliveries(
         self, web: Service, worker: Any, sandbox: tuple[str, Sandbox], redis: Redis
     ) -> None:

@@ -129,7 +129,9 @@ class _Flush:
             except _StopFlush as stop:
                 rest = [g for b in batches[index + 1 :] for g in b.grants]
                 if rest and stop.resume_ms is None:
-                    await ledger.park(self.deps.redis, self.merchant, rest, "no usable token")
+                    await park_unless_authorized(
+                        self.deps, self.merchant, rest, "no usable token", self.token
+                    )
                 elif rest and stop.resume_ms is not None:
                     await ledger.release(self.deps.redis, self.merchant, rest, stop.resume_ms)
                 return self.counts  # a retry flush is already scheduled, or the store is parked
@@ -313,7 +315,7 @@ class _Flush:
         return fresh
 
     async def park(self, grants: Sequence[Grant], bound: Any, why: str) -> None:
-        await ledger.park(self.deps.redis, self.merchant, grants, why)
+        await park_unless_authorized(self.deps, self.merchant, grants, why, self.token)
         self.counts["parked"] += len(grants)
         bound.warning("grants_parked", why=why)
 
@@ -340,6 +342,22 @@ class _Flush:
         return due_ms
 
 
+async def park_unless_authorized(
+    deps: Deps, merchant: int, grants: Sequence[Grant], why: str, used: TokenSet | None
+) -> None:
+    """Park grants for want of a usable token, unless the store was authorized meanwhile.
+
+    `app.store.authorize` stores the tokens and then unparks; if it ran between our reading of
+    the token and our parking, its unpark found nothing. Reading the token again after parking
+    closes that window: a newer token means we unpark ourselves.
+    """
+    await ledger.park(deps.redis, merchant, grants, why)
+    current = await tokens.get(deps.redis, merchant)
+    newer = current is not None and (used is None or current.access_token != used.access_token)
+    if newer and await ledger.unpark(deps.redis, merchant):
+        await queue.enqueue_flush(deps.pool, merchant, 0)
+
+
 async def flush(deps: Deps, merchant: int) -> dict[str, int]:
     """Send up to `batches_per_flush` batches of `merchant`'s due grants; re-enqueue if more."""
     settings = deps.settings
@@ -356,7 +374,7 @@ async def flush(deps: Deps, merchant: int) -> dict[str, int]:
         return {}
     token = await tokens.get(deps.redis, merchant)
     if token is None:
-        await ledger.park(deps.redis, merchant, grants, "store has no access token")
+        await park_unless_authorized(deps, merchant, grants, "store has no access token", None)
         log.warning("grants_parked", merchant=merchant, grants=len(grants), why="no token")
         return {"parked": len(grants)}
     batches = plan_batches(grants, settings.max_customers_per_call)
