@@ -572,6 +572,7 @@ def run(port: int, sandbox_port: int) -> None:
         children.append(subprocess.Popen(sandbox_cmd, env=child_env))  # noqa: S603
         children.append(subprocess.Popen([*me, "serve", "--port", str(port)], env=child_env))  # noqa: S603
         children.append(subprocess.Popen([*me, "worker"], env=child_env))  # noqa: S603
+        _wait_http(f"{sandbox_base}/_sandbox/health")
         _wait_http(f"http://127.0.0.1:{port}/readyz")
         store = httpx.post(
             f"{sandbox_base}/_sandbox/stores", json={"merchant": DEMO_MERCHANT}

@@ -14,6 +14,7 @@ Control endpoints (tests, `run`, benchmarks):
                                         drop_after_apply: n, drop_before_apply: n,
                                         invalid_customers: [ids]}
     POST /_sandbox/reset               forget everything
+    GET  /_sandbox/health              200 once the sandbox is serving
 
 Every answer carries `X-RateLimit-Limit/Remaining/Reset`; over the per-store leaky bucket the
 answer is 429 with `Retry-After`, as Salla does.
@@ -409,6 +410,9 @@ def create_sandbox_app(sandbox: Sandbox | None = None) -> Starlette:
             )
         return JSONResponse({"stores": [s.merchant for s in targets]})
 
+    async def control_health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "stores": len(box.stores)})
+
     async def control_reset(request: Request) -> Response:
         box.stores.clear()
         return JSONResponse({"reset": True})
@@ -423,6 +427,7 @@ def create_sandbox_app(sandbox: Sandbox | None = None) -> Starlette:
             Route("/_sandbox/stores/{merchant:int}/expire", control_expire, methods=["POST"]),
             Route("/_sandbox/faults", control_faults, methods=["POST"]),
             Route("/_sandbox/reset", control_reset, methods=["POST"]),
+            Route("/_sandbox/health", control_health, methods=["GET"]),
         ]
     )
     app.state.sandbox = box
