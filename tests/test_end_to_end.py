@@ -7,15 +7,12 @@ from typing import Any
 
 import httpx
 import jsonschema
-import pytest
 from redis.asyncio import Redis
 
 from service import ledger
 from service.app import create_app
 from service.sandbox.app import Sandbox, request_schema
-from service.settings import Settings
 from tests.conftest import (
-    SECRET,
     Service,
     eventually,
     fixture_bytes,
@@ -56,6 +53,19 @@ def with_merchant(name: str, merchant: int, **changes: Any) -> bytes:
             node = node[part]
         node[leaf] = value
     return json.dumps(doc, ensure_ascii=False).encode()
+
+
+def post_reviews(web: Service, merchant: int, customers: Any) -> None:
+    """One review per customer (each of its own product), as Salla would send them."""
+    for customer in customers:
+        web.post_webhook(
+            with_merchant(
+                "review.added.json",
+                merchant,
+                data__customer__id=str(customer),
+                data__product__id=str(customer),
+            )
+        )
 
 
 def balance(box: Sandbox, merchant: int, customer: int) -> int:
@@ -175,27 +185,15 @@ class TestExactlyOnce:
     ) -> None:
         _, box = sandbox
         install(web, box, ORDER_MERCHANT)
-        for customer in (11, 12, 13):
-            web.post_webhook(
-                with_merchant(
-                    "review.added.json",
-                    ORDER_MERCHANT,
-                    data__customer__id=str(customer),
-                    data__product__id=str(customer),
-                )
-            )
+        post_reviews(web, ORDER_MERCHANT, (11, 12, 13))
         # Start the worker only now, so all three grants wait in the same batch window.
-        settings = make_settings(box_url(sandbox), batch_window_s=0.5)
+        settings = make_settings(sandbox[0], batch_window_s=0.5)
         async with running_worker(settings, redis_url):
             await eventually(
                 lambda: sum(balance(box, ORDER_MERCHANT, c) for c in (11, 12, 13)) == 150
             )
         review_calls = [c for c in box.stores[ORDER_MERCHANT].calls if c["points"] == 50]
         assert len(review_calls) == 1 and sorted(review_calls[0]["customers"]) == [11, 12, 13]
-
-
-def box_url(sandbox: tuple[str, Sandbox]) -> str:
-    return sandbox[0]
 
 
 async def _no_pending(redis: Redis, merchant: int) -> bool:
@@ -320,20 +318,19 @@ class TestRateLimits:
     async def test_backlog_drains_within_the_limit(
         self, redis: Redis, redis_url: str, web: Service, sandbox: tuple[str, Sandbox]
     ) -> None:
+        from service.rules.engine import Outcome
+
         url, box = sandbox
         store = install(web, box, ORDER_MERCHANT, rate_limit=4, rate_window_s=1)
-        for customer in range(21, 31):  # ten reviews with distinct points: ten calls
-            web.post_webhook(
-                with_merchant(
-                    "review.added.json",
-                    ORDER_MERCHANT,
-                    data__customer__id=str(customer),
-                    data__product__id=str(customer),
-                )
-            )
+        for n in range(12):  # distinct points: twelve separate calls against a 4/s bucket
+            outcome = Outcome("r", "v", "grant", 1 + n, "x", (), "t", scope=f"order:{n}")
+            await ledger.apply_outcomes(redis, ORDER_MERCHANT, [outcome], customer=900 + n)
         settings = make_settings(url, rate_limit_requests=4, rate_limit_window_s=1.0)
         async with running_worker(settings, redis_url):
-            await eventually(lambda: sum(store.balances.values()) == 500, timeout_s=20)
+            await eventually(
+                lambda: sum(store.balances.values()) == sum(range(1, 13)), timeout_s=20
+            )
+        assert len(store.calls) == 12
         assert store.counters.get("rate_limited", 0) == 0
 
     async def test_one_flush_sends_a_bounded_number_of_calls(
@@ -385,7 +382,6 @@ class TestRateLimits:
         self, redis: Redis, redis_url: str, web: Service, sandbox: tuple[str, Sandbox]
     ) -> None:
         from service.delivery.flush import Deps, refresh_expiring_tokens
-        from service.salla import SallaClient
 
         url, box = sandbox
         store = box.add_store(ORDER_MERCHANT, access_ttl_s=3600)  # expires within the day
@@ -398,7 +394,6 @@ class TestRateLimits:
             assert await refresh_expiring_tokens(deps) == 0  # now valid for 14 days
         assert store.counters.get("refreshed") == 1
         assert await redis.hget(f"sr:store:{ORDER_MERCHANT}", "access_token") == store.access_token
-        _ = SallaClient
 
 
 class TestSallaFaults:
@@ -474,15 +469,7 @@ class TestSallaFaults:
         url, box = sandbox
         store = install(web, box, ORDER_MERCHANT)
         store.faults.invalid_customers = {13}
-        for customer in (11, 12, 13, 14):
-            web.post_webhook(
-                with_merchant(
-                    "review.added.json",
-                    ORDER_MERCHANT,
-                    data__customer__id=str(customer),
-                    data__product__id=str(customer),
-                )
-            )
+        post_reviews(web, ORDER_MERCHANT, (11, 12, 13, 14))
         async with running_worker(make_settings(url, batch_window_s=0.5), redis_url):
             await eventually(lambda: redis.zcard(f"sr:failed:{ORDER_MERCHANT}"))
             await eventually(
@@ -503,11 +490,3 @@ class TestSallaFaults:
         [grant] = await ledger.grants_in(redis, "failed", ORDER_MERCHANT)
         assert "alert.invalid_fields" in grant.error and str(ORDER_CUSTOMER) in grant.error
         assert store.calls == []
-
-
-@pytest.fixture
-def _unused(settings: Settings) -> Settings:  # keeps fixture names discoverable in one place
-    return settings
-
-
-_ = SECRET
