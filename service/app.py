@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from arq.connections import ArqRedis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -23,9 +24,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service import metrics, queue
+from service.admin_http import AdminState
+from service.admin_http import routes as admin_routes
 from service.errors import PayloadTooLarge, RequestTimeout, WebhookError
 from service.logging import configure_logging, get_logger
-from service.processing import SEEN_PREFIX, handles
+from service.processing import SEEN_PREFIX, ProcessingDeps, handles
 from service.rules import RuleSet
 from service.rules.reloader import RulesHolder, live_rules
 from service.settings import Settings
@@ -147,23 +150,32 @@ def _ms(started: float) -> float:
 def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None) -> Starlette:
     """The web application. Rules are loaded at start-up; invalid rules refuse to start."""
     holder = RulesHolder(settings.rules_path, rules)
+    admin_token = settings.admin_token.get_secret_value()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         configure_logging(settings.log_format, settings.log_level)
         pool = await queue.connect(redis_url)
         app.state.service = AppState(settings, pool, holder)
+        admin_redis = None
+        if admin_token:
+            admin_redis = Redis.from_url(redis_url, decode_responses=True)
+            deps = ProcessingDeps(settings, admin_redis, pool, holder)
+            app.state.admin = AdminState(admin_token, admin_redis, deps)
         log.info(
             "web_started",
             rules=len(holder.current.rules),
             strategy=settings.salla_webhook_strategy,
             app_env=settings.app_env,
+            admin_routes=bool(admin_token),
         )
         try:
             async with live_rules(holder, watch=settings.is_development):
                 yield
         finally:
             await pool.aclose()
+            if admin_redis is not None:
+                await admin_redis.aclose()
 
     return Starlette(
         routes=[
@@ -171,6 +183,7 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            *(admin_routes() if admin_token else []),
         ],
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _unexpected_error},

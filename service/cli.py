@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +81,6 @@ def serve(host: str, port: int) -> None:
 def worker(check: bool) -> None:
     """Run the arq worker: processes events, sends grants to Salla."""
     if check:
-        import asyncio
-
         from service.worker import worker_alive
 
         url = _admin_url(os.environ.get("REDIS_URL"))
@@ -319,8 +320,6 @@ def _admin_url(redis_url: str | None) -> str:
 
 
 def _run_async(coro: Any) -> Any:
-    import asyncio
-
     return asyncio.run(coro)
 
 
@@ -529,6 +528,319 @@ def campaign(
     click.echo(f"campaign {name}: {made} new grant(s) queued for store {merchant}")
 
 
+@contextlib.contextmanager
+def _interruptible() -> Iterator[asyncio.Event]:
+    """Ctrl-C (or SIGTERM) sets the event instead of raising: long commands stop between two
+    units of work, never inside one. A second Ctrl-C interrupts at once."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def first_signal() -> None:
+        stop.set()
+        loop.remove_signal_handler(signal.SIGINT)  # the next Ctrl-C is a KeyboardInterrupt
+
+    loop.add_signal_handler(signal.SIGINT, first_signal)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        yield stop
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+def _operator_settings() -> Settings:
+    """Settings for operator commands: the service's environment, no webhook secret needed."""
+    try:
+        return load_settings(app_env="development")
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def admin() -> None:
+    """What the /admin/ routes answer, straight from the service's Redis."""
+    from service.logging import configure_logging
+
+    # Only warnings, on stderr: stdout carries the command's own output.
+    configure_logging(os.environ.get("LOG_FORMAT", "auto"), "WARNING")
+
+
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def _with_redis(url: str, work: Any) -> Any:
+    """Run `work(redis)` against the service's Redis (decoded strings)."""
+    from redis.asyncio import Redis
+
+    async def go() -> Any:
+        client = Redis.from_url(url, decode_responses=True)
+        try:
+            return await work(client)
+        finally:
+            await client.aclose()
+
+    return _run_async(go())
+
+
+def _grant_line(g: dict[str, Any]) -> str:
+    sent = f"sent {g['sent_at']}" if g["sent_at"] else g["state"]
+    batch = f"  batch {g['batch']}" if g["batch"] else ""
+    error = f"  ({g['error']})" if g["error"] else ""
+    return (
+        f"  {g['created_at']}  {g['signed_points']:+d}  customer {g['customer']}  "
+        f"rule {g['rule']}  {sent}{batch}{error}  [{g['grant_id']}]"
+    )
+
+
+@admin.command("store")
+@click.argument("merchant", type=int)
+@_json_option
+@_redis_option
+def admin_store(merchant: int, as_json: bool, redis_url: str | None) -> None:
+    """A store's token, queue, rate-limit budget and failed grants."""
+    from service import admin as ops
+
+    settings = _operator_settings()
+    url = _admin_url(redis_url)
+    state = _with_redis(url, lambda r: ops.store_state(r, settings, merchant))
+    if as_json:
+        click.echo(json.dumps(state, indent=2))
+        return
+    token = state["token"]
+    click.echo(f"store {merchant}: {state['status']}")
+    if token:
+        click.echo(
+            f"  token valid until {token['valid_until'] or 'unknown'}"
+            f" ({token['expires_in_s']} s), refreshable: {token['refreshable']}"
+        )
+    else:
+        click.echo("  no usable token: grants are parked until app.store.authorize")
+    queue_ = state["queue"]
+    click.echo("  queue  " + "  ".join(f"{k} {v}" for k, v in queue_.items()))
+    limit = state["rate_limit"]
+    click.echo(
+        f"  rate limit  {limit['available']:g} of {limit['capacity']} available"
+        + (f", blocked for {limit['blocked_for_s']:g} s" if limit["blocked_for_s"] else "")
+    )
+    for grant in state["failed_grants"]:
+        click.echo(_grant_line(grant))
+
+
+@admin.command("order")
+@click.argument("merchant", type=int)
+@click.argument("order_id", type=int)
+@_json_option
+@_redis_option
+def admin_order(merchant: int, order_id: int, as_json: bool, redis_url: str | None) -> None:
+    """The ledger for one order: each rule's points, and every grant with its batch."""
+    from service import admin as ops
+
+    url = _admin_url(redis_url)
+    view = _with_redis(url, lambda r: ops.order_ledger(r, merchant, order_id))
+    if as_json:
+        click.echo(json.dumps(view, indent=2, ensure_ascii=False))
+    elif not view["found"]:
+        click.echo(f"order {order_id} of store {merchant}: nothing in the ledger")
+    else:
+        click.echo(f"order {order_id} of store {merchant}: {view['granted']:+d} points granted")
+        for scope in view["scopes"]:
+            click.echo(f" {scope['scope']} (customer {scope['customer']})")
+            for rule, record in scope["rules"].items():
+                click.echo(
+                    f"  rule {rule}: granted {record['granted']:+d}, deserves "
+                    f"{record['deserved']:+d}  {record['reason']!r}"
+                )
+            for grant in scope["grants"]:
+                click.echo(_grant_line(grant))
+    if not view["found"]:
+        sys.exit(1)
+
+
+@admin.command("customer")
+@click.argument("merchant", type=int)
+@click.argument("customer_id", type=int)
+@_json_option
+@_redis_option
+def admin_customer(merchant: int, customer_id: int, as_json: bool, redis_url: str | None) -> None:
+    """One customer's grants, newest first, with totals by state."""
+    from service import admin as ops
+
+    url = _admin_url(redis_url)
+    view = _with_redis(url, lambda r: ops.customer_ledger(r, merchant, customer_id))
+    if as_json:
+        click.echo(json.dumps(view, indent=2, ensure_ascii=False))
+        return
+    totals = ", ".join(f"{k} {v:+d}" for k, v in view["points_by_state"].items()) or "none"
+    click.echo(f"customer {customer_id} of store {merchant}: {totals}")
+    for grant in view["grants"]:
+        click.echo(_grant_line(grant))
+
+
+_since = click.option("--since", default=None, help="From this date or ISO time (UTC).")
+_until = click.option(
+    "--until", default=None, help="Up to this time; a date includes the whole day. Default now."
+)
+
+
+def _range(since: str | None, until: str | None) -> tuple[int, int]:
+    from service import admin as ops
+
+    try:
+        return ops.time_range(since, until)
+    except ops.AdminInputError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@admin.command("export")
+@_since
+@_until
+@click.option("--merchant", type=int, default=None, help="One store only.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write here (atomically: the file appears only when complete). Default: stdout.",
+)
+@_redis_option
+def admin_export(
+    since: str | None,
+    until: str | None,
+    merchant: int | None,
+    fmt: str,
+    output: Path | None,
+    redis_url: str | None,
+) -> None:
+    """Export the ledger's grants created in a date range, as JSONL or CSV."""
+    from service import admin as ops
+
+    start, end = _range(since, until)
+    url = _admin_url(redis_url)
+    partial = output.with_name(output.name + ".partial") if output else None
+
+    async def write(redis: Any) -> int | None:
+        total = await ops.count_grants(redis, start, end)
+        out = partial.open("w", encoding="utf-8", newline="") if partial else sys.stdout
+        written = 0
+        try:
+            with _interruptible() as stop:
+                if fmt == "csv":
+                    out.write(ops.csv_header())
+                with click.progressbar(
+                    length=total, label="exporting", file=sys.stderr if partial else None
+                ) as bar:
+                    async for row in ops.export_grants(redis, start, end, merchant):
+                        if stop.is_set():
+                            return None
+                        out.write(ops.export_line(row, fmt))
+                        written += 1
+                        bar.update(1)
+        finally:
+            if partial:
+                out.close()
+        return written
+
+    written = _with_redis(url, write)
+    if written is None:
+        if partial:
+            partial.unlink(missing_ok=True)
+        click.echo("\ninterrupted: no file was written" if partial else "\ninterrupted", err=True)
+        sys.exit(130)
+    if partial and output:
+        partial.replace(output)
+    click.echo(f"{written} grant(s) exported" + (f" to {output}" if output else ""), err=True)
+
+
+@admin.command("replay")
+@_since
+@_until
+@click.option("--merchant", type=int, default=None, help="One store only.")
+@click.option(
+    "--apply",
+    is_flag=True,
+    help="Send the differences (through the ledger). Without it: a dry run that only shows them.",
+)
+@_redis_option
+def admin_replay(
+    since: str | None,
+    until: str | None,
+    merchant: int | None,
+    apply: bool,
+    redis_url: str | None,
+) -> None:
+    """Run stored webhooks through the current rules and show (or send) what differs.
+
+    Ctrl-C stops between two webhooks; run the same command again to finish (what was already
+    applied is not applied twice).
+    """
+    from service import admin as ops
+    from service import queue
+    from service.processing import ProcessingDeps
+    from service.rules import load_rules
+
+    settings = _operator_settings()
+    try:
+        ruleset = load_rules(settings.rules_path)
+    except RuleError as exc:
+        raise click.ClickException("rules are invalid:\n" + str(exc)) from None
+    start, end = _range(since, until)
+    url = _admin_url(redis_url)
+    counts = {"webhooks": 0, "changed": 0, "points": 0}
+    last = [""]
+
+    async def go(redis: Any) -> bool:
+        """True when the whole range was replayed; False when Ctrl-C stopped it."""
+        pool = await queue.connect(url)
+        try:
+            deps = ProcessingDeps(settings, redis, pool, ruleset)
+            total = await ops.count_webhooks(redis, start, end, merchant)
+            with (
+                _interruptible() as stop,
+                click.progressbar(
+                    length=total,
+                    label="replaying" if apply else "replaying (dry run)",
+                    file=sys.stderr,
+                ) as bar,
+            ):
+                async for line in ops.replay(
+                    deps, start, end, merchant=merchant, dry_run=not apply
+                ):
+                    bar.update(1)
+                    counts["webhooks"] += 1
+                    last[0] = line.stream_id
+                    if not line.diffs:
+                        continue
+                    counts["changed"] += 1
+                    for diff in line.diffs:
+                        counts["points"] += diff["delta"]
+                        click.echo(
+                            f"{line.stream_id}  store {line.merchant}  {line.event}  "
+                            f"{diff['scope']}  rule {diff['rule']}  customer {diff['customer']}  "
+                            f"{diff['granted_before']:+d} -> {diff['granted_after']:+d} "
+                            f"({diff['delta']:+d})"
+                        )
+                    if stop.is_set():
+                        return False
+            return True
+        finally:
+            await pool.aclose()
+
+    if not _with_redis(url, go):
+        click.echo(
+            f"\ninterrupted after {counts['webhooks']} webhook(s), last {last[0] or 'none'}; "
+            "run the same command again to finish",
+            err=True,
+        )
+        sys.exit(130)
+    verb = "applied" if apply else "would apply (dry run; --apply sends them)"
+    click.echo(
+        f"{counts['webhooks']} webhook(s) replayed; {counts['changed']} differ; "
+        f"{verb} {counts['points']:+d} point(s)",
+        err=True,
+    )
+
+
 def _wait_http(url: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -546,10 +858,13 @@ def _wait_http(url: str, timeout_s: float = 60.0) -> None:
 @click.option("--sandbox-port", default=8081, show_default=True, type=int)
 def run(port: int, sandbox_port: int) -> None:
     """Development: embedded Redis + sandbox + serve + worker in one command."""
+    import secrets
+
     from service.embedded import EmbeddedRedis
     from service.webhooks import signed_headers
 
     env_secret = os.environ.get("SALLA_WEBHOOK_SECRET") or DEVELOPMENT_WEBHOOK_SECRET
+    admin_token = os.environ.get("ADMIN_TOKEN") or secrets.token_urlsafe(24)
     settings = load_settings(app_env="development", salla_webhook_secret=env_secret)
     redis = EmbeddedRedis(settings.data_dir / "redis", settings.embedded_redis_port)
     redis_url = settings.redis_url or redis.start()
@@ -564,6 +879,7 @@ def run(port: int, sandbox_port: int) -> None:
         "SALLA_CLIENT_ID": os.environ.get("SALLA_CLIENT_ID", "sandbox-client"),
         "SALLA_CLIENT_SECRET": os.environ.get("SALLA_CLIENT_SECRET", "sandbox-client-secret"),
         "LOG_FORMAT": os.environ.get("LOG_FORMAT", "console"),
+        "ADMIN_TOKEN": admin_token,
     }
     me = [sys.executable, "-m", "service"]
     children: list[subprocess.Popen[bytes]] = []
@@ -594,7 +910,8 @@ def run(port: int, sandbox_port: int) -> None:
         httpx.post(
             webhook_url, content=body, headers=signed_headers(body, env_secret)
         ).raise_for_status()
-        click.echo(_banner(webhook_url, env_secret, sandbox_base, store["access_token"]), err=True)
+        banner = _banner(webhook_url, env_secret, sandbox_base, store["access_token"], admin_token)
+        click.echo(banner, err=True)
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
         raise click.ClickException("a child process stopped; see the log above")
@@ -612,7 +929,8 @@ def run(port: int, sandbox_port: int) -> None:
         redis.stop()
 
 
-def _banner(webhook_url: str, secret: str, sandbox_base: str, token: str) -> str:
+def _banner(webhook_url: str, secret: str, sandbox_base: str, token: str, admin: str) -> str:
+    service = webhook_url.removesuffix("/webhooks/salla")
     return f"""
   salla-rewards is running (development)
 
@@ -626,6 +944,10 @@ def _banner(webhook_url: str, secret: str, sandbox_base: str, token: str) -> str
   Then see the customer's points in the sandbox:
     curl -s -H 'Authorization: Bearer {token}' \\
       '{sandbox_base}/customers/loyalty/points?customer_id=1779795066'
+
+  And what the service knows (admin token {admin}):
+    curl -s -H 'Authorization: Bearer {admin}' {service}/admin/stores/{DEMO_MERCHANT}
+    .venv/bin/salla-rewards admin customer {DEMO_MERCHANT} 1779795066
 
   Ctrl-C stops everything.
 """

@@ -26,6 +26,10 @@ Keys (all under the `sr:` prefix):
     failed:{merchant}          zset  grant ids Salla refused, by time
     unknown:{merchant}         zset  grant ids whose call got no answer, by time
     stores:pending             set   merchants that may have pending grants
+    gidx:{m}:scope:{scope}     zset  grant ids of a scope by creation time (admin views)
+    gidx:{m}:customer:{c}      zset  grant ids of a customer by creation time (admin views)
+    grant-log                  zset  every grant id by creation time (export); trimmed with
+                                     the grant records, after SETTLED_GRANT_TTL_S
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ PREFIX = "sr:"
 REVERSAL_PREFIX = "Reversal: "
 STORES_PENDING = f"{PREFIX}stores:pending"
 STORES_UNKNOWN = f"{PREFIX}stores:unknown"
+GRANT_LOG = f"{PREFIX}grant-log"
 #: How long the record of a settled (sent or netted) grant is kept. The ledger entries, which
 #: reversals are computed from, are kept for good; this only bounds the per-grant history.
 SETTLED_GRANT_TTL_S = 90 * 86400
@@ -166,6 +171,32 @@ def _sign(value: int) -> int:
     return (value > 0) - (value < 0)
 
 
+def scope_grants_key(merchant: int, scope: str) -> str:
+    return f"{PREFIX}gidx:{merchant}:scope:{scope}"
+
+
+def customer_grants_key(merchant: int, customer: int) -> str:
+    return f"{PREFIX}gidx:{merchant}:customer:{customer}"
+
+
+@dataclass(frozen=True, slots=True)
+class Diff:
+    """What one event changed (or, in a dry run, would change) for one rule in one scope."""
+
+    merchant: int
+    scope: str
+    rule: str
+    customer: int
+    granted_before: int
+    granted_after: int
+    new_grants: int
+    netted_grants: int
+
+    @property
+    def delta(self) -> int:
+        return self.granted_after - self.granted_before
+
+
 def order_index_key(merchant: int, order_id: int) -> str:
     """Scopes other than `order:<id>` that were granted because of this order."""
     return f"{PREFIX}led-index:{merchant}:order:{order_id}"
@@ -193,6 +224,8 @@ async def apply_outcomes(
     revoke_order: bool = False,
     trace_id: str = "",
     event_at: float | None = None,
+    dry_run: bool = False,
+    diffs: list[Diff] | None = None,
 ) -> list[Grant]:
     """Bring each scope's ledger entry to what `outcomes` say it deserves; return new grants.
 
@@ -200,6 +233,8 @@ async def apply_outcomes(
     exist, and once-per-customer bonuses this order earned): reversals come from the ledger.
     `event_at` (the event's time) orders the events of one order: the order's entry remembers
     the newest applied, and an older one changes nothing and returns `STALE`.
+    `diffs`, when given, receives one `Diff` per changed rule; `dry_run` computes everything
+    and writes nothing (the returned grants are what would have been queued).
     """
     by_scope: dict[str, list[Outcome]] = {}
     for outcome in outcomes:
@@ -227,6 +262,8 @@ async def apply_outcomes(
             revoke=scope in revoke_scopes,
             trace_id=trace_id,
             event_at=event_at if scope == order_scope else None,
+            dry_run=dry_run,
+            diffs=diffs,
         )
         if made is STALE:
             return STALE
@@ -256,6 +293,8 @@ async def _apply_scope(
     revoke: bool,
     trace_id: str,
     event_at: float | None = None,
+    dry_run: bool = False,
+    diffs: list[Diff] | None = None,
 ) -> list[Grant]:
     key = entry_key(merchant, scope)
     async with redis.pipeline(transaction=True) as pipe:
@@ -306,18 +345,48 @@ async def _apply_scope(
                     is not None
                 ]
                 bump = event_at is not None and event_at > newest
-                if not changes and not bump:
+                if dry_run or (not changes and not bump):
                     await pipe.reset()  # type: ignore[no-untyped-call]
-                    return []
+                    _report(diffs, merchant, scope, records, changes)
+                    return [g for c in changes for g in c.new]
                 pipe.multi()  # type: ignore[no-untyped-call]
                 if bump:
                     pipe.hset(key, "event_at", repr(event_at))
                 if changes:
                     _write(pipe, merchant, scope, key, changes, customer, order_id)
                 await pipe.execute()
+                _report(diffs, merchant, scope, records, changes)
                 return [g for c in changes for g in c.new]
             except WatchError:
                 continue
+
+
+def _report(
+    diffs: list[Diff] | None,
+    merchant: int,
+    scope: str,
+    records: dict[str, dict[str, Any]],
+    changes: Sequence[_Change],
+) -> None:
+    if diffs is None:
+        return
+    for change in changes:
+        before = int(records.get(change.rule, {}).get("granted", 0))
+        after = int(change.record["granted"])
+        if before == after and not change.new and not change.netted:
+            continue
+        diffs.append(
+            Diff(
+                merchant=merchant,
+                scope=scope,
+                rule=change.rule,
+                customer=int(change.record.get("customer", 0)),
+                granted_before=before,
+                granted_after=after,
+                new_grants=len(change.new),
+                netted_grants=len(change.netted),
+            )
+        )
 
 
 def _revocation(rule: str) -> Outcome:
@@ -449,6 +518,7 @@ def _write(
         for grant in change.new:
             pipe.hset(grant_key(grant.id), mapping=grant.to_redis())
             pipe.zadd(_key("pending", merchant), {grant.id: grant.due_ms})
+            _index(pipe, grant)
         if change.cap_used:
             name, amount = change.cap_used
             pipe.incrby(name, amount)
@@ -458,6 +528,18 @@ def _write(
     if order_id and not scope.startswith("order:"):
         pipe.sadd(order_index_key(merchant, order_id), scope)
     pipe.sadd(STORES_PENDING, str(merchant))
+
+
+def _index(pipe: Any, grant: Grant) -> None:
+    """Admin lookups: a grant by its scope, its customer and its time. Kept as long as grants."""
+    for name in (
+        scope_grants_key(grant.merchant, grant.scope),
+        customer_grants_key(grant.merchant, grant.customer),
+    ):
+        pipe.zadd(name, {grant.id: grant.created_ms})
+        pipe.expire(name, SETTLED_GRANT_TTL_S)
+    pipe.zadd(GRANT_LOG, {grant.id: grant.created_ms})
+    pipe.zremrangebyscore(GRANT_LOG, "-inf", grant.created_ms - SETTLED_GRANT_TTL_S * 1000)
 
 
 async def entry(redis: Redis, merchant: int, scope: str) -> dict[str, int]:

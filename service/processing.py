@@ -5,6 +5,7 @@ Handlers are registered by event name; every other event goes through the rules.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,9 @@ from service.webhooks import Envelope, event_time, parse_envelope
 log = get_logger("service.processing")
 
 SEEN_PREFIX = f"{ledger.PREFIX}seen:"
+#: Webhooks the rules saw, kept `WEBHOOK_RETENTION_DAYS` for replay (app events are not kept:
+#: they carry the store's tokens).
+WEBHOOK_STREAM = f"{ledger.PREFIX}webhooks"
 
 
 @dataclass
@@ -127,6 +131,7 @@ async def process_event(
         elif handler is not None:
             result = await handler(deps, env)
         else:
+            await _keep(deps, env, body, delivery, trace_id)
             result = await _apply_rules(deps, env, delivery, trace_id)
         await deps.redis.set(SEEN_PREFIX + delivery, "1", ex=deps.settings.dedupe_ttl_s)
         metrics.EVENTS.labels(result.get("outcome", "unknown")).inc()
@@ -140,6 +145,54 @@ async def process_event(
         structlog.contextvars.unbind_contextvars("merchant", "salla_event", "trace_id")
 
 
+async def _keep(
+    deps: ProcessingDeps, env: Envelope, body: bytes, delivery: str, trace_id: str
+) -> None:
+    days = deps.settings.webhook_retention_days
+    if days <= 0:
+        return
+    oldest_ms = int((time.time() - days * 86400) * 1000)
+    await deps.redis.xadd(
+        WEBHOOK_STREAM,
+        {
+            "merchant": env.merchant,
+            "event": env.event,
+            "delivery": delivery,
+            "trace_id": trace_id,
+            "body": body,
+        },
+        minid=str(oldest_ms),
+        approximate=True,
+    )
+
+
+@dataclass
+class Replayed:
+    """One stored webhook run again through the current rules."""
+
+    outcome: str
+    diffs: list[ledger.Diff]
+
+
+async def replay_event(
+    deps: ProcessingDeps, body: bytes, delivery: str, *, received_at: dt.datetime, dry_run: bool
+) -> Replayed:
+    """Run a stored webhook through today's rules; the ledger turns it into differences only.
+
+    Rules see the time the webhook was first received (campaign windows stay as they were).
+    A dry run writes nothing. Events of an order older than the newest one applied are stale
+    and change nothing, so replaying a range in order leaves each order at its latest state.
+    """
+    env = parse_envelope(body)
+    if env.event in APP_HANDLERS:
+        return Replayed("skipped", [])
+    diffs: list[ledger.Diff] = []
+    result = await _apply_rules(
+        deps, env, delivery, "replay", now=received_at, dry_run=dry_run, diffs=diffs
+    )
+    return Replayed(str(result.get("outcome", "no_change")), diffs)
+
+
 async def store_settings(redis: Redis, merchant: int) -> dict[str, Any]:
     """The store's app settings as last sent by `app.settings.updated` (merchant input)."""
     raw = await redis.get(f"{ledger.PREFIX}settings:{merchant}")
@@ -151,10 +204,18 @@ async def store_settings(redis: Redis, merchant: int) -> dict[str, Any]:
 
 
 async def _apply_rules(
-    deps: ProcessingDeps, env: Envelope, delivery: str, trace_id: str
+    deps: ProcessingDeps,
+    env: Envelope,
+    delivery: str,
+    trace_id: str,
+    *,
+    now: dt.datetime | None = None,
+    dry_run: bool = False,
+    diffs: list[ledger.Diff] | None = None,
 ) -> dict[str, Any]:
     ruleset = deps.rules.for_merchant(env.merchant)
-    ctx, problems = prepare(ruleset, normalise(env), await store_settings(deps.redis, env.merchant))
+    settings = await store_settings(deps.redis, env.merchant)
+    ctx, problems = prepare(ruleset, normalise(env, now), settings)
     for problem in problems:
         log.warning("store_setting_ignored", problem=problem)
     order_id = ctx.order.id if env.event.startswith("order.") else 0
@@ -187,10 +248,14 @@ async def _apply_rules(
         revoke_order=revoke_order,
         trace_id=trace_id,
         event_at=at,
+        dry_run=dry_run,
+        diffs=diffs,
     )
     if grants is ledger.STALE:
         log.warning("event_stale", order_id=order_id, why="a newer event of this order was applied")
         return {"outcome": "stale", "order_id": order_id}
+    if dry_run:
+        return {"outcome": "would_queue" if grants else "no_change", "grants": len(grants)}
     for grant in grants:
         metrics.GRANTS.labels(grant.rule, "queued").inc()
         log.info(

@@ -19,6 +19,8 @@ PLACEHOLDER_SECRETS = frozenset(
     {"", "changeme", "change-me", "secret", "placeholder", "xxx", "todo", "your-webhook-secret"}
 )
 
+MIN_ADMIN_TOKEN_LENGTH = 24
+
 DEVELOPMENT_WEBHOOK_SECRET = "dev-webhook-secret"  # noqa: S105 - development only, printed by `run`
 
 
@@ -86,6 +88,10 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(default=9101, ge=0, le=65535)
     #: How often a live worker reports in (what `worker --check` reads).
     worker_health_interval_s: int = Field(default=10, ge=1)
+    #: Bearer token for the HTTP admin routes under /admin/; empty turns those routes off.
+    admin_token: SecretStr = SecretStr("")
+    #: Webhooks the rules saw are kept this long for `replay`; 0 keeps none.
+    webhook_retention_days: int = Field(default=30, ge=0, le=365)
 
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> Settings:
@@ -94,6 +100,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 "SALLA_WEBHOOK_SECRET is empty or a placeholder; set it to the webhook secret "
                 "from the Salla Partner Portal (or APP_ENV=development for local work)"
+            )
+        admin = self.admin_token.get_secret_value()
+        if admin and self.app_env != "development" and len(admin) < MIN_ADMIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"ADMIN_TOKEN is shorter than {MIN_ADMIN_TOKEN_LENGTH} characters; use a long "
+                "random value (python -c 'import secrets; print(secrets.token_urlsafe(32))') "
+                "or leave it empty to turn the admin routes off"
             )
         return self
 

@@ -103,3 +103,17 @@ class RateLimiter:
             str((reset_epoch_s or 0) * 1000),
             str(int((retry_after_s or 0) * 1000)),
         )
+
+    async def peek(self, merchant: int) -> dict[str, float]:
+        """The bucket as it stands, without taking from it (for operators)."""
+        level, updated, blocked = await self.redis.hmget(  # type: ignore[misc]
+            self.key(merchant), ["level", "updated", "blocked_until"]
+        )
+        now = time.time() * 1000
+        drained = max(0.0, float(level or 0) - (now - float(updated or now)) * self.leak_per_ms)
+        return {
+            "capacity": self.capacity,
+            "used": round(drained, 2),
+            "available": round(max(0.0, self.capacity - drained), 2),
+            "blocked_for_s": round(max(0.0, float(blocked or 0) - now) / 1000, 3),
+        }

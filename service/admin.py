@@ -1,0 +1,380 @@
+"""What an operator asks of a running service, answered from Redis. Used by /admin/ and the CLI.
+
+Every function here only reads, except `replay` without `dry_run`, which goes through the
+ledger like any webhook and so can only add what the current rules say is still owed.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from service import ledger, tokens
+from service.delivery.ratelimit import RateLimiter
+from service.errors import WebhookError
+from service.processing import WEBHOOK_STREAM, ProcessingDeps, replay_event
+from service.settings import Settings
+
+#: The columns of a CSV export, in order (JSONL lines carry the same keys).
+EXPORT_FIELDS = (
+    "grant_id",
+    "merchant",
+    "customer",
+    "rule",
+    "scope",
+    "type",
+    "points",
+    "signed_points",
+    "reason",
+    "state",
+    "created_at",
+    "sent_at",
+    "batch",
+    "attempts",
+    "error",
+    "trace_id",
+)
+PAGE = 500
+
+
+class AdminInputError(ValueError):
+    """An operator's request that cannot be answered as asked (a bad date, a bad range)."""
+
+
+def parse_time(value: str, *, end_of_day: bool = False) -> dt.datetime:
+    """`2026-11-01` (a whole UTC day) or an ISO 8601 time; a time without a zone is UTC."""
+    text = value.strip()
+    try:
+        if len(text) == 10:
+            day = dt.date.fromisoformat(text)
+            moment = dt.datetime.combine(day, dt.time(), dt.UTC)
+            return moment + dt.timedelta(days=1) if end_of_day else moment
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise AdminInputError(
+            f"{value!r} is not a date (2026-11-01) or an ISO 8601 time (2026-11-01T09:30:00Z)"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def time_range(since: str | None, until: str | None) -> tuple[int, int]:
+    """Milliseconds [since, until): defaults are the beginning of time and now."""
+    start = int(parse_time(since).timestamp() * 1000) if since else 0
+    end = (
+        int(parse_time(until, end_of_day=True).timestamp() * 1000)
+        if until
+        else int(time.time() * 1000) + 1
+    )
+    if end <= start:
+        raise AdminInputError("the range is empty: --until must be after --since")
+    return start, end
+
+
+def _iso_ms(ms: int | str | None) -> str | None:
+    value = int(ms or 0)
+    if not value:
+        return None
+    return dt.datetime.fromtimestamp(value / 1000, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def grant_view(doc: dict[str, str]) -> dict[str, Any]:
+    """One grant as operators see it: what, for whom, by which rule, sent when, in which batch."""
+    grant = ledger.Grant.from_redis(doc)
+    return {
+        "grant_id": grant.id,
+        "merchant": grant.merchant,
+        "customer": grant.customer,
+        "rule": grant.rule,
+        "scope": grant.scope,
+        "type": grant.type,
+        "points": grant.points,
+        "signed_points": grant.signed_points,
+        "reason": grant.reason,
+        "state": grant.state,
+        "created_at": _iso_ms(grant.created_ms),
+        "sent_at": _iso_ms(doc.get("done_ms")) if grant.state == "sent" else None,
+        "batch": grant.batch or None,
+        "attempts": grant.attempts,
+        "error": grant.error or None,
+        "trace_id": grant.trace_id or None,
+    }
+
+
+async def _grant_docs(redis: Redis, ids: Iterable[str]) -> list[dict[str, str]]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for grant_id in ids:
+            pipe.hgetall(ledger.grant_key(grant_id))
+        docs: list[dict[str, str]] = await pipe.execute()
+    return [doc for doc in docs if doc]  # settled grants expire after SETTLED_GRANT_TTL_S
+
+
+async def store_state(redis: Redis, settings: Settings, merchant: int) -> dict[str, Any]:
+    """Token, queue, rate-limit budget and failed grants of one store."""
+    doc: dict[str, str] = await redis.hgetall(tokens.store_key(merchant))  # type: ignore[misc]
+    token = await tokens.get(redis, merchant)
+    now = time.time()
+    gauges = await ledger.store_gauges(redis, merchant)
+    async with redis.pipeline(transaction=False) as pipe:
+        for kind in ("claimed", "unknown"):
+            pipe.zcard(f"{ledger.PREFIX}{kind}:{merchant}")
+        pipe.zcount(f"{ledger.PREFIX}pending:{merchant}", "-inf", ledger.now_ms())
+        claimed, unknown, due = await pipe.execute()
+    failed_ids: list[str] = await redis.zrange(f"{ledger.PREFIX}failed:{merchant}", 0, 99)
+    bucket = RateLimiter(redis, settings.rate_limit_requests, settings.rate_limit_window_s)
+    return {
+        "merchant": merchant,
+        "known": bool(doc),
+        "status": doc.get("status", "unknown"),
+        "token": None
+        if token is None
+        else {
+            "valid_until": _iso_ms(token.expires_at_s * 1000) if token.expires_at_s else None,
+            "expires_in_s": max(0, int(token.expires_at_s - now)) if token.expires_at_s else None,
+            "refreshable": bool(token.refresh_token),
+            "scope": token.scope,
+        },
+        "queue": {
+            "pending": int(gauges["pending"]),
+            "due_now": int(due),
+            "oldest_due_age_s": round(gauges["oldest_age_s"], 3),
+            "in_flight": int(claimed),
+            "parked": int(gauges["parked"]),
+            "failed": int(gauges["failed"]),
+            "review": int(gauges["review"]),
+            "unknown_outcome": int(unknown),
+        },
+        "rate_limit": await bucket.peek(merchant),
+        "failed_grants": [grant_view(d) for d in await _grant_docs(redis, failed_ids)],
+    }
+
+
+async def _scope_view(redis: Redis, merchant: int, scope: str) -> dict[str, Any]:
+    raw: dict[str, str] = await redis.hgetall(ledger.entry_key(merchant, scope))  # type: ignore[misc]
+    rules = {}
+    for name, value in raw.items():
+        if name.startswith("r:"):
+            record = json.loads(value)
+            rules[name[2:]] = {
+                "granted": int(record.get("granted", 0)),
+                "deserved": int(record.get("deserved", 0)),
+                "reason": record.get("reason", ""),
+                "rule_version": record.get("version", ""),
+            }
+    ids: list[str] = await redis.zrange(ledger.scope_grants_key(merchant, scope), 0, -1)
+    return {
+        "scope": scope,
+        "customer": int(raw.get("customer", 0) or 0) or None,
+        "rules": rules,
+        "grants": [grant_view(d) for d in await _grant_docs(redis, ids)],
+    }
+
+
+async def order_ledger(redis: Redis, merchant: int, order_id: int) -> dict[str, Any]:
+    """Everything the ledger holds because of one order: per rule, and each grant."""
+    others: set[str] = await redis.smembers(ledger.order_index_key(merchant, order_id))  # type: ignore[misc]
+    scopes = [f"order:{order_id}", *sorted(others)]
+    views = [await _scope_view(redis, merchant, scope) for scope in scopes]
+    views = [v for v in views if v["rules"] or v["grants"]]
+    return {
+        "merchant": merchant,
+        "order_id": order_id,
+        "found": bool(views),
+        "granted": sum(r["granted"] for v in views for r in v["rules"].values()),
+        "scopes": views,
+    }
+
+
+async def customer_ledger(
+    redis: Redis, merchant: int, customer: int, limit: int = 1000
+) -> dict[str, Any]:
+    """A customer's grants, newest first, with totals by state."""
+    ids: list[str] = await redis.zrevrange(
+        ledger.customer_grants_key(merchant, customer), 0, limit - 1
+    )
+    grants = [grant_view(d) for d in await _grant_docs(redis, ids)]
+    totals: dict[str, int] = {}
+    for grant in grants:
+        totals[grant["state"]] = totals.get(grant["state"], 0) + grant["signed_points"]
+    return {
+        "merchant": merchant,
+        "customer": customer,
+        "points_by_state": totals,
+        "grants": grants,
+    }
+
+
+async def count_grants(redis: Redis, start_ms: int, end_ms: int) -> int:
+    return int(await redis.zcount(ledger.GRANT_LOG, start_ms, f"({end_ms}"))
+
+
+async def export_grants(
+    redis: Redis, start_ms: int, end_ms: int, merchant: int | None = None
+) -> AsyncIterator[dict[str, Any]]:
+    """Grants created in [start_ms, end_ms), oldest first, a page at a time."""
+    offset = 0
+    while True:
+        ids: list[str] = await redis.zrangebyscore(
+            ledger.GRANT_LOG, start_ms, f"({end_ms}", start=offset, num=PAGE
+        )
+        if not ids:
+            return
+        offset += len(ids)
+        for doc in await _grant_docs(redis, ids):
+            if merchant is None or int(doc["merchant"]) == merchant:
+                yield grant_view(doc)
+
+
+def csv_header() -> str:
+    return _csv_line(dict(zip(EXPORT_FIELDS, EXPORT_FIELDS, strict=True)))
+
+
+def _csv_line(row: dict[str, Any]) -> str:
+    out = io.StringIO()
+    csv.DictWriter(out, EXPORT_FIELDS, extrasaction="ignore", lineterminator="\n").writerow(
+        {k: "" if row.get(k) is None else row[k] for k in EXPORT_FIELDS}
+    )
+    return out.getvalue()
+
+
+def export_line(row: dict[str, Any], fmt: str) -> str:
+    if fmt == "csv":
+        return _csv_line(row)
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredWebhook:
+    stream_id: str
+    merchant: int
+    event: str
+    delivery: str
+    body: bytes
+
+    @property
+    def received_at(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(int(self.stream_id.split("-")[0]) / 1000, dt.UTC)
+
+
+async def stored_webhooks(
+    redis: Redis, start_ms: int, end_ms: int, merchant: int | None = None
+) -> AsyncIterator[StoredWebhook]:
+    """Webhooks kept for replay, in the order they were first processed."""
+    cursor = str(start_ms)
+    while True:
+        entries = await redis.xrange(WEBHOOK_STREAM, min=cursor, max=f"({end_ms}", count=PAGE)
+        if not entries:
+            return
+        for stream_id, fields in entries:
+            webhook = StoredWebhook(
+                stream_id=stream_id,
+                merchant=int(fields.get("merchant", 0)),
+                event=fields.get("event", ""),
+                delivery=fields.get("delivery", ""),
+                body=fields.get("body", "").encode(),
+            )
+            if merchant is None or webhook.merchant == merchant:
+                yield webhook
+        cursor = "(" + entries[-1][0]
+
+
+# KEYS[1] stream; ARGV: min id, max id (exclusive form allowed), merchant ("" = any), count.
+# Returns {entries counted, last id seen} so the caller pages without moving bodies over the wire.
+_COUNT_WEBHOOKS = """
+local entries = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', tonumber(ARGV[4]))
+local n = 0
+for _, entry in ipairs(entries) do
+  if ARGV[3] == '' then
+    n = n + 1
+  else
+    local fields = entry[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'merchant' then
+        if fields[i + 1] == ARGV[3] then n = n + 1 end
+        break
+      end
+    end
+  end
+end
+local last = ''
+if #entries > 0 then last = entries[#entries][1] end
+return {n, last}
+"""
+
+
+async def count_webhooks(
+    redis: Redis, start_ms: int, end_ms: int, merchant: int | None = None
+) -> int:
+    """How many stored webhooks a replay of this range would read (counted inside Redis)."""
+    cursor, total = str(start_ms), 0
+    while True:
+        counted, last = await redis.eval(  # type: ignore[misc]
+            _COUNT_WEBHOOKS,
+            1,
+            WEBHOOK_STREAM,
+            cursor,
+            f"({end_ms}",
+            "" if merchant is None else str(merchant),
+            "10000",
+        )
+        total += int(counted)
+        if not last:
+            return total
+        cursor = f"({last}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayLine:
+    """One replayed webhook and what it changed (or would change)."""
+
+    stream_id: str
+    merchant: int
+    event: str
+    outcome: str
+    diffs: tuple[dict[str, Any], ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def replay(
+    deps: ProcessingDeps,
+    start_ms: int,
+    end_ms: int,
+    *,
+    merchant: int | None = None,
+    dry_run: bool = True,
+) -> AsyncIterator[ReplayLine]:
+    """Run stored webhooks through the current rules, oldest first; yield each one's changes.
+
+    Stopping between two webhooks is always safe: each one's ledger changes are atomic, and
+    running the range again only finds what is still owed.
+    """
+    async for webhook in stored_webhooks(deps.redis, start_ms, end_ms, merchant):
+        try:
+            replayed = await replay_event(
+                deps,
+                webhook.body,
+                webhook.delivery,
+                received_at=webhook.received_at,
+                dry_run=dry_run,
+            )
+            outcome, diffs = replayed.outcome, replayed.diffs
+        except WebhookError as exc:  # a body that no longer parses: report it, go on
+            outcome, diffs = f"unreadable: {exc.message}", []
+        yield ReplayLine(
+            stream_id=webhook.stream_id,
+            merchant=webhook.merchant,
+            event=webhook.event,
+            outcome=outcome,
+            diffs=tuple(
+                {**asdict(d), "delta": d.delta} for d in diffs if d.delta or d.netted_grants
+            ),
+        )
