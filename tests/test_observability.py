@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 from typing import Any
 
 import httpx
+import pytest
 from redis.asyncio import Redis
 
 from service import metrics
@@ -103,3 +105,33 @@ class TestWorkerCheck:
             await eventually(lambda: redis.exists("arq:queue:health-check"))
             result = await self.check(redis_url)
             assert result.returncode == 0 and result.stdout.startswith("ok")
+
+
+class TestCustomerIdsInLogs:
+    """A call's log line counts its customers; the ids themselves appear only at DEBUG."""
+
+    @pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+    async def test_ids_only_at_debug(
+        self,
+        level: str,
+        web: Any,
+        redis_url: str,
+        sandbox: tuple[str, Sandbox],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        url, box = sandbox
+        install(web, box, ORDER_MERCHANT)
+        web.post_webhook(fixture_bytes("order.status.updated.json"))
+        async with running_worker(make_settings(url, log_level=level), redis_url):
+            await eventually(lambda: balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 15)
+        lines = [
+            json.loads(line) for line in capsys.readouterr().err.splitlines() if line[:1] == "{"
+        ]
+        (sent,) = [line for line in lines if line["event"] == "batch_sent"]
+        assert sent["customer_ids"] == 1
+        listed = [line for line in lines if line["event"] == "batch_customers"]
+        if level == "DEBUG":
+            assert [line["customer_id_list"] for line in listed] == [[ORDER_CUSTOMER]]
+            assert listed[0]["batch_id"] == sent["batch_id"]
+        else:
+            assert listed == []

@@ -222,6 +222,8 @@ class _Flush:
             grant_ids=[g.id for g in grants],
             trace_ids=sorted({g.trace_id for g in grants if g.trace_id}),
         )
+        # Ids are personal data: counts at INFO, the ids themselves only at DEBUG.
+        bound.debug("batch_customers", customer_id_list=customers)
         attempt = max(g.attempts for g in grants) + 1
         started = time.perf_counter()
         refreshed = False
