@@ -10,6 +10,7 @@ import csv
 import datetime as dt
 import io
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import asdict, dataclass
@@ -43,6 +44,7 @@ EXPORT_FIELDS = (
     "trace_id",
 )
 PAGE = 500
+LEAP_SECOND = re.compile(r"(?<=\d\d:\d\d):60(?=$|[.Z+-])")
 
 
 class AdminInputError(ValueError):
@@ -51,12 +53,12 @@ class AdminInputError(ValueError):
 
 def parse_time(value: str, *, end_of_day: bool = False) -> dt.datetime:
     """`2026-11-01` (a whole UTC day) or an ISO 8601 time; a time without a zone is UTC."""
-    text = value.strip()
+    text = LEAP_SECOND.sub(":59", value.strip().upper())  # RFC 3339 allows 't', 'z' and :60
     try:
         if len(text) == 10:
             day = dt.date.fromisoformat(text)
             moment = dt.datetime.combine(day, dt.time(), dt.UTC)
-            return moment + dt.timedelta(days=1) if end_of_day else moment
+            return moment + dt.timedelta(days=1) if end_of_day and day < dt.date.max else moment
         moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise AdminInputError(
@@ -65,14 +67,17 @@ def parse_time(value: str, *, end_of_day: bool = False) -> dt.datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
+def _epoch_ms(moment: dt.datetime) -> int:
+    try:
+        return int(moment.timestamp() * 1000)
+    except (OverflowError, ValueError):  # 0001-01-01T00:00:00+14:00 is before year 1 in UTC
+        raise AdminInputError(f"{moment.isoformat()} is out of range") from None
+
+
 def time_range(since: str | None, until: str | None) -> tuple[int, int]:
     """Milliseconds [since, until): defaults are the beginning of time and now."""
-    start = int(parse_time(since).timestamp() * 1000) if since else 0
-    end = (
-        int(parse_time(until, end_of_day=True).timestamp() * 1000)
-        if until
-        else int(time.time() * 1000) + 1
-    )
+    start = max(0, _epoch_ms(parse_time(since))) if since else 0
+    end = _epoch_ms(parse_time(until, end_of_day=True)) if until else int(time.time() * 1000) + 1
     if end <= start:
         raise AdminInputError("the range is empty: --until must be after --since")
     return start, end

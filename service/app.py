@@ -12,7 +12,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from importlib import resources
+from typing import Any
 
+import yaml
 from arq.connections import ArqRedis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
@@ -147,10 +150,23 @@ def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
 
+def openapi_document(*, with_admin: bool) -> dict[str, Any]:
+    """The service's own OpenAPI description (service/openapi.yaml)."""
+    text = resources.files("service").joinpath("openapi.yaml").read_text(encoding="utf-8")
+    doc: dict[str, Any] = yaml.safe_load(text)
+    if not with_admin:
+        doc["paths"] = {p: v for p, v in doc["paths"].items() if not p.startswith("/admin/")}
+    return doc
+
+
 def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None) -> Starlette:
     """The web application. Rules are loaded at start-up; invalid rules refuse to start."""
     holder = RulesHolder(settings.rules_path, rules)
     admin_token = settings.admin_token.get_secret_value()
+    description = openapi_document(with_admin=bool(admin_token))
+
+    async def openapi(request: Request) -> JSONResponse:
+        return JSONResponse(description)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -183,6 +199,7 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
             *(admin_routes() if admin_token else []),
         ],
         lifespan=lifespan,

@@ -92,6 +92,8 @@ def parse_envelope(body: bytes) -> Envelope:
         doc = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidPayload(f"body is not valid JSON: {exc}") from None
+    except RecursionError:  # `[[[[...]]]]`: json raises this, not ValueError, past ~1000 levels
+        raise InvalidPayload("body is nested too deeply to be a Salla webhook") from None
     if not isinstance(doc, dict):
         raise InvalidPayload("body is not a JSON object")
     missing = [key for key in ("event", "merchant", "data") if key not in doc]
