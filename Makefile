@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 UV_VERSION := 0.13.8
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test chaos lint format typecheck bench clean lock
+.PHONY: help install run test chaos lint format typecheck bench bench-tools clean lock
 
 help:
 	@echo "make run        run the service on embedded defaults (Redis, Salla sandbox, rules/)"
@@ -49,7 +49,15 @@ format: install
 typecheck: install
 	$(BIN)/mypy
 
-bench: install
+# wrk (Debian's package) is the ingest benchmark's load generator: C, one epoll thread, far
+# faster than the server it drives on these two cores.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+bench-tools:
+	@command -v wrk >/dev/null 2>&1 || { \
+		echo "installing wrk (Debian package) for the ingest benchmark"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
+
+bench: install bench-tools
 	$(BIN)/python -m benchmarks
 
 lock: install

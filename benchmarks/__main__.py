@@ -4,8 +4,12 @@ Timing lives here, never in pass/fail tests. Current figures:
 
 * rules: events evaluated per second against the example rules/ (one core, pure Python);
 * ledger: order events applied per second to a real redis-server (one connection, sequential);
-* ingest: webhooks per second through POST /webhooks/salla (verify, parse, dedupe, persist),
-  one uvicorn process, driven by concurrent httpx clients from this process.
+* ingest (benchmarks/ingest.py): the full webhook path next to bare Starlette under wrk, the
+  ratio, p50/p99 at a fixed 1,000 requests/s, and the web process's peak RSS;
+* worker (benchmarks/worker.py): events/s of one worker process from persisted webhook to
+  queued grant, its CPU per event and peak RSS, and Redis bytes per webhook kept for replay;
+* delivery (benchmarks/delivery.py): calls against the lower bound, throughput under a backlog,
+  webhook-to-credited latency, fairness between stores.
 """
 
 from __future__ import annotations
@@ -15,23 +19,22 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import httpx
 from redis.asyncio import Redis
 
 from benchmarks.delivery import bench_delivery
+from benchmarks.ingest import bench_ingest
+from benchmarks.worker import bench_worker
 from service import ledger
 from service.embedded import EmbeddedRedis
 from service.events import normalise
 from service.rules import evaluate, load_rules, prepare
-from service.webhooks import parse_envelope, signed_headers
+from service.webhooks import parse_envelope
 
 ROOT = Path(__file__).parent.parent
 SAMPLE = (ROOT / "tests" / "fixtures" / "order.status.updated.json").read_bytes()
@@ -88,6 +91,7 @@ async def bench_ledger(redis_url: str, events: int = 3000) -> dict[str, Any]:
     await redis.flushall()
     ruleset = load_rules(ROOT / "rules")
     ctx, _ = prepare(ruleset, normalise(parse_envelope(SAMPLE)))
+    baseline = int((await redis.info("memory"))["used_memory"])
     started = time.perf_counter()
     for n in range(events):
         outcomes = [replace(o, scope=f"order:{n}") for o in evaluate(ruleset, ctx)]
@@ -100,72 +104,8 @@ async def bench_ledger(redis_url: str, events: int = 3000) -> dict[str, Any]:
         raise RuntimeError(f"ledger benchmark created {pending} grants, expected {events}")
     return {
         "events_per_s": round(events / elapsed),
-        "redis_bytes_per_pending_grant": round(int(info["used_memory"]) / max(pending, 1)),
-    }
-
-
-async def bench_ingest(
-    redis_url: str, requests: int = 4000, concurrency: int = 32
-) -> dict[str, Any]:
-    port = 18000 + os.getpid() % 1000
-    env = {
-        **os.environ,
-        "REDIS_URL": redis_url,
-        "SALLA_WEBHOOK_SECRET": SECRET,
-        "LOG_LEVEL": "WARNING",
-        "LOG_FORMAT": "json",
-    }
-    # The server must be its own process; starting it synchronously here is fine.
-    server = subprocess.Popen(  # noqa: S603, ASYNC220
-        [sys.executable, "-m", "service", "serve", "--port", str(port)],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/webhooks/salla"
-    try:
-        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency)) as client:
-            for _ in range(100):
-                try:
-                    if (await client.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    await asyncio.sleep(0.1)
-            bodies = []
-            for n in range(requests):
-                doc = json.loads(SAMPLE)
-                doc["data"]["id"] = n  # distinct deliveries, so nothing is deduplicated
-                body = json.dumps(doc).encode()
-                bodies.append((body, signed_headers(body, SECRET)))
-            latencies: list[float] = []
-            queue: asyncio.Queue[tuple[bytes, dict[str, str]]] = asyncio.Queue()
-            for item in bodies:
-                queue.put_nowait(item)
-
-            async def client_loop() -> None:
-                while not queue.empty():
-                    body, headers = queue.get_nowait()
-                    t0 = time.perf_counter()
-                    response = await client.post(url, content=body, headers=headers)
-                    latencies.append(time.perf_counter() - t0)
-                    assert response.status_code == 200, response.text
-
-            started = time.perf_counter()
-            await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-            elapsed = time.perf_counter() - started
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-    latencies.sort()
-    return {
-        "requests_per_s": round(requests / elapsed),
-        "p50_ms": round(statistics.median(latencies) * 1000, 2),
-        "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2),
-        "concurrency": concurrency,
-        # Known limit: this client is slower than the server on a 2-core machine, so these
-        # figures understate the service; a wrk-based figure replaces it (issue 6).
-        "load_generator": "httpx.AsyncClient, same machine (client-bound: understates server)",
+        # The grant, its queue entry, the order's ledger entry and the admin indexes.
+        "redis_bytes_per_pending_grant": round((int(info["used_memory"]) - baseline) / pending),
     }
 
 
@@ -181,6 +121,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp), 16399) as redis:
         results["ledger"] = await bench_ledger(redis.url)
         results["ingest"] = await bench_ingest(redis.url)
+        results["worker"] = await bench_worker(redis.url)
         results["delivery"] = await bench_delivery(redis.url)
     out = ROOT / "var" / "bench"
     out.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,7 @@ class AppState:
     settings: Settings
     pool: ArqRedis
     holder: RulesHolder
+    writer: queue.EventWriter
 
     @property
     def rules(self) -> RuleSet:
@@ -101,10 +102,9 @@ async def salla_webhook(request: Request) -> JSONResponse:
         return _answer(200, status="ignored", event=env.event)
     delivery = delivery_id(env.merchant, env.event, body)
     try:
-        if await state.pool.exists(SEEN_PREFIX + delivery):
-            accepted = False
-        else:
-            accepted = await queue.enqueue_event(state.pool, delivery, body, trace_id)
+        accepted = await state.writer.enqueue(
+            delivery, body, trace_id, seen_key=SEEN_PREFIX + delivery
+        )
     except RedisError as exc:
         # Not persisted: a non-2xx answer makes Salla deliver it again later.
         bound.error("webhook_not_persisted", status=503, error=repr(exc), duration_ms=_ms(started))
@@ -172,7 +172,7 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         configure_logging(settings.log_format, settings.log_level)
         pool = await queue.connect(redis_url)
-        app.state.service = AppState(settings, pool, holder)
+        app.state.service = AppState(settings, pool, holder, queue.EventWriter(pool))
         admin_redis = None
         if admin_token:
             admin_redis = Redis.from_url(redis_url, decode_responses=True)

@@ -6,12 +6,14 @@ secret (tokens, secrets, authorization, passwords) and phone numbers, wherever t
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
+import orjson
 import structlog
 
 REDACTED = "[redacted]"
@@ -20,9 +22,19 @@ _SECRET_KEY = re.compile(
 )
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
+@functools.lru_cache(maxsize=4096)
+def _names_secret(key: str) -> bool:
+    return _SECRET_KEY.search(key) is not None
+
+
 def _redact_value(key: str, value: Any) -> Any:
-    if _SECRET_KEY.search(key):
+    if _names_secret(key):
         return REDACTED
+    if type(value) in _PLAIN:  # most fields: nothing nested to walk
+        return value
     if isinstance(value, Mapping):
         return {k: _redact_value(str(k), v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -40,11 +52,18 @@ def redact(
     return event_dict
 
 
+def _dumps(value: Any, **kwargs: Any) -> str:
+    """orjson for log lines: several times faster than json, and on the webhook's hot path."""
+    return orjson.dumps(
+        value, default=kwargs.get("default"), option=orjson.OPT_NON_STR_KEYS
+    ).decode()
+
+
 def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
     """Configure structlog once per process; safe to call again (tests do)."""
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_dumps)
         if use_json
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
@@ -61,10 +80,37 @@ def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    _generation[0] += 1
     # Libraries that log through the standard library (uvicorn, arq) go to stderr as plain lines.
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+#: Bumped by every `configure_logging`: loggers re-resolve their configuration only then.
+_generation = [0]
+
+
+class _Logger:
+    """A module-level logger that resolves structlog's configuration once per configuration.
+
+    structlog's lazy proxy (without `cache_logger_on_first_use`) rebuilds the bound logger on
+    every call, which cost the worker about 0.15 ms per line; caching on first use would pin a
+    logger to the first configuration, which tests (and a re-configured process) must not.
+    """
+
+    __slots__ = ("_bound", "_generation", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._generation = -1
+        self._bound: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._generation != _generation[0]:
+            self._bound = structlog.get_logger(self._name).bind()
+            self._generation = _generation[0]
+        return getattr(self._bound, attr)
+
+
 def get_logger(name: str) -> Any:
-    return structlog.get_logger(name)
+    return _Logger(name)

@@ -131,9 +131,12 @@ async def process_event(
         elif handler is not None:
             result = await handler(deps, env)
         else:
-            await _keep(deps, env, body, delivery, trace_id)
             result = await _apply_rules(deps, env, delivery, trace_id)
-        await deps.redis.set(SEEN_PREFIX + delivery, "1", ex=deps.settings.dedupe_ttl_s)
+        async with deps.redis.pipeline(transaction=False) as pipe:
+            pipe.set(SEEN_PREFIX + delivery, "1", ex=deps.settings.dedupe_ttl_s)
+            if handler is None:
+                _keep(pipe, deps.settings, env, body, delivery, trace_id)
+            await pipe.execute()
         metrics.EVENTS.labels(result.get("outcome", "unknown")).inc()
         log.info(
             "event_processed",
@@ -145,14 +148,15 @@ async def process_event(
         structlog.contextvars.unbind_contextvars("merchant", "salla_event", "trace_id")
 
 
-async def _keep(
-    deps: ProcessingDeps, env: Envelope, body: bytes, delivery: str, trace_id: str
+def _keep(
+    pipe: Any, settings: Settings, env: Envelope, body: bytes, delivery: str, trace_id: str
 ) -> None:
-    days = deps.settings.webhook_retention_days
+    """Add the webhook to the replay stream (in the caller's pipeline)."""
+    days = settings.webhook_retention_days
     if days <= 0:
         return
     oldest_ms = int((time.time() - days * 86400) * 1000)
-    await deps.redis.xadd(
+    pipe.xadd(
         WEBHOOK_STREAM,
         {
             "merchant": env.merchant,

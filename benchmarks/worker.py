@@ -1,0 +1,117 @@
+"""One worker process, from persisted webhooks to queued grants: events per second.
+
+Deliveries are persisted exactly as the web process persists them (the same atomic enqueue),
+then one `salla-rewards worker` process is started and timed from its first job until every
+event has become a pending grant in the ledger. The batch window is set long, so no flush runs
+(and no HTTP call is made) while it is measured: this is the rules + ledger + queue path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from benchmarks.ingest import ROOT, SAMPLE, peak_rss_mib
+from service import queue
+from service.processing import SEEN_PREFIX, WEBHOOK_STREAM
+from service.webhooks import delivery_id, parse_envelope
+
+
+def order_bodies(events: int, stores: int) -> list[bytes]:
+    """Completed orders, each its own order and customer, spread over `stores` stores."""
+    doc = json.loads(SAMPLE)
+    out = []
+    for n in range(events):
+        doc["merchant"] = 1_000_000 + n % stores
+        doc["data"]["id"] = n
+        doc["data"]["order"]["id"] = n
+        doc["data"]["order"]["customer"]["id"] = 500_000 + n
+        out.append(json.dumps(doc, ensure_ascii=False).encode())
+    return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def bench_worker(redis_url: str, events: int = 6000, stores: int = 20) -> dict[str, Any]:
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    await redis.flushall()
+    pool = await queue.connect(redis_url)
+    writer = queue.EventWriter(pool)
+    bodies = order_bodies(events, stores)
+    for start in range(0, events, 500):
+        await asyncio.gather(
+            *(
+                writer.enqueue(delivery, body, "bench", seen_key=SEEN_PREFIX + delivery)
+                for body in bodies[start : start + 500]
+                for env in (parse_envelope(body),)
+                for delivery in (delivery_id(env.merchant, env.event, body),)
+            )
+        )
+    await pool.aclose()
+    if await redis.zcard("arq:queue") != events:
+        raise RuntimeError("the worker benchmark could not persist its events")
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "SALLA_WEBHOOK_SECRET": "bench-webhook-secret",
+        "BATCH_WINDOW_S": "600",
+        "WORKER_METRICS_PORT": "0",
+        "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "INFO"),
+        "LOG_FORMAT": "json",
+    }
+    worker = subprocess.Popen(  # noqa: ASYNC220 - our own interpreter and module
+        [sys.executable, "-m", "service", "worker"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    merchants = [1_000_000 + s for s in range(stores)]
+    try:
+        started = None
+        cpu_at_start = 0.0
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            ready = await redis.zcount("arq:queue", "-inf", int(time.time() * 1000))
+            if started is None and ready < events:
+                started = time.perf_counter()
+                cpu_at_start = _cpu_seconds(worker.pid)
+
+            async with redis.pipeline(transaction=False) as pipe:
+                for merchant in merchants:
+                    pipe.zcard(f"sr:pending:{merchant}")
+                pending = sum(await pipe.execute())
+            if pending >= events:
+                break
+            await asyncio.sleep(0.01)
+        elapsed = time.perf_counter() - (started or time.perf_counter())
+        cpu = _cpu_seconds(worker.pid) - cpu_at_start
+        rss = peak_rss_mib(worker.pid)
+    finally:
+        worker.terminate()
+        await asyncio.to_thread(worker.wait, 30)
+    kept = int(await redis.xlen(WEBHOOK_STREAM))
+    stream_bytes = int(await redis.memory_usage(WEBHOOK_STREAM) or 0)
+    await redis.flushall()
+    await redis.aclose()
+    if pending != events:
+        raise RuntimeError(f"the worker queued {pending} grants for {events} events")
+    return {
+        "events_per_s": round(events / elapsed),
+        "events": events,
+        "stores": stores,
+        "worker_cpu_ms_per_event": round(cpu / events * 1000, 3),
+        "worker_peak_rss_mib": rss,
+        "redis_bytes_per_kept_webhook": round(stream_bytes / max(kept, 1)),
+        "method": "one worker process (arq, max_jobs 10), LOG_LEVEL=INFO, no flush during the run",
+    }
