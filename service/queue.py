@@ -15,14 +15,26 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 PROCESS_EVENT = "process_event"
 FLUSH = "flush"
 RECONCILE = "reconcile"
 
 
-def redis_settings(url: str) -> RedisSettings:
-    return RedisSettings.from_dsn(url)
+def redis_settings(url: str, *, ride_out_outages: bool = False) -> RedisSettings:
+    """arq's connection settings. `ride_out_outages` (the worker): every command is retried
+    with backoff for about 15 s, so a Redis restart or failover pauses the worker instead of
+    ending its main loop (arq lets a failed poll stop the worker)."""
+    settings = RedisSettings.from_dsn(url)
+    if ride_out_outages:
+        settings.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=12)
+        settings.retry_on_error = [RedisConnectionError, RedisTimeoutError]
+        settings.conn_retries = 30
+    return settings
 
 
 async def connect(url: str) -> ArqRedis:

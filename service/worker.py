@@ -134,7 +134,7 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
             cron(sweep, second=sweep_seconds, run_at_startup=True, unique=True),
             cron(refresh_tokens, minute=set(range(0, 60, 10)), second=30, unique=True),
         ],
-        "redis_settings": queue.redis_settings(redis_url),
+        "redis_settings": queue.redis_settings(redis_url, ride_out_outages=True),
         "on_startup": startup,
         "on_shutdown": shutdown,
         "job_timeout": settings.job_timeout_s,
