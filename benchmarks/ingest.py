@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import json
 import os
 import re
@@ -229,7 +230,16 @@ async def fixed_rate(
 def _fixed_rate_in_uvloop(port: int, requests: list[bytes], rate: float) -> dict[str, Any]:
     import uvloop
 
-    return uvloop.run(fixed_rate(port, requests, rate))
+    # The client's own garbage collector must not pause it mid-measurement (this process holds
+    # tens of thousands of request bodies): collect now, then keep it off for the run.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        return uvloop.run(fixed_rate(port, requests, rate))
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 async def bench_ingest(
@@ -238,9 +248,10 @@ async def bench_ingest(
     seconds: int = 10,
     connections: int = 32,
     rate: float = 1000.0,
-    rate_seconds: int = 10,
+    rate_seconds: int = 5,
+    rate_rounds: int = 3,
 ) -> dict[str, Any]:
-    """Full path vs bare Starlette (wrk), then p50/p99 at a fixed rate, with peak RSS."""
+    """p50/p99 at a fixed rate (three rounds), then full path vs bare Starlette (wrk); peak RSS."""
     from redis.asyncio import Redis
 
     secret = "bench-webhook-secret"  # noqa: S105 - a local benchmark secret
@@ -267,9 +278,16 @@ async def bench_ingest(
         service_cmd = [sys.executable, "-m", "service", "serve", "--port", str(port + 1)]
         server = start_server(service_cmd, env, port + 1)
         try:
-            fixed_bodies = signed_bodies(int(rate * rate_seconds), secret, start=100_000)
-            raw = [raw_request(port + 1, sig, body) for sig, body in fixed_bodies]
-            steady = await asyncio.to_thread(_fixed_rate_in_uvloop, port + 1, raw, rate)
+            rounds = []
+            count = int(rate * rate_seconds)
+            for n in range(rate_rounds):  # the VM is noisy: three rounds, the median reported
+                # The client runs in its own small process: this one holds 60,000 bodies.
+                client = [sys.executable, "-m", "benchmarks.ingest", str(port + 1), secret]
+                client += [str(count), str(rate), str(100_000 * (n + 1))]
+                done = await asyncio.to_thread(
+                    subprocess.run, client, cwd=ROOT, capture_output=True, text=True, check=True
+                )
+                rounds.append(json.loads(done.stdout))
             steady_persisted = await redis.zcard("arq:queue")
             await redis.flushall()
             full = run_wrk(port + 1, requests_file, seconds, connections)
@@ -286,18 +304,29 @@ async def bench_ingest(
     await redis.aclose()
     if full["non_2xx"] or persisted < min(full["requests"], len(bodies)):
         raise RuntimeError(f"the ingest run did not persist every request: {full}, {persisted}")
-    if steady_persisted != len(raw):
-        raise RuntimeError(f"fixed-rate run persisted {steady_persisted} of {len(raw)}")
+    if steady_persisted != count * rate_rounds:
+        raise RuntimeError(f"fixed-rate runs persisted {steady_persisted} of {count * 3}")
+    p99s = sorted(r["p99_ms"] for r in rounds)
     return {
         "full_path_requests_per_s": full["requests_per_s"],
         "bare_starlette_requests_per_s": bare_run["requests_per_s"],
         "ratio": round(full["requests_per_s"] / bare_run["requests_per_s"], 2),
         "full_path_wrk_p50_p99": f"{full['p50']} / {full['p99']} at {connections} connections",
         "persisted": persisted,
-        f"p50_ms_at_{int(rate)}_per_s": steady["p50_ms"],
-        f"p99_ms_at_{int(rate)}_per_s": steady["p99_ms"],
-        "fixed_rate_achieved_per_s": steady["rate_per_s"],
-        "fixed_rate_max_ms": steady["max_ms"],
+        f"p50_ms_at_{int(rate)}_per_s": statistics.median(r["p50_ms"] for r in rounds),
+        f"p99_ms_at_{int(rate)}_per_s": statistics.median(p99s),
+        "fixed_rate_p99_ms_each_round": p99s,
+        "fixed_rate_achieved_per_s": min(r["rate_per_s"] for r in rounds),
+        "fixed_rate_max_ms": max(r["max_ms"] for r in rounds),
         "web_peak_rss_mib": web_rss,
         "load_generator": f"wrk -t1 -c{connections} -d{seconds}s; fixed rate: open-loop client",
     }
+
+
+if __name__ == "__main__":  # the fixed-rate client: PORT SECRET COUNT RATE FIRST_ORDER_ID
+    _port, _secret, _count, _rate, _start = sys.argv[1:6]
+    _raw = [
+        raw_request(int(_port), sig, body)
+        for sig, body in signed_bodies(int(_count), _secret, start=int(_start))
+    ]
+    print(json.dumps(_fixed_rate_in_uvloop(int(_port), _raw, float(_rate))))
