@@ -113,5 +113,6 @@ async def bench_worker(redis_url: str, events: int = 6000, stores: int = 20) -> 
         "worker_cpu_ms_per_event": round(cpu / events * 1000, 3),
         "worker_peak_rss_mib": rss,
         "redis_bytes_per_kept_webhook": round(stream_bytes / max(kept, 1)),
-        "method": "one worker process (arq, max_jobs 10), LOG_LEVEL=INFO, no flush during the run",
+        "method": "one worker process (arq: 50 jobs at once, polled every 20 ms), LOG_LEVEL=INFO, "
+        "no flush during the run",
     }

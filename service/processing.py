@@ -166,7 +166,7 @@ def _keep(
             "body": body,
         },
         minid=str(oldest_ms),
-        approximate=True,
+        approximate=False,  # exact: each add removes the few entries that just expired
     )
 
 

@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     #: Bearer token for the HTTP admin routes under /admin/; empty turns those routes off.
     admin_token: SecretStr = SecretStr("")
     #: Webhooks the rules saw are kept this long for `replay`; 0 keeps none.
-    webhook_retention_days: int = Field(default=30, ge=0, le=365)
+    webhook_retention_days: int = Field(default=7, ge=0, le=365)
 
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> Settings:

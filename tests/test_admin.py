@@ -33,7 +33,7 @@ from tests.conftest import (
     running_worker,
 )
 from tests.support.servers import serve_in_thread
-from tests.test_end_to_end import ORDER_CUSTOMER, ORDER_MERCHANT, balance, install
+from tests.test_end_to_end import ORDER_CUSTOMER, ORDER_MERCHANT, balance, install, with_merchant
 from tests.test_operations import cli
 
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"
@@ -320,3 +320,31 @@ class TestCli:
             subprocess.run, args, cwd=ROOT_DIR, env=env, capture_output=True, text=True, timeout=120
         )
         assert "0 differ" in again.stderr
+
+
+class TestRetention:
+    async def test_old_webhooks_are_trimmed_and_zero_keeps_none(
+        self, redis: Redis, redis_url: str, sandbox: tuple[str, Sandbox]
+    ) -> None:
+        url, box = sandbox
+        two_days_ago_ms = int((dt.datetime.now(dt.UTC).timestamp() - 2 * 86400) * 1000)
+        await redis.xadd(WEBHOOK_STREAM, {"event": "old"}, id=f"{two_days_ago_ms}-0")
+        settings = make_settings(url, webhook_retention_days=1)
+        with serve_in_thread(create_app(settings, redis_url)) as web_url:
+            web = Service(web_url, settings)
+            await credited_order(web, box, redis_url)
+        kept = await redis.xrange(WEBHOOK_STREAM)
+        assert [fields["event"] for _, fields in kept] == ["order.status.updated"]
+
+        await redis.delete(WEBHOOK_STREAM)
+        none = make_settings(url, webhook_retention_days=0)
+        with serve_in_thread(create_app(none, redis_url)) as web_url:
+            web = Service(web_url, none)
+            web.post_webhook(
+                with_merchant(
+                    "order.status.updated.json", ORDER_MERCHANT, data__id=7, data__order__id=7
+                )
+            )
+            async with running_worker(none, redis_url):
+                await eventually(lambda: balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 30)
+        assert await redis.exists(WEBHOOK_STREAM) == 0
