@@ -348,3 +348,39 @@ class TestRetention:
             async with running_worker(none, redis_url):
                 await eventually(lambda: balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 30)
         assert await redis.exists(WEBHOOK_STREAM) == 0
+
+
+class TestExportInterrupted:
+    async def test_ctrl_c_leaves_no_file(
+        self, redis: Redis, redis_url: str, tmp_path: Path
+    ) -> None:
+        grants = 50_000
+        now = ledger.now_ms()
+        async with redis.pipeline(transaction=False) as pipe:
+            for n in range(grants):
+                grant = ledger.Grant(
+                    id=f"g{n}", merchant=1, customer=n, points=5, type="plus", reason="r",
+                    channels=(), scope=f"order:{n}", rule="purchase", created_ms=now,
+                )  # fmt: skip
+                pipe.hset(ledger.grant_key(grant.id), mapping=grant.to_redis())
+                pipe.zadd(ledger.GRANT_LOG, {grant.id: now})
+            await pipe.execute()
+        out = tmp_path / "ledger.jsonl"
+        partial = tmp_path / "ledger.jsonl.partial"
+        args = [sys.executable, "-m", "service", "admin", "export", "-o", str(out)]
+        proc = await asyncio.to_thread(
+            subprocess.Popen,
+            args,
+            cwd=ROOT_DIR,
+            env=_cli_env(redis_url),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        await eventually(lambda: partial.exists() and partial.stat().st_size > 0, timeout_s=30)
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+        assert proc.returncode == 130, err
+        assert "interrupted: no file was written" in err
+        assert not out.exists()
+        assert not partial.exists()
