@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any
 
+from arq.worker import func
 from redis.asyncio import Redis
 
 from benchmarks.ingest import ROOT, SAMPLE, peak_rss_mib
@@ -35,6 +36,48 @@ def order_bodies(events: int, stores: int) -> list[bytes]:
         doc["data"]["order"]["customer"]["id"] = 500_000 + n
         out.append(json.dumps(doc, ensure_ascii=False).encode())
     return out
+
+
+async def _noop(ctx: dict[str, Any], *args: Any) -> None:
+    return None
+
+
+async def arq_ceiling(redis_url: str, jobs: int = 5000) -> int:
+    """Jobs/s of an arq worker whose job does nothing, with our job's arguments and settings:
+    the queue's own ceiling for one process, which one job per webhook cannot exceed."""
+    import uvloop
+    from arq import Worker
+
+    async def run() -> int:
+        settings = queue.redis_settings(redis_url)
+        pool = await queue.connect(redis_url)
+        await pool.flushall()
+        for start in range(0, jobs, 500):
+            await asyncio.gather(
+                *(
+                    pool.enqueue_job(queue.PROCESS_EVENT, SAMPLE, f"d{n}", "t", _job_id=f"e{n}")
+                    for n in range(start, start + 500)
+                )
+            )
+        worker = Worker(
+            functions=[func(_noop, name=queue.PROCESS_EVENT)],
+            redis_settings=settings,
+            burst=True,
+            max_jobs=50,
+            poll_delay=0.02,
+            keep_result=0,
+            handle_signals=False,
+        )
+        started = time.perf_counter()
+        await worker.main()
+        elapsed = time.perf_counter() - started
+        await worker.close()
+        await pool.flushall()
+        await pool.aclose()
+        return round(jobs / elapsed)
+
+    # A fresh uvloop loop in a thread, as the worker process runs one.
+    return await asyncio.to_thread(uvloop.run, run())
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -111,6 +154,7 @@ async def bench_worker(redis_url: str, events: int = 6000, stores: int = 20) -> 
         "events": events,
         "stores": stores,
         "worker_cpu_ms_per_event": round(cpu / events * 1000, 3),
+        "arq_noop_jobs_per_s_one_process": await arq_ceiling(redis_url),
         "worker_peak_rss_mib": rss,
         "redis_bytes_per_kept_webhook": round(stream_bytes / max(kept, 1)),
         "method": "one worker process (arq: 50 jobs at once, polled every 20 ms), LOG_LEVEL=INFO, "
