@@ -403,21 +403,29 @@ def grants_retry(
                 chosen = await ledger.grants_in(client, kind, merchant or 0)
             moved = 0
             stores = set()
-            with click.progressbar(chosen, label=f"retrying {len(chosen)} grant(s)") as bar:
+            label = f"retrying {len(chosen)} grant(s)"
+            with _interruptible() as stop, click.progressbar(chosen, label=label) as bar:
                 for grant in bar:
+                    if stop.is_set():
+                        interrupted[0] = True
+                        break
                     if grant.state == kind and await ledger.requeue(
                         client, grant.merchant, grant, kind
                     ):
                         moved += 1
                         stores.add(grant.merchant)
-            for store in stores:
+            for store in stores:  # what was moved is sent, interrupted or not
                 await queue.enqueue_flush(pool, store, 0)
             return moved
         finally:
             await pool.aclose()
             await client.aclose()
 
+    interrupted = [False]
     click.echo(f"{_run_async(retry())} grant(s) queued again")
+    if interrupted[0]:
+        click.echo("interrupted: run the same command again for the rest", err=True)
+        sys.exit(130)
 
 
 @main.command()
@@ -505,8 +513,12 @@ def campaign(
         pool = await queue.connect(url)
         made = 0
         try:
-            with click.progressbar(ids, label=f"campaign {name}: {len(ids)} grant(s)") as bar:
+            label = f"campaign {name}: {len(ids)} grant(s)"
+            with _interruptible() as stop, click.progressbar(ids, label=label) as bar:
                 for customer in bar:
+                    if stop.is_set():
+                        interrupted[0] = True
+                        break
                     scope = f"campaign:{name}:{'all' if everyone else customer}"
                     outcome = Outcome(
                         f"campaign:{name}",
@@ -529,8 +541,14 @@ def campaign(
             await pool.aclose()
             await client.aclose()
 
+    interrupted = [False]
     made = _run_async(grant_all())
     click.echo(f"campaign {name}: {made} new grant(s) queued for store {merchant}")
+    if interrupted[0]:
+        click.echo(
+            f"interrupted: run the same command (campaign id {name}) again for the rest", err=True
+        )
+        sys.exit(130)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +170,36 @@ class TestGrantsCommands:
             result.returncode == 1
             and "cannot reach Redis at redis://127.0.0.1:9/0" in result.stderr
         )
+
+
+class TestInterrupted:
+    async def test_campaign_ctrl_c_then_again_grants_each_customer_once(
+        self, redis: Redis, redis_url: str, tmp_path: Path
+    ) -> None:
+        customers = 8_000
+        ids = tmp_path / "customers.txt"
+        ids.write_text("\n".join(str(100_000 + n) for n in range(customers)))
+        args = [*CLI, "campaign", "--merchant", "7", "--points", "5", "--reason", "Eid"]
+        args += ["--customers", str(ids), "--id", "eid"]
+        env = {**os.environ, "REDIS_URL": redis_url}
+        proc = await asyncio.to_thread(
+            subprocess.Popen,
+            args,
+            cwd=ROOT_DIR,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        await eventually(lambda: redis.zcard("sr:pending:7"), timeout_s=30)
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+        assert proc.returncode == 130, err
+        assert "interrupted" in err
+        partly = await redis.zcard("sr:pending:7")
+        assert 0 < partly < customers
+
+        again = await cli(redis_url, *args[len(CLI) :])
+        assert again.returncode == 0, again.stderr
+        pending = await redis.zrange("sr:pending:7", 0, -1)
+        assert len(pending) == customers  # each customer once, across both runs
