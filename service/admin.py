@@ -124,7 +124,7 @@ async def _grant_docs(redis: Redis, ids: Iterable[str]) -> list[dict[str, str]]:
 async def store_state(redis: Redis, settings: Settings, merchant: int) -> dict[str, Any]:
     """Token, queue, rate-limit budget and failed grants of one store."""
     doc: dict[str, str] = await redis.hgetall(tokens.store_key(merchant))  # type: ignore[misc]
-    token = await tokens.get(redis, merchant)
+    token = tokens.from_record(doc)
     now = time.time()
     gauges = await ledger.store_gauges(redis, merchant)
     async with redis.pipeline(transaction=False) as pipe:

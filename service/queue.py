@@ -60,7 +60,7 @@ def _event_job(
     now = timestamp_ms()
     job = serialize_job(PROCESS_EVENT, (body, delivery, trace_id), {}, None, now)
     return [
-        seen_key or f"{job_key_prefix}{job_id}:unused",
+        seen_key,
         job_key_prefix + job_id,
         result_key_prefix + job_id,
         pool.default_queue_name,
@@ -69,19 +69,6 @@ def _event_job(
         str(now),
         job_id,
     ]
-
-
-async def enqueue_event(
-    pool: ArqRedis, delivery: str, body: bytes, trace_id: str, *, seen_key: str = ""
-) -> bool:
-    """Persist one webhook delivery as a job; False when it is queued or was processed already.
-
-    `seen_key` is set by the worker once the delivery is processed (see `process_event`).
-    """
-    added = await pool.eval(
-        _ENQUEUE_EVENT, 4, *_event_job(delivery, body, trace_id, seen_key, pool)
-    )  # type: ignore[misc]
-    return bool(added)
 
 
 class EventWriter:
@@ -99,6 +86,8 @@ class EventWriter:
         self._writing = False
 
     async def enqueue(self, delivery: str, body: bytes, trace_id: str, *, seen_key: str) -> bool:
+        """Persist one delivery as a job; False when it is queued or was processed already
+        (`seen_key` is set by the worker once the delivery is processed)."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting.append((_event_job(delivery, body, trace_id, seen_key, self.pool), future))
         if not self._writing:

@@ -42,6 +42,11 @@ async def save(redis: Redis, merchant: int, tokens: TokenSet) -> None:
 
 async def get(redis: Redis, merchant: int) -> TokenSet | None:
     doc: dict[str, str] = await redis.hgetall(store_key(merchant))  # type: ignore[misc]
+    return from_record(doc)
+
+
+def from_record(doc: dict[str, str]) -> TokenSet | None:
+    """The usable tokens in a store's record (`store_key`), or None."""
     if not doc.get("access_token") or doc.get("status") != "authorized":
         return None
     return TokenSet(

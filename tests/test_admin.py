@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import datetime as dt
 import io
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +29,7 @@ from tests.conftest import (
 )
 from tests.support.servers import serve_in_thread
 from tests.test_end_to_end import ORDER_CUSTOMER, ORDER_MERCHANT, balance, install, with_merchant
-from tests.test_operations import cli
+from tests.test_operations import cli, cli_interrupted
 
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -211,10 +206,6 @@ class TestReplay:
         assert box.stores[ORDER_MERCHANT].access_token not in json.dumps(kept)
 
 
-def _cli_env(redis_url: str, **extra: str) -> dict[str, str]:
-    return {**os.environ, "REDIS_URL": redis_url, **extra}
-
-
 class TestCli:
     async def test_same_verbs_as_http(
         self,
@@ -287,38 +278,25 @@ class TestCli:
                     },
                 )
             await pipe.execute()
-        env = _cli_env(redis_url, RULES_PATH=str(doubled_rules(tmp_path)))
-        args = [sys.executable, "-m", "service", "admin", "replay", "--apply"]
-        proc = await asyncio.to_thread(
-            subprocess.Popen,
-            args,
-            cwd=ROOT_DIR,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdout is not None
-        await asyncio.to_thread(proc.stdout.readline)  # it has applied something
-        proc.send_signal(signal.SIGINT)
-        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
-        assert proc.returncode == 130, err
-        assert "interrupted after" in err
+        env = {"RULES_PATH": str(doubled_rules(tmp_path))}
+        args = ["admin", "replay", "--apply"]
+        pending_key = f"{ledger.PREFIX}pending:{ORDER_MERCHANT}"
+        ended = await cli_interrupted(
+            redis_url, *args, once=lambda: redis.zcard(pending_key), env=env
+        )  # Ctrl-C once it has applied something
+        assert ended.returncode == 130, ended.stderr
+        assert "interrupted after" in ended.stderr
         partly = await redis.zcard(f"{ledger.PREFIX}pending:{ORDER_MERCHANT}")
         assert 0 < partly < orders + 1
 
-        rest = await asyncio.to_thread(
-            subprocess.run, args, cwd=ROOT_DIR, env=env, capture_output=True, text=True, timeout=120
-        )
+        rest = await cli(redis_url, *args, env=env)
         assert rest.returncode == 0, rest.stderr
         pending = await ledger.grants_in(redis, "pending", ORDER_MERCHANT)
         # First-time orders get their 30 (new under the new rules); the paid one gets +15.
         assert len(pending) == orders + 1
         assert sum(g.points for g in pending) == orders * 30 + 15
         assert len({g.scope for g in pending}) == orders + 1
-        again = await asyncio.to_thread(
-            subprocess.run, args, cwd=ROOT_DIR, env=env, capture_output=True, text=True, timeout=120
-        )
+        again = await cli(redis_url, *args, env=env)
         assert "0 differ" in again.stderr
 
 
@@ -367,20 +345,12 @@ class TestExportInterrupted:
             await pipe.execute()
         out = tmp_path / "ledger.jsonl"
         partial = tmp_path / "ledger.jsonl.partial"
-        args = [sys.executable, "-m", "service", "admin", "export", "-o", str(out)]
-        proc = await asyncio.to_thread(
-            subprocess.Popen,
-            args,
-            cwd=ROOT_DIR,
-            env=_cli_env(redis_url),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        ended = await cli_interrupted(
+            redis_url,
+            *["admin", "export", "-o", str(out)],
+            once=lambda: partial.exists() and partial.stat().st_size > 0,
         )
-        await eventually(lambda: partial.exists() and partial.stat().st_size > 0, timeout_s=30)
-        proc.send_signal(signal.SIGINT)
-        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
-        assert proc.returncode == 130, err
-        assert "interrupted: no file was written" in err
+        assert ended.returncode == 130, ended.stderr
+        assert "interrupted: no file was written" in ended.stderr
         assert not out.exists()
         assert not partial.exists()

@@ -19,7 +19,9 @@ from tests.test_end_to_end import ORDER_CUSTOMER, ORDER_MERCHANT, balance, insta
 CLI = [sys.executable, "-m", "service"]
 
 
-async def cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+async def cli(
+    redis_url: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the CLI without blocking the event loop the worker runs in."""
     return await asyncio.to_thread(
         subprocess.run,
@@ -28,8 +30,31 @@ async def cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
         cwd=ROOT_DIR,
-        env={**os.environ, "REDIS_URL": redis_url},
+        env={**os.environ, "REDIS_URL": redis_url, **(env or {})},
     )
+
+
+async def cli_interrupted(
+    redis_url: str, *args: str, once: Any, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Start the CLI, press Ctrl-C as soon as `once()` holds, and return how it ended."""
+    proc = await asyncio.to_thread(
+        subprocess.Popen,
+        [*CLI, *args],
+        cwd=ROOT_DIR,
+        env={**os.environ, "REDIS_URL": redis_url, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        await eventually(once, timeout_s=30)
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 class TestCampaign:
@@ -181,21 +206,11 @@ class TestInterrupted:
         ids.write_text("\n".join(str(100_000 + n) for n in range(customers)))
         args = [*CLI, "campaign", "--merchant", "7", "--points", "5", "--reason", "Eid"]
         args += ["--customers", str(ids), "--id", "eid"]
-        env = {**os.environ, "REDIS_URL": redis_url}
-        proc = await asyncio.to_thread(
-            subprocess.Popen,
-            args,
-            cwd=ROOT_DIR,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        ended = await cli_interrupted(
+            redis_url, *args[len(CLI) :], once=lambda: redis.zcard("sr:pending:7")
         )
-        await eventually(lambda: redis.zcard("sr:pending:7"), timeout_s=30)
-        proc.send_signal(signal.SIGINT)
-        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
-        assert proc.returncode == 130, err
-        assert "interrupted" in err
+        assert ended.returncode == 130, ended.stderr
+        assert "interrupted" in ended.stderr
         partly = await redis.zcard("sr:pending:7")
         assert 0 < partly < customers
 
