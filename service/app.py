@@ -1,7 +1,7 @@
 """`create_app(settings)`: the HTTP edge. Routes, lifespan (Redis pool, rules).
 
 The request path is short and does no outbound I/O:
-route → read body (limited) → verify → parse → dedupe + persist (an arq job) → 200.
+route → read body (limited) → verify → parse → dedupe + persist (the inbox stream) → 200.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from service import metrics, queue
 from service.admin_http import AdminState
 from service.admin_http import routes as admin_routes
 from service.errors import PayloadTooLarge, RequestTimeout, WebhookError
+from service.inbox import ensure_group
 from service.logging import configure_logging, get_logger
-from service.processing import SEEN_PREFIX, ProcessingDeps, handles
+from service.processing import APP_HANDLERS, SEEN_PREFIX, ProcessingDeps, handles
 from service.rules import RuleSet
 from service.rules.reloader import RulesHolder, live_rules
 from service.settings import Settings
@@ -103,9 +104,21 @@ async def salla_webhook(request: Request) -> JSONResponse:
         return _answer(200, status="ignored", event=env.event)
     delivery = delivery_id(env.merchant, env.event, body)
     try:
-        accepted = await state.writer.enqueue(
-            delivery, body, trace_id, seen_key=SEEN_PREFIX + delivery
-        )
+        if env.event in APP_HANDLERS:  # few, and they carry tokens: their own arq job
+            accepted = await state.writer.enqueue(
+                delivery, body, trace_id, seen_key=SEEN_PREFIX + delivery
+            )
+        else:
+            accepted = await state.writer.accept(
+                merchant=env.merchant,
+                event=env.event,
+                delivery=delivery,
+                body=body,
+                trace_id=trace_id,
+                seen_key=SEEN_PREFIX + delivery,
+                seen_ttl_s=settings.dedupe_ttl_s,
+                retention_days=settings.webhook_retention_days,
+            )
     except RedisError as exc:
         # Not persisted: a non-2xx answer makes Salla deliver it again later.
         bound.error("webhook_not_persisted", status=503, error=repr(exc), duration_ms=_ms(started))
@@ -173,6 +186,7 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         configure_logging(settings.log_format, settings.log_level)
         pool = await queue.connect(redis_url)
+        await ensure_group(pool)  # before the first webhook is accepted: the worker reads from here
         app.state.service = AppState(settings, pool, holder, queue.EventWriter(pool))
         admin_redis = None
         if admin_token:

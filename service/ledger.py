@@ -3,8 +3,10 @@
 The order-state model: an event computes what a scope (an order, a review, a customer)
 deserves *now* from each rule; only the difference from what the ledger says was granted
 becomes a grant. Reprocessing an event is therefore harmless, and reversals come from the
-ledger, never from today's rules. Each scope's entry is updated under WATCH/MULTI, so two
-workers handling two events of one order cannot both add.
+ledger, never from today's rules. Each scope's entry carries a version: changes are computed
+from what was read and committed by one Lua call only if the version (and the unsent grants and
+caps they depend on) is unchanged, so two workers handling two events of one order cannot both
+add.
 
 Grant states (each transition one atomic Redis step, written before the action it allows):
 
@@ -15,8 +17,9 @@ Grant states (each transition one atomic Redis step, written before the action i
     netted: cancelled by an opposite change before it was sent (pending or parked only)
 
 Keys (all under the `sr:` prefix):
-    led:{merchant}:{scope}     hash  customer, r:{rule} -> JSON {granted, deserved, customer,
-                                     reason, channels, version, order, open: [unsent grant ids]}
+    led:{merchant}:{scope}     hash  v (its version), event_at, customer, r:{rule} -> JSON
+                                     {granted, deserved, customer, reason, channels, version,
+                                     order, open: [unsent grant ids]}
     led-index:{m}:order:{id}   set   other scopes an order's events granted (for revocation)
     cap:{m}:{rule}:{c}:{day}   int   points a rule granted a customer on a local day
     grant:{id}                 hash  one grant (see `Grant`)
@@ -41,8 +44,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
 from redis.asyncio import Redis
-from redis.exceptions import WatchError
 
 from service.rules.engine import Outcome
 from service.rules.model import MAX_POINTS_PER_CALL
@@ -282,6 +285,75 @@ class _Change:
     cap_used: tuple[str, int] | None = None
 
 
+# ARGV[1]: JSON {"checks": [[key, hash field or "", expected value or ""], ...],
+# "writes": [[command, arguments...], ...]}. The writes happen only if every checked value is
+# still what the caller read (a missing key reads as ""); else nothing is written and 0 is
+# returned, and the caller reads again. Optimistic concurrency in one round trip, where
+# WATCH/MULTI/EXEC took three; one JSON argument, because packing each argument of a command
+# is a large share of the client's CPU per event.
+_COMMIT = """
+local commit = cjson.decode(ARGV[1])
+for _, check in ipairs(commit.checks) do
+  local have
+  if check[2] == '' then
+    have = redis.call('GET', check[1])
+  else
+    have = redis.call('HGET', check[1], check[2])
+  end
+  if (have or '') ~= check[3] then return 0 end
+end
+for _, write in ipairs(commit.writes) do
+  redis.call(unpack(write))
+end
+return 1
+"""
+
+
+class _Writes:
+    """The writes of one commit, in `_COMMIT`'s argument form (the pipeline verbs `_write`
+    uses). `check` records a value the writes depend on."""
+
+    def __init__(self) -> None:
+        self.checks: list[tuple[str, str, str]] = []
+        self.writes: list[list[str]] = []
+
+    def check(self, key: str, field: str, expected: str | None) -> None:
+        self.checks.append((key, field, expected or ""))
+
+    def _op(self, command: str, *args: object) -> None:
+        self.writes.append([command, *map(str, args)])
+
+    def hset(self, key: str, field: str = "", value: object = "", *, mapping: Any = None) -> None:
+        pairs = [field, value] if field else []
+        for name, item in (mapping or {}).items():
+            pairs += [name, item]
+        self._op("HSET", key, *pairs)
+
+    def hsetnx(self, key: str, field: str, value: str) -> None:
+        self._op("HSETNX", key, field, value)
+
+    def expire(self, key: str, seconds: int) -> None:
+        self._op("EXPIRE", key, seconds)
+
+    def zadd(self, key: str, members: dict[str, int]) -> None:
+        self._op("ZADD", key, *(x for member, score in members.items() for x in (score, member)))
+
+    def zrem(self, key: str, member: str) -> None:
+        self._op("ZREM", key, member)
+
+    def zremrangebyscore(self, key: str, low: str, high: int) -> None:
+        self._op("ZREMRANGEBYSCORE", key, low, high)
+
+    def incrby(self, key: str, amount: int) -> None:
+        self._op("INCRBY", key, amount)
+
+    def sadd(self, key: str, member: str) -> None:
+        self._op("SADD", key, member)
+
+    def encoded(self) -> bytes:
+        return orjson.dumps({"checks": self.checks, "writes": self.writes})
+
+
 async def _apply_scope(
     redis: Redis,
     merchant: int,
@@ -296,69 +368,78 @@ async def _apply_scope(
     dry_run: bool = False,
     diffs: list[Diff] | None = None,
 ) -> list[Grant]:
+    """Read the scope's entry, compute the changes, commit them if nothing they were computed
+    from changed meanwhile (the entry's version, the states of its unsent grants, the caps);
+    otherwise read again. Two events of one scope can therefore never both add."""
     key = entry_key(merchant, scope)
-    async with redis.pipeline(transaction=True) as pipe:
-        while True:
-            try:
-                await pipe.watch(key)
-                raw: dict[str, str] = await pipe.hgetall(key)  # type: ignore[misc]
-                newest = float(raw.get("event_at", "-inf"))
-                if event_at is not None and event_at < newest:
-                    await pipe.reset()  # type: ignore[no-untyped-call]
-                    return STALE
-                records = {n[2:]: json.loads(v) for n, v in raw.items() if n.startswith("r:")}
-                targets = {o.rule_id: o for o in outcomes}
-                if revoke:
-                    for rule, record in records.items():
-                        if scope.startswith("order:") or record.get("order") == order_id:
-                            targets[rule] = _revocation(rule)
-                open_ids = [g for r in targets for g in records.get(r, {}).get("open", [])]
-                cap_keys = {
-                    r: cap_key(merchant, r, customer, o.day)
-                    for r, o in targets.items()
-                    if o.cap_per_customer_per_day is not None and o.deserved != 0
-                }
-                if open_ids or cap_keys:
-                    await pipe.watch(*(grant_key(g) for g in open_ids), *cap_keys.values())
-                states = await _open_grants(pipe, open_ids)
-                caps_used = {r: int(await pipe.get(k) or 0) for r, k in cap_keys.items()}
-                now = now_ms()
-                changes = [
-                    change
-                    for rule, outcome in targets.items()
-                    if (
-                        change := _change(
-                            merchant,
-                            scope,
-                            rule,
-                            outcome,
-                            records.get(rule, {}),
-                            states,
-                            caps_used.get(rule),
-                            cap_keys.get(rule),
-                            customer,
-                            order_id,
-                            trace_id,
-                            now,
-                        )
-                    )
-                    is not None
-                ]
-                bump = event_at is not None and event_at > newest
-                if dry_run or (not changes and not bump):
-                    await pipe.reset()  # type: ignore[no-untyped-call]
-                    _report(diffs, merchant, scope, records, changes)
-                    return [g for c in changes for g in c.new]
-                pipe.multi()  # type: ignore[no-untyped-call]
-                if bump:
-                    pipe.hset(key, "event_at", repr(event_at))
-                if changes:
-                    _write(pipe, merchant, scope, key, changes, customer, order_id)
-                await pipe.execute()
-                _report(diffs, merchant, scope, records, changes)
-                return [g for c in changes for g in c.new]
-            except WatchError:
-                continue
+    while True:
+        raw: dict[str, str] = await redis.hgetall(key)  # type: ignore[misc]
+        newest = float(raw.get("event_at", "-inf"))
+        if event_at is not None and event_at < newest:
+            return STALE
+        records = {n[2:]: json.loads(v) for n, v in raw.items() if n.startswith("r:")}
+        targets = {o.rule_id: o for o in outcomes}
+        if revoke:
+            for rule, record in records.items():
+                if scope.startswith("order:") or record.get("order") == order_id:
+                    targets[rule] = _revocation(rule)
+        open_ids = [g for r in targets for g in records.get(r, {}).get("open", [])]
+        cap_keys = {
+            r: cap_key(merchant, r, customer, o.day)
+            for r, o in targets.items()
+            if o.cap_per_customer_per_day is not None and o.deserved != 0
+        }
+        states, state_seen = await _open_grants(redis, open_ids)
+        cap_raw = (
+            dict(zip(cap_keys, await redis.mget(list(cap_keys.values())), strict=True))
+            if cap_keys
+            else {}
+        )
+        caps_used = {r: int(v or 0) for r, v in cap_raw.items()}
+        now = now_ms()
+        changes = [
+            change
+            for rule, outcome in targets.items()
+            if (
+                change := _change(
+                    merchant,
+                    scope,
+                    rule,
+                    outcome,
+                    records.get(rule, {}),
+                    states,
+                    caps_used.get(rule),
+                    cap_keys.get(rule),
+                    customer,
+                    order_id,
+                    trace_id,
+                    now,
+                )
+            )
+            is not None
+        ]
+        bump = event_at is not None and event_at > newest
+        if dry_run or (not changes and not bump):
+            _report(diffs, merchant, scope, records, changes)
+            return [g for c in changes for g in c.new]
+        writes = _Writes()
+        writes.check(key, "v", raw.get("v"))
+        for grant_id in open_ids:
+            writes.check(grant_key(grant_id), "state", state_seen.get(grant_id))
+        for rule, name in cap_keys.items():
+            writes.check(name, "", cap_raw.get(rule))
+        writes.hset(key, "v", str(int(raw.get("v", "0")) + 1))
+        if bump:
+            writes.hset(key, "event_at", repr(event_at))
+        if changes:
+            _write(writes, merchant, scope, key, changes, customer, order_id)
+        if await _commit(redis, writes):
+            _report(diffs, merchant, scope, records, changes)
+            return [g for c in changes for g in c.new]
+
+
+async def _commit(redis: Redis, writes: _Writes) -> bool:
+    return bool(await redis.eval(_COMMIT, 0, writes.encoded()))  # type: ignore[misc,arg-type]
 
 
 def _report(
@@ -393,13 +474,24 @@ def _revocation(rule: str) -> Outcome:
     return Outcome(rule, "", "revoke", 0, "", (), "the order was revoked")
 
 
-async def _open_grants(pipe: Any, ids: Sequence[str]) -> dict[str, dict[str, str]]:
-    states: dict[str, dict[str, str]] = {}
-    for grant_id in ids:
-        values = await pipe.hmget(grant_key(grant_id), "state", "points", "type", "due_ms")
-        if values[0] is not None:
-            states[grant_id] = dict(zip(("state", "points", "type", "due_ms"), values, strict=True))
-    return states
+async def _open_grants(
+    redis: Redis, ids: Sequence[str]
+) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """The unsent grants' fields `_change` reads, and each one's state as read (for the
+    commit's check; a missing grant reads as "")."""
+    if not ids:
+        return {}, {}
+    fields = ("state", "points", "type", "due_ms")
+    async with redis.pipeline(transaction=False) as pipe:
+        for grant_id in ids:
+            pipe.hmget(grant_key(grant_id), list(fields))
+        rows = await pipe.execute()
+    states = {
+        grant_id: dict(zip(fields, values, strict=True))
+        for grant_id, values in zip(ids, rows, strict=True)
+        if values[0] is not None
+    }
+    return states, {grant_id: values[0] or "" for grant_id, values in zip(ids, rows, strict=True)}
 
 
 def _change(
@@ -500,7 +592,7 @@ def _change(
 
 
 def _write(
-    pipe: Any,
+    writes: _Writes,
     merchant: int,
     scope: str,
     key: str,
@@ -509,37 +601,37 @@ def _write(
     order_id: int,
 ) -> None:
     for change in changes:
-        pipe.hset(key, f"r:{change.rule}", json.dumps(change.record, ensure_ascii=False))
+        writes.hset(key, f"r:{change.rule}", json.dumps(change.record, ensure_ascii=False))
         for grant_id in change.netted:
-            pipe.hset(grant_key(grant_id), mapping={"state": "netted", "error": ""})
-            pipe.expire(grant_key(grant_id), SETTLED_GRANT_TTL_S)
-            pipe.zrem(_key("pending", merchant), grant_id)
-            pipe.zrem(_key("parked", merchant), grant_id)
+            writes.hset(grant_key(grant_id), mapping={"state": "netted", "error": ""})
+            writes.expire(grant_key(grant_id), SETTLED_GRANT_TTL_S)
+            writes.zrem(_key("pending", merchant), grant_id)
+            writes.zrem(_key("parked", merchant), grant_id)
         for grant in change.new:
-            pipe.hset(grant_key(grant.id), mapping=grant.to_redis())
-            pipe.zadd(_key("pending", merchant), {grant.id: grant.due_ms})
-            _index(pipe, grant)
+            writes.hset(grant_key(grant.id), mapping=grant.to_redis())
+            writes.zadd(_key("pending", merchant), {grant.id: grant.due_ms})
+            _index(writes, grant)
         if change.cap_used:
             name, amount = change.cap_used
-            pipe.incrby(name, amount)
-            pipe.expire(name, 3 * 86400)
+            writes.incrby(name, amount)
+            writes.expire(name, 3 * 86400)
     if customer:
-        pipe.hsetnx(key, "customer", str(customer))
+        writes.hsetnx(key, "customer", str(customer))
     if order_id and not scope.startswith("order:"):
-        pipe.sadd(order_index_key(merchant, order_id), scope)
-    pipe.sadd(STORES_PENDING, str(merchant))
+        writes.sadd(order_index_key(merchant, order_id), scope)
+    writes.sadd(STORES_PENDING, str(merchant))
 
 
-def _index(pipe: Any, grant: Grant) -> None:
+def _index(writes: _Writes, grant: Grant) -> None:
     """Admin lookups: a grant by its scope, its customer and its time. Kept as long as grants."""
     for name in (
         scope_grants_key(grant.merchant, grant.scope),
         customer_grants_key(grant.merchant, grant.customer),
     ):
-        pipe.zadd(name, {grant.id: grant.created_ms})
-        pipe.expire(name, SETTLED_GRANT_TTL_S)
-    pipe.zadd(GRANT_LOG, {grant.id: grant.created_ms})
-    pipe.zremrangebyscore(GRANT_LOG, "-inf", grant.created_ms - SETTLED_GRANT_TTL_S * 1000)
+        writes.zadd(name, {grant.id: grant.created_ms})
+        writes.expire(name, SETTLED_GRANT_TTL_S)
+    writes.zadd(GRANT_LOG, {grant.id: grant.created_ms})
+    writes.zremrangebyscore(GRANT_LOG, "-inf", grant.created_ms - SETTLED_GRANT_TTL_S * 1000)
 
 
 async def entry(redis: Redis, merchant: int, scope: str) -> dict[str, int]:

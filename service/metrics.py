@@ -64,3 +64,15 @@ ATTENTION = Gauge(
     ["merchant", "kind"],
     registry=REGISTRY,
 )
+INBOX_BACKLOG = Gauge(
+    "salla_rewards_inbox_backlog",
+    "Webhooks accepted and not processed yet, by state (pending: read by a worker and not "
+    "acknowledged; unread).",
+    ["state"],
+    registry=REGISTRY,
+)
+INBOX_OLDEST = Gauge(
+    "salla_rewards_inbox_oldest_seconds",
+    "Age of the oldest webhook accepted and not processed yet.",
+    registry=REGISTRY,
+)

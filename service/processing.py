@@ -29,9 +29,9 @@ from service.webhooks import Envelope, event_time, parse_envelope
 log = get_logger("service.processing")
 
 SEEN_PREFIX = f"{ledger.PREFIX}seen:"
-#: Webhooks the rules saw, kept `WEBHOOK_RETENTION_DAYS` for replay (app events are not kept:
-#: they carry the store's tokens).
-WEBHOOK_STREAM = f"{ledger.PREFIX}webhooks"
+#: Webhooks for the rules: the inbox, kept `WEBHOOK_RETENTION_DAYS` for replay (app events are
+#: not in it: they carry the store's tokens).
+WEBHOOK_STREAM = queue.WEBHOOK_STREAM
 
 
 @dataclass
@@ -109,9 +109,21 @@ def handles(rules: RuleSet, event: str) -> bool:
 
 
 async def process_event(
-    deps: ProcessingDeps, body: bytes, delivery: str, trace_id: str
+    deps: ProcessingDeps,
+    body: bytes,
+    delivery: str,
+    trace_id: str,
+    *,
+    kept_at_ingest: bool = False,
+    app_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Apply one webhook. Safe to run twice: the ledger only ever adds differences."""
+    """Apply one webhook. Safe to run twice: the ledger only ever adds differences.
+
+    `kept_at_ingest`: the webhook came from the inbox, where the web process already marked it
+    seen and kept it for replay. Otherwise (an app event's arq job) this marks it seen here.
+    `app_settings`: the store's app settings, when the caller read them for a whole batch.
+    One `event_processed` line tells what happened: each rule's verdict and each grant queued.
+    """
     started = time.perf_counter()
     env = parse_envelope(body)
     structlog.contextvars.bind_contextvars(
@@ -131,12 +143,13 @@ async def process_event(
         elif handler is not None:
             result = await handler(deps, env)
         else:
-            result = await _apply_rules(deps, env, delivery, trace_id)
-        async with deps.redis.pipeline(transaction=False) as pipe:
-            pipe.set(SEEN_PREFIX + delivery, "1", ex=deps.settings.dedupe_ttl_s)
-            if handler is None:
-                _keep(pipe, deps.settings, env, body, delivery, trace_id)
-            await pipe.execute()
+            result = await _apply_rules(deps, env, delivery, trace_id, app_settings=app_settings)
+        if not kept_at_ingest:
+            async with deps.redis.pipeline(transaction=False) as pipe:
+                pipe.set(SEEN_PREFIX + delivery, "1", ex=deps.settings.dedupe_ttl_s)
+                if handler is None:  # a job queued by an earlier version, before the inbox
+                    _keep(pipe, deps.settings, env, body, delivery, trace_id)
+                await pipe.execute()
         metrics.EVENTS.labels(result.get("outcome", "unknown")).inc()
         log.info(
             "event_processed",
@@ -197,14 +210,30 @@ async def replay_event(
     return Replayed(str(result.get("outcome", "no_change")), diffs)
 
 
-async def store_settings(redis: Redis, merchant: int) -> dict[str, Any]:
-    """The store's app settings as last sent by `app.settings.updated` (merchant input)."""
-    raw = await redis.get(f"{ledger.PREFIX}settings:{merchant}")
+def _settings_key(merchant: int) -> str:
+    return f"{ledger.PREFIX}settings:{merchant}"
+
+
+def _settings_value(raw: str | bytes | None) -> dict[str, Any]:
     try:
         value = json.loads(raw) if raw else {}
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+async def store_settings(redis: Redis, merchant: int) -> dict[str, Any]:
+    """The store's app settings as last sent by `app.settings.updated` (merchant input)."""
+    return _settings_value(await redis.get(_settings_key(merchant)))
+
+
+async def store_settings_many(redis: Redis, merchants: set[int]) -> dict[int, dict[str, Any]]:
+    """`store_settings` of several stores in one round trip (a batch of webhooks)."""
+    order = sorted(merchants)
+    if not order:
+        return {}
+    raws = await redis.mget([_settings_key(m) for m in order])
+    return {m: _settings_value(raw) for m, raw in zip(order, raws, strict=True)}
 
 
 async def _apply_rules(
@@ -216,33 +245,40 @@ async def _apply_rules(
     now: dt.datetime | None = None,
     dry_run: bool = False,
     diffs: list[ledger.Diff] | None = None,
+    app_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The rules' verdicts → the ledger. The result carries each rule's verdict (`rules`) and
+    each grant queued (`queued`) for the event's one log line."""
     ruleset = deps.rules.for_merchant(env.merchant)
-    settings = await store_settings(deps.redis, env.merchant)
-    ctx, problems = prepare(ruleset, normalise(env, now), settings)
+    if app_settings is None:
+        app_settings = await store_settings(deps.redis, env.merchant)
+    ctx, problems = prepare(ruleset, normalise(env, now), app_settings)
     for problem in problems:
         log.warning("store_setting_ignored", problem=problem)
     order_id = ctx.order.id if env.event.startswith("order.") else 0
     if order_id and ctx.order.status and ctx.order.status not in KNOWN_ORDER_STATUSES:
         log.warning("unknown_order_status", order_id=order_id, status=ctx.order.status)
     outcomes = evaluate(ruleset, ctx, delivery)
-    for outcome in outcomes:
-        log.info(
-            "rule_evaluated",
-            rule_id=outcome.rule_id,
-            verdict=outcome.verdict,
-            order_id=ctx.order.id or None,
-            customer_id=ctx.customer.id or None,
-            deserved=outcome.deserved,
-            scope=outcome.scope,
-            why=outcome.why,
-        )
+    facts: dict[str, Any] = {
+        "order_id": order_id or None,
+        "customer_id": ctx.customer.id or None,
+        "rules": [
+            {
+                "rule_id": o.rule_id,
+                "verdict": o.verdict,
+                "deserved": o.deserved,
+                "scope": o.scope,
+                "why": o.why,
+            }
+            for o in outcomes
+        ],
+    }
     revoke_order = bool(order_id) and revokes(ruleset, ctx)
     # An order event always visits the order's entry: even one that changes nothing records
     # its time, so an older event processed after it (jobs run concurrently) is refused.
     at = event_time(env.created_at) if order_id else None
     if not any(o.changes_ledger for o in outcomes) and not revoke_order and at is None:
-        return {"outcome": "no_change", "order_id": order_id or None}
+        return {"outcome": "no_change", **facts}
     grants = await ledger.apply_outcomes(
         deps.redis,
         env.merchant,
@@ -257,22 +293,26 @@ async def _apply_rules(
     )
     if grants is ledger.STALE:
         log.warning("event_stale", order_id=order_id, why="a newer event of this order was applied")
-        return {"outcome": "stale", "order_id": order_id}
+        return {"outcome": "stale", **facts}
     if dry_run:
         return {"outcome": "would_queue" if grants else "no_change", "grants": len(grants)}
     for grant in grants:
         metrics.GRANTS.labels(grant.rule, "queued").inc()
-        log.info(
-            "grant_queued",
-            grant_id=grant.id,
-            rule_id=grant.rule,
-            customer_id=grant.customer,
-            points=grant.points,
-            type=grant.type,
-            order_id=order_id or None,
-            scope=grant.scope,
-            due_in_s=max(0, round((grant.due_ms - grant.created_ms) / 1000)),
-        )
     if grants:
         await queue.enqueue_flush(deps.pool, env.merchant, deps.settings.batch_window_s)
-    return {"outcome": "grants_queued" if grants else "no_change", "grants": len(grants)}
+    return {
+        "outcome": "grants_queued" if grants else "no_change",
+        "grants": len(grants),
+        **facts,
+        "queued": [
+            {
+                "grant_id": g.id,
+                "rule_id": g.rule,
+                "points": g.points,
+                "type": g.type,
+                "scope": g.scope,
+                "due_in_s": max(0, round((g.due_ms - g.created_ms) / 1000)),
+            }
+            for g in grants
+        ],
+    }

@@ -20,7 +20,13 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from service import ledger
+
 PROCESS_EVENT = "process_event"
+#: The inbox (service/inbox.py): webhooks accepted for the rules, also kept for replay.
+WEBHOOK_STREAM = f"{ledger.PREFIX}webhooks"
+#: The consumer group the workers read the inbox as.
+INBOX_GROUP = "workers"
 FLUSH = "flush"
 RECONCILE = "reconcile"
 
@@ -52,14 +58,36 @@ return 1
 """
 
 
+# KEYS: the delivery's "seen" key, the inbox stream; ARGV: seen TTL s, MINID ("" = keep all),
+# merchant, event, delivery, trace id, body, the workers' group. The webhook's whole Redis
+# cost: refused if seen, else marked seen and appended to the inbox (which is also the replay
+# log), atomically. A stream this creates gets the workers' group from its first entry, so no
+# entry can fall before the group's start, whenever a worker first looks.
+_ACCEPT_WEBHOOK = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+local new = redis.call('EXISTS', KEYS[2]) == 0
+if ARGV[2] == '' then
+  redis.call('XADD', KEYS[2], '*', 'merchant', ARGV[3], 'event', ARGV[4],
+             'delivery', ARGV[5], 'trace_id', ARGV[6], 'body', ARGV[7])
+else
+  redis.call('XADD', KEYS[2], 'MINID', ARGV[2], '*', 'merchant', ARGV[3], 'event', ARGV[4],
+             'delivery', ARGV[5], 'trace_id', ARGV[6], 'body', ARGV[7])
+end
+if new then redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[8], '0') end
+return 1
+"""
+
+
 def _event_job(
     delivery: str, body: bytes, trace_id: str, seen_key: str, pool: ArqRedis
 ) -> list[Any]:
-    """KEYS and ARGV of `_ENQUEUE_EVENT` for one delivery."""
+    """`_ENQUEUE_EVENT` with its KEYS and ARGV, for one delivery."""
     job_id = f"evt:{delivery}"
     now = timestamp_ms()
     job = serialize_job(PROCESS_EVENT, (body, delivery, trace_id), {}, None, now)
     return [
+        _ENQUEUE_EVENT,
+        4,
         seen_key,
         job_key_prefix + job_id,
         result_key_prefix + job_id,
@@ -73,7 +101,7 @@ def _event_job(
 
 class EventWriter:
     """Group commit for the webhook path: deliveries that arrive while a write is in flight go
-    to Redis together, in one pipeline of atomic `_ENQUEUE_EVENT` calls.
+    to Redis together, in one pipeline of atomic calls (`_ACCEPT_WEBHOOK`, `_ENQUEUE_EVENT`).
 
     Alone, a delivery is written at once (no added wait); under a burst, one round trip and
     one connection checkout serve many requests. Each delivery still gets its own answer: a
@@ -85,11 +113,47 @@ class EventWriter:
         self._waiting: list[tuple[list[Any], asyncio.Future[bool]]] = []
         self._writing = False
 
+    async def accept(
+        self,
+        *,
+        merchant: int,
+        event: str,
+        delivery: str,
+        body: bytes,
+        trace_id: str,
+        seen_key: str,
+        seen_ttl_s: int,
+        retention_days: int,
+    ) -> bool:
+        """Persist one delivery in the inbox; False when it was accepted before."""
+        minid = (
+            str(int((time.time() - retention_days * 86400) * 1000)) if retention_days > 0 else ""
+        )
+        return await self._submit(
+            [
+                _ACCEPT_WEBHOOK,
+                2,
+                seen_key,
+                WEBHOOK_STREAM,
+                str(seen_ttl_s),
+                minid,
+                str(merchant),
+                event,
+                delivery,
+                trace_id,
+                body,
+                INBOX_GROUP,
+            ]
+        )
+
     async def enqueue(self, delivery: str, body: bytes, trace_id: str, *, seen_key: str) -> bool:
-        """Persist one delivery as a job; False when it is queued or was processed already
-        (`seen_key` is set by the worker once the delivery is processed)."""
+        """Persist one delivery as its own arq job (app lifecycle events); False when it is
+        queued or was processed already (the worker sets `seen_key` once it is processed)."""
+        return await self._submit(_event_job(delivery, body, trace_id, seen_key, self.pool))
+
+    async def _submit(self, call: list[Any]) -> bool:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiting.append((_event_job(delivery, body, trace_id, seen_key, self.pool), future))
+        self._waiting.append((call, future))
         if not self._writing:
             self._writing = True
             asyncio.get_running_loop().create_task(self._write())
@@ -101,8 +165,8 @@ class EventWriter:
                 batch, self._waiting = self._waiting, []
                 try:
                     async with self.pool.pipeline(transaction=False) as pipe:
-                        for args, _ in batch:
-                            pipe.eval(_ENQUEUE_EVENT, 4, *args)
+                        for call, _ in batch:
+                            pipe.eval(*call)
                         results = await pipe.execute(raise_on_error=False)
                 except Exception as exc:
                     results = [exc] * len(batch)

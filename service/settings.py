@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     claim_timeout_s: float = Field(default=60.0, gt=0)
     #: Lifetime of a worker's job before arq cancels it.
     job_timeout_s: float = Field(default=120.0, gt=0)
+    #: Webhooks a worker reads from the inbox at once (and processes concurrently).
+    inbox_batch: int = Field(default=100, ge=1, le=1000)
+    #: An inbox entry a worker read and did not acknowledge (it died, or processing failed) is
+    #: claimed by a worker after this long; after 10 tries it is given up (`event_abandoned`).
+    inbox_claim_after_s: float = Field(default=30.0, gt=0)
 
     #: Our per-store bucket: the customers endpoints' cap is 500 per 10 minutes. That the loyalty
     #: endpoint counts against it is a guess; Salla's headers correct the bucket either way.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -13,7 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import ledger, metrics, queue
+from service import inbox, ledger, metrics, queue
 from service.delivery.flush import Deps, flush, reconcile, refresh_expiring_tokens
 from service.logging import configure_logging, get_logger
 from service.processing import ProcessingDeps, process_event
@@ -27,6 +28,7 @@ _REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError)
 
 
 async def _process_event_job(ctx: dict[str, Any], body: bytes, delivery: str, trace_id: str) -> Any:
+    """An app lifecycle event (webhooks for the rules come through the inbox)."""
     try:
         return await process_event(ctx["processing"], body, delivery, trace_id)
     except _REDIS_TRANSIENT as exc:
@@ -58,6 +60,11 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
         settle = ledger.now_ms() - int(deps.settings.reconcile_after_s * 1000)
         if await ledger.unknown_since(deps.redis, merchant, settle):
             await queue.enqueue_reconcile(deps.pool, merchant)
+    waiting = await inbox.backlog(deps.redis)
+    metrics.INBOX_BACKLOG.labels("pending").set(waiting.pending)
+    metrics.INBOX_BACKLOG.labels("unread").set(waiting.unread)
+    metrics.INBOX_OLDEST.set(waiting.oldest_age_s)
+    await inbox.forget_idle_consumers(deps.redis)
     returned = unknown = flushed = 0
     for merchant in await ledger.stores_with_work(deps.redis):
         back, lost = await ledger.sweep_claims(deps.redis, merchant)
@@ -100,6 +107,15 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
         ctx["http"] = http
         ctx["plain_redis"] = redis
         ctx["processing"] = ProcessingDeps(settings, redis, pool, holder)
+        inbox_redis = Redis.from_url(redis_url)  # bytes: webhook bodies
+        ctx["inbox_redis"] = inbox_redis
+        ctx["inbox"] = reader = inbox.Inbox(
+            ctx["processing"],
+            inbox_redis,
+            batch=settings.inbox_batch,
+            claim_idle_s=settings.inbox_claim_after_s,
+        )
+        ctx["inbox_task"] = asyncio.create_task(reader.run(), name="inbox")
         ctx["delivery"] = Deps(settings, redis, pool, SallaClient(http, settings.salla_api_base))
         if settings.worker_metrics_port:
             try:
@@ -116,6 +132,13 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
+        if "inbox_task" in ctx:  # the batch in progress finishes and is acknowledged
+            ctx["inbox"].stop()
+            try:
+                await asyncio.wait_for(ctx["inbox_task"], timeout=settings.job_timeout_s)
+            except TimeoutError:
+                log.error("inbox_stop_timeout", why="the batch in progress is claimed again later")
+            await ctx["inbox_redis"].aclose()
         if "live_rules" in ctx:
             await ctx["live_rules"].__aexit__(None, None, None)
         if "http" in ctx:

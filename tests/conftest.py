@@ -14,6 +14,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from service import inbox
 from service.app import create_app
 from service.embedded import EmbeddedRedis
 from service.logging import configure_logging
@@ -133,6 +134,11 @@ async def running_worker(settings: Settings, redis_url: str) -> AsyncIterator[An
         instance.max_burst_jobs = 0
         await asyncio.wait_for(task, timeout=20)
         await instance.close()
+
+
+async def inbox_empty(redis: Redis) -> bool:
+    """Every webhook accepted for the rules has been processed (the worker acknowledged it)."""
+    return (await inbox.backlog(redis)).total == 0
 
 
 async def eventually(check: Any, timeout_s: float = 10.0, interval_s: float = 0.02) -> Any:

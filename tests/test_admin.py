@@ -24,6 +24,7 @@ from tests.conftest import (
     Service,
     eventually,
     fixture_bytes,
+    inbox_empty,
     make_settings,
     running_worker,
 )
@@ -325,7 +326,9 @@ class TestRetention:
             )
             async with running_worker(none, redis_url):
                 await eventually(lambda: balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 30)
-        assert await redis.exists(WEBHOOK_STREAM) == 0
+                # The inbox held it until it was processed, and keeps nothing after that.
+                await eventually(lambda: inbox_empty(redis))
+        assert await redis.xlen(WEBHOOK_STREAM) == 0
 
 
 class TestExportInterrupted:

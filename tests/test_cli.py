@@ -159,9 +159,20 @@ class TestRun:
                 json.loads(line) for line in log_path.read_text().splitlines() if line[:1] == "{"
             ]
             events = {line["event"] for line in story}
-            for step in ("webhook_received", "rule_evaluated", "grant_queued", "batch_sent"):
+            for step in ("webhook_received", "event_processed", "batch_sent"):
                 assert step in events, step
-            assert [line["status"] for line in story if line["event"] == "batch_sent"] == [201]
+            (order,) = [
+                line
+                for line in story
+                if line["event"] == "event_processed" and line["salla_event"].startswith("order.")
+            ]
+            # One line says why: each rule's verdict, and the grant it queued.
+            verdicts = {rule["rule_id"]: rule["verdict"] for rule in order["rules"]}
+            assert verdicts["purchase"] == "grant"
+            (grant,) = order["queued"]
+            assert (grant["rule_id"], grant["points"]) == ("purchase", 15)
+            (sent,) = [line for line in story if line["event"] == "batch_sent"]
+            assert sent["status"] == 201 and sent["grant_ids"] == [grant["grant_id"]]
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)

@@ -23,7 +23,9 @@ import httpx
 import pytest
 from redis import Redis
 
+from service import inbox
 from service.embedded import EmbeddedRedis
+from service.processing import WEBHOOK_STREAM
 from service.sandbox.app import Sandbox, create_sandbox_app
 from service.webhooks import signed_headers
 from tests.conftest import ROOT_DIR, SECRET, fixture_json
@@ -139,6 +141,11 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
             redis.stop()
 
 
+def _inbox_backlog(client: Redis) -> int:
+    pending, unread, _ = client.eval(inbox.BACKLOG_SCRIPT, 1, WEBHOOK_STREAM, inbox.GROUP, "1000")
+    return int(pending) + int(unread)
+
+
 def settled(cluster: Cluster, timeout_s: float = 90) -> dict[str, Any]:
     """Wait until no grant is in flight; return the ledger's view per customer."""
     client = Redis.from_url(cluster.redis_server.url, decode_responses=True)
@@ -146,14 +153,16 @@ def settled(cluster: Cluster, timeout_s: float = 90) -> dict[str, Any]:
     try:
         while True:
             cluster.restart_dead_workers()
-            processed = sum(1 for _ in client.scan_iter("sr:seen:*"))
+            accepted = sum(1 for _ in client.scan_iter("sr:seen:*"))
+            unprocessed = _inbox_backlog(client)
             busy = sum(client.zcard(f"sr:{kind}:{MERCHANT}") for kind in IN_FLIGHT)
             queued = client.zcard("arq:queue")
-            if processed >= cluster.sent_events and busy == 0 and queued <= 4:
+            if accepted >= cluster.sent_events and unprocessed == 0 and busy == 0 and queued <= 4:
                 break
             if time.monotonic() > deadline:
-                raise AssertionError(f"not settled: processed {processed}/{cluster.sent_events}, "
-                                     f"in flight {busy}, queued {queued}")  # fmt: skip
+                raise AssertionError(f"not settled: accepted {accepted}/{cluster.sent_events}, "
+                                     f"unprocessed {unprocessed}, in flight {busy}, "
+                                     f"queued {queued}")  # fmt: skip
             time.sleep(0.2)
         sent: dict[int, int] = {}
         states: dict[str, int] = {}

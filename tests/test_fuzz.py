@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from service.app import create_app, openapi_document
+from service.processing import WEBHOOK_STREAM
 from service.webhooks import delivery_id, parse_envelope, sign
 from tests.conftest import SECRET, fixture_bytes, make_settings
 from tests.support.servers import serve_in_thread
@@ -160,7 +161,9 @@ def fuzz_url(redis: Redis, redis_url: str) -> Iterator[str]:
 
 
 async def _queued_deliveries(redis: Redis) -> set[str]:
-    return {key.removeprefix("arq:job:evt:") async for key in redis.scan_iter("arq:job:evt:*")}
+    """Every delivery persisted: inbox entries and app events' arq jobs."""
+    jobs = {key.removeprefix("arq:job:evt:") async for key in redis.scan_iter("arq:job:evt:*")}
+    return jobs | {fields["delivery"] for _, fields in await redis.xrange(WEBHOOK_STREAM)}
 
 
 def _expected_delivery(body: bytes) -> str | None:

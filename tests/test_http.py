@@ -8,6 +8,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from service.processing import WEBHOOK_STREAM
 from service.webhooks import sign
 from tests.conftest import SECRET, Service, fixture_bytes
 
@@ -15,7 +16,8 @@ ORDER = fixture_bytes("order.status.updated.json")
 
 
 async def queued_jobs(redis: Redis) -> int:
-    return int(await redis.zcard("arq:queue"))
+    """Deliveries persisted: inbox entries (webhooks for the rules) and app events' arq jobs."""
+    return int(await redis.xlen(WEBHOOK_STREAM)) + int(await redis.zcard("arq:queue"))
 
 
 class TestRefusals:

@@ -139,6 +139,41 @@ class TestOrderState:
         results = await asyncio.gather(*(apply(redis, grant_outcome(15)) for _ in range(20)))
         assert sum(g.signed_points for grants in results for g in grants) == 15
 
+    async def test_concurrent_orders_cannot_overrun_a_daily_cap(self, redis: Redis) -> None:
+        """Each order's entry is its own, so only the cap's check keeps them within it."""
+        capped = {"cap_per_customer_per_day": 40, "day": "2026-03-05"}
+        results = await asyncio.gather(
+            *(apply(redis, grant_outcome(15, scope=f"order:{n}", **capped)) for n in range(20))
+        )
+        assert sum(g.signed_points for grants in results for g in grants) == 40
+
+
+class TestCommit:
+    """The ledger's one-round-trip commit writes only if what it was computed from is unchanged."""
+
+    async def test_writes_when_every_checked_value_is_as_read(self, redis: Redis) -> None:
+        await redis.hset("h", "state", "pending")
+        writes = ledger._Writes()
+        writes.check("h", "state", "pending")
+        writes.check("missing", "", None)  # a missing key reads as ""
+        writes.hset("out", mapping={"a": 1, "b": "x y"})
+        writes.zadd("z", {"g1": 5})
+        assert await ledger._commit(redis, writes)
+        assert await redis.hgetall("out") == {"a": "1", "b": "x y"}
+        assert await redis.zscore("z", "g1") == 5
+
+    async def test_writes_nothing_when_a_checked_value_changed(self, redis: Redis) -> None:
+        await redis.hset("h", "state", "pending")
+        await redis.set("cap", "15")
+        for key, field, seen in (("h", "state", "pending"), ("cap", "", "15")):
+            writes = ledger._Writes()
+            writes.check(key, field, seen)
+            writes.sadd("out", "written")
+            await redis.hset("h", "state", "claimed")  # a flush claimed the grant meanwhile
+            await redis.incrby("cap", 10)  # another order used the cap meanwhile
+            assert not await ledger._commit(redis, writes)
+        assert await redis.exists("out") == 0
+
 
 class TestGrantStates:
     """pending → claimed → sending → sent, with recovery of dead workers' claims."""

@@ -1,0 +1,333 @@
+"""The inbox: persisted webhooks, read by workers in batches through a Redis consumer group.
+
+The web process writes each accepted webhook once, atomically with its "seen" mark, as an
+entry of the `sr:webhooks` stream (the same entry later serves replay). Workers read the
+stream as the consumer group `workers`: each entry goes to one worker, stays in the group's
+pending list until that worker acknowledges it, and is claimed by another worker if the first
+one dies. A batch of up to `INBOX_BATCH` entries costs one read and one acknowledgement, where
+one arq job per webhook cost arq's whole job cycle (about 1 ms of CPU here) per event.
+
+App lifecycle events are not in the stream (they carry the store's tokens and the stream is
+kept for days): they stay single arq jobs (`queue.PROCESS_EVENT`), as they are few.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import StreamIdT
+
+from service import metrics, queue
+from service.logging import get_logger
+from service.processing import WEBHOOK_STREAM, ProcessingDeps, process_event, store_settings_many
+
+log = get_logger("service.inbox")
+
+GROUP = queue.INBOX_GROUP
+_REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+async def ensure_group(redis: Redis, *, from_start: bool = False) -> None:
+    """Create the consumer group if it is missing.
+
+    A stream the web process creates gets its group with its first entry (`_ACCEPT_WEBHOOK`),
+    so a stream without one was written by a version before the inbox, whose worker processed
+    each entry before keeping it: at start-up the group starts at the stream's end.
+    `from_start` is for a group lost while in use (a restored Redis): every entry is then
+    taken as unprocessed (the ledger makes any that were processed harmless).
+    """
+    try:
+        start = "0" if from_start else "$"
+        await redis.xgroup_create(WEBHOOK_STREAM, GROUP, id=start, mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+# KEYS[1] the inbox; ARGV[1] the group, ARGV[2] how many unread entries to count at most.
+# Returns {pending, unread, id of the oldest unprocessed entry or ""}. Redis 7 reports the
+# group's lag; on 6.2 the unread entries are counted (bounded: the count is a gauge's input).
+BACKLOG_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, ''} end
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local f = {}
+  for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+  if f['name'] == ARGV[1] then
+    local first = redis.call('XRANGE', KEYS[1], '(' .. f['last-delivered-id'], '+', 'COUNT', 1)
+    local unread = #first
+    if type(f['lag']) == 'number' then
+      unread = f['lag']
+    elseif unread > 0 then
+      unread = #redis.call('XRANGE', KEYS[1], '(' .. f['last-delivered-id'], '+',
+                           'COUNT', tonumber(ARGV[2]))
+    end
+    local oldest = ''
+    if f['pending'] > 0 then
+      oldest = redis.call('XPENDING', KEYS[1], ARGV[1])[2]
+    elseif unread > 0 then
+      oldest = first[1][1]
+    end
+    return {f['pending'], unread, oldest}
+  end
+end
+return {0, redis.call('XLEN', KEYS[1]), ''}
+"""
+
+#: `backlog` counts unread entries up to this many on Redis 6.2 (Redis 7 knows the number).
+UNREAD_COUNT_LIMIT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """Webhooks accepted and not processed yet."""
+
+    pending: int  # read by a worker, not acknowledged
+    unread: int  # not read by any worker yet
+    oldest_age_s: float  # age of the oldest of them (0 when there is none)
+
+    @property
+    def total(self) -> int:
+        return self.pending + self.unread
+
+
+async def backlog(redis: Redis) -> Backlog:
+    pending, unread, oldest = await redis.eval(  # type: ignore[misc]
+        BACKLOG_SCRIPT, 1, WEBHOOK_STREAM, GROUP, str(UNREAD_COUNT_LIMIT)
+    )
+    oldest = oldest.decode() if isinstance(oldest, bytes) else str(oldest)
+    age = max(0.0, time.time() - int(oldest.split("-")[0]) / 1000) if oldest else 0.0
+    return Backlog(int(pending), int(unread), round(age, 3))
+
+
+async def forget_idle_consumers(redis: Redis, idle_s: float = 3600.0) -> int:
+    """Remove consumers (worker processes) that hold nothing and were not seen for `idle_s`:
+    every worker that ever ran leaves one behind."""
+    try:
+        consumers = await redis.xinfo_consumers(WEBHOOK_STREAM, GROUP)
+    except ResponseError:
+        return 0
+    gone = 0
+    for consumer in consumers:
+        if consumer["pending"] == 0 and consumer["idle"] > idle_s * 1000:
+            await redis.xgroup_delconsumer(WEBHOOK_STREAM, GROUP, consumer["name"])
+            gone += 1
+    return gone
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    stream_id: bytes
+    merchant: int
+    delivery: str
+    trace_id: str
+    body: bytes
+
+
+def _entry(stream_id: bytes, fields: dict[bytes, bytes] | None) -> Entry | None:
+    """A stream entry as the web wrote it; None for one that is gone or not ours."""
+    if not fields or b"body" not in fields:
+        return None
+    try:
+        merchant = int(fields.get(b"merchant", b"0"))
+    except ValueError:
+        merchant = 0
+    return Entry(
+        stream_id,
+        merchant,
+        fields.get(b"delivery", b"").decode(),
+        fields.get(b"trace_id", b"").decode(),
+        fields[b"body"],
+    )
+
+
+class Inbox:
+    """One worker's reader of the inbox. `run()` until `stop()`; a batch in progress finishes.
+
+    Each entry is processed at least once; the ledger makes a second time harmless. An entry
+    whose processing fails (Redis unreachable, a bug) is not acknowledged: after `claim_idle_s`
+    any worker claims it again, up to `max_tries` deliveries, after which it is given up with
+    an `event_abandoned` error (it stays in the stream: `admin replay` can run it again).
+    """
+
+    def __init__(
+        self,
+        deps: ProcessingDeps,
+        redis: Redis,
+        *,
+        consumer: str | None = None,
+        batch: int = 100,
+        block_ms: int = 500,
+        claim_idle_s: float = 60.0,
+        max_tries: int = 10,
+    ) -> None:
+        self.deps = deps
+        self.redis = redis  # binary replies (bodies are bytes)
+        self.consumer = consumer or consumer_name()
+        self.batch = batch
+        self.block_ms = block_ms
+        self.claim_idle_ms = int(claim_idle_s * 1000)
+        self.max_tries = max_tries
+        self._stopping = asyncio.Event()
+        self._next_claim = 0.0
+        #: Where to go on through this consumer's own unacknowledged entries, once, before new
+        #: ones: at start (a worker restarted under the same name) and after an error (Redis
+        #: went away before the XACK). Entries that fail again are left to `_claim_stale`.
+        self._own_from: str | None = "0"
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        await ensure_group(self.redis)
+        while not self._stopping.is_set():
+            try:
+                if self._own_from is not None:
+                    entries = await self._read(own_from=self._own_from)
+                    self._own_from = (
+                        entries[-1].stream_id.decode() if len(entries) >= self.batch else None
+                    )
+                    await self.process(entries)
+                    continue
+                if time.monotonic() >= self._next_claim:
+                    self._next_claim = time.monotonic() + min(self.claim_idle_ms / 1000 / 2, 5.0)
+                    await self.process(await self._claim_stale())
+                await self.process(await self._read())
+            except _REDIS_TRANSIENT as exc:
+                log.warning("inbox_redis_unavailable", error=repr(exc))
+                self._own_from = "0"
+                await self._pause(1.0)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _read(self, *, own_from: str | None = None) -> list[Entry]:
+        """New entries, or the ones this consumer read and did not acknowledge after `own_from`."""
+        try:
+            reply = await self.redis.xreadgroup(
+                GROUP,
+                self.consumer,
+                {WEBHOOK_STREAM: own_from if own_from is not None else ">"},
+                count=self.batch,
+                block=None if own_from is not None else self.block_ms,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("inbox_group_recreated", stream=WEBHOOK_STREAM)
+            await ensure_group(self.redis, from_start=True)
+            return []
+        entries: list[Entry] = []
+        gone: list[bytes] = []
+        for _stream, items in reply or []:
+            for stream_id, fields in items:
+                entry = _entry(stream_id, fields)
+                if entry is None:
+                    gone.append(stream_id)
+                else:
+                    entries.append(entry)
+        if gone:
+            await self.redis.xack(WEBHOOK_STREAM, GROUP, *gone)
+        return entries
+
+    async def _claim_stale(self) -> list[Entry]:
+        """Entries other workers (or this one) took and did not acknowledge in time."""
+        try:
+            pending = await self.redis.xpending_range(
+                WEBHOOK_STREAM, GROUP, min="-", max="+", count=self.batch, idle=self.claim_idle_ms
+            )
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                return []
+            raise
+        if not pending:
+            return []
+        retry: list[StreamIdT] = []
+        for item in pending:
+            if item["times_delivered"] >= self.max_tries:
+                await self._abandon(item["message_id"], item["times_delivered"])
+            else:
+                retry.append(item["message_id"])
+        if not retry:
+            return []
+        claimed = await self.redis.xclaim(
+            WEBHOOK_STREAM, GROUP, self.consumer, self.claim_idle_ms, retry
+        )
+        entries = [e for sid, fields in claimed if (e := _entry(sid, fields)) is not None]
+        found = {e.stream_id for e in entries}
+        if missing := [sid for sid in retry if sid not in found]:  # trimmed or deleted meanwhile
+            await self.redis.xack(WEBHOOK_STREAM, GROUP, *missing)
+        if entries:
+            log.warning("inbox_entries_claimed", count=len(entries))
+        return entries
+
+    async def _abandon(self, stream_id: bytes, tries: int) -> None:
+        fields = await self.redis.xrange(WEBHOOK_STREAM, min=stream_id, max=stream_id)
+        entry = _entry(stream_id, fields[0][1]) if fields else None
+        log.error(
+            "event_abandoned",
+            stream_id=stream_id.decode(),
+            tries=tries,
+            delivery=entry.delivery if entry else None,
+            trace_id=entry.trace_id if entry else None,
+            merchant=entry.merchant if entry else None,
+            why="processing failed every time; the webhook stays in the replay log",
+        )
+        metrics.EVENTS.labels("abandoned").inc()
+        await self.redis.xack(WEBHOOK_STREAM, GROUP, stream_id)
+
+    async def process(self, entries: Sequence[Entry]) -> int:
+        """Process a batch concurrently; acknowledge the entries that succeeded."""
+        if not entries:
+            return 0
+        settings = await store_settings_many(self.deps.redis, {e.merchant for e in entries})
+        results = await asyncio.gather(
+            *(self._one(entry, settings.get(entry.merchant, {})) for entry in entries)
+        )
+        done = [entry.stream_id for entry, ok in zip(entries, results, strict=True) if ok]
+        if done:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xack(WEBHOOK_STREAM, GROUP, *done)
+                if self.deps.settings.webhook_retention_days <= 0:
+                    pipe.xdel(WEBHOOK_STREAM, *done)
+                await pipe.execute()
+        return len(done)
+
+    async def _one(self, entry: Entry, app_settings: dict[str, Any]) -> bool:
+        try:
+            await process_event(
+                self.deps,
+                entry.body,
+                entry.delivery,
+                entry.trace_id,
+                kept_at_ingest=True,
+                app_settings=app_settings,
+            )
+        except _REDIS_TRANSIENT as exc:
+            log.warning(
+                "event_retry_later",
+                trace_id=entry.trace_id,
+                delivery=entry.delivery,
+                error=repr(exc),
+            )
+            return False
+        except Exception:
+            log.exception("event_failed", trace_id=entry.trace_id, delivery=entry.delivery)
+            metrics.EVENTS.labels("failed").inc()
+            return False
+        return True

@@ -1,0 +1,191 @@
+"""The inbox on a real Redis: a batch read, processed and acknowledged; a dead worker's entries
+claimed by another; an entry that always fails given up after its tries, and kept for replay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from service import inbox, ledger, queue
+from service.logging import configure_logging
+from service.processing import SEEN_PREFIX, WEBHOOK_STREAM, ProcessingDeps
+from service.rules import parse_rules_text
+from service.webhooks import delivery_id, parse_envelope
+from tests.conftest import eventually, make_settings
+
+M = 4242
+RULES = """
+version: 1
+rules:
+  - id: purchase
+    on: order.updated
+    when: order.status == "completed"
+    points: order.total // 10
+    type: plus
+    reason: "Order {order.id}"
+"""
+
+
+def order(n: int) -> bytes:
+    return json.dumps(
+        {
+            "event": "order.updated",
+            "merchant": M,
+            "created_at": "",
+            "data": {
+                "id": n,
+                "reference_id": n,
+                "status": {"slug": "completed"},
+                "amounts": {"total": {"amount": 100}},
+                "customer": {"id": 700 + n},
+            },
+        }
+    ).encode()
+
+
+@pytest.fixture
+async def binary(redis: Redis, redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    await inbox.ensure_group(client)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def deps(redis: Redis, redis_url: str) -> AsyncIterator[ProcessingDeps]:
+    configure_logging("json", "INFO")
+    pool = await queue.connect(redis_url)
+    yield ProcessingDeps(make_settings(), redis, pool, parse_rules_text(RULES, "t.yaml"))
+    await pool.aclose()
+
+
+async def accept(deps: ProcessingDeps, body: bytes) -> bool:
+    """Persist a webhook exactly as the web process does."""
+    env = parse_envelope(body)
+    delivery = delivery_id(env.merchant, env.event, body)
+    return await queue.EventWriter(deps.pool).accept(
+        merchant=env.merchant,
+        event=env.event,
+        delivery=delivery,
+        body=body,
+        trace_id="t",
+        seen_key=SEEN_PREFIX + delivery,
+        seen_ttl_s=60,
+        retention_days=7,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(reader: inbox.Inbox) -> AsyncIterator[None]:
+    task = asyncio.create_task(reader.run())
+    try:
+        yield
+    except BaseException:
+        if task.done() and task.exception():  # say why the reader stopped, not only what failed
+            raise task.exception() from None  # type: ignore[misc]
+        raise
+    finally:
+        reader.stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def pending_grants(redis: Redis) -> int:
+    return int(await redis.zcard(f"{ledger.PREFIX}pending:{M}"))
+
+
+class TestInbox:
+    async def test_a_batch_is_processed_and_acknowledged(
+        self, redis: Redis, binary: Redis, deps: ProcessingDeps
+    ) -> None:
+        for n in range(1, 251):
+            assert await accept(deps, order(n))
+        assert (await inbox.backlog(binary)).unread == 250
+        async with running(inbox.Inbox(deps, binary, batch=100)):
+            await eventually(lambda: _empty(binary), timeout_s=20)
+        assert await pending_grants(redis) == 250
+        assert await redis.xlen(WEBHOOK_STREAM) == 250  # kept for replay
+
+    async def test_a_dead_workers_entries_are_claimed_and_processed_once(
+        self, redis: Redis, binary: Redis, deps: ProcessingDeps
+    ) -> None:
+        for n in range(1, 4):
+            assert await accept(deps, order(n))
+        # A worker reads them and dies before acknowledging.
+        await binary.xreadgroup(inbox.GROUP, "dead-worker", {WEBHOOK_STREAM: ">"}, count=10)
+        assert (await inbox.backlog(binary)).pending == 3
+        async with running(inbox.Inbox(deps, binary, claim_idle_s=0.3)):
+            await eventually(lambda: _empty(binary), timeout_s=10)
+            assert await pending_grants(redis) == 3
+            # The same events again (a second claim, a re-read) would change nothing.
+            assert not await accept(deps, order(1))  # refused: already seen
+        assert await pending_grants(redis) == 3
+        pending = await binary.xpending(WEBHOOK_STREAM, inbox.GROUP)
+        assert pending["pending"] == 0
+
+    async def test_own_unacknowledged_entries_are_read_again_at_start(
+        self, redis: Redis, binary: Redis, deps: ProcessingDeps
+    ) -> None:
+        """A worker that restarts under its name (or lost Redis before its XACK) goes through
+        what it had read, without waiting for the claim delay."""
+        assert await accept(deps, order(1))
+        await binary.xreadgroup(inbox.GROUP, "w1", {WEBHOOK_STREAM: ">"}, count=10)
+        async with running(inbox.Inbox(deps, binary, consumer="w1", claim_idle_s=3600)):
+            await eventually(lambda: _empty(binary), timeout_s=10)
+        assert await pending_grants(redis) == 1
+
+    async def test_an_entry_that_always_fails_is_given_up_and_kept(
+        self, redis: Redis, binary: Redis, deps: ProcessingDeps, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Processing that raises (here: a body that cannot be parsed, as a bug would) does not
+        block the others; after `max_tries` the entry is acknowledged with an error line and
+        stays in the stream for `admin replay`."""
+        configure_logging("json", "INFO")  # to this test's captured stderr
+        await binary.xadd(WEBHOOK_STREAM, {"merchant": M, "delivery": "bad", "body": b"{"})
+        assert await accept(deps, order(1))
+        reader = inbox.Inbox(deps, binary, claim_idle_s=0.05, max_tries=3)
+        async with running(reader):
+            await eventually(lambda: _empty(binary), timeout_s=15)
+        assert await pending_grants(redis) == 1
+        stored = [f[b"delivery"] for _, f in await binary.xrange(WEBHOOK_STREAM)]
+        assert b"bad" in stored
+        lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x[:1] == "{"]
+        failed = [x for x in lines if x["event"] == "event_failed"]
+        (abandoned,) = [x for x in lines if x["event"] == "event_abandoned"]
+        assert len(failed) == 3 and abandoned["tries"] == 3 and abandoned["delivery"] == "bad"
+
+    async def test_a_stream_written_anew_is_read_from_its_first_entry(
+        self, redis: Redis, binary: Redis, deps: ProcessingDeps
+    ) -> None:
+        """The stream vanishes (a flushed Redis) and the web writes it anew while a worker is
+        starting: the stream is created with its group, so the entry cannot be skipped."""
+        reader = inbox.Inbox(deps, binary)
+        async with running(reader):
+            await binary.delete(WEBHOOK_STREAM)
+            assert await accept(deps, order(9))  # the stream is new, with no group
+            await eventually(lambda: pending_grants(redis), timeout_s=10)
+
+
+async def _empty(binary: Redis) -> bool:
+    return (await inbox.backlog(binary)).total == 0
+
+
+async def test_a_stream_from_before_the_inbox_is_not_processed_again(
+    redis: Redis, redis_url: str, deps: ProcessingDeps
+) -> None:
+    """The previous version kept webhooks in the stream after processing them: on upgrade the
+    group starts at its end, and only webhooks accepted after that are processed."""
+    binary = Redis.from_url(redis_url)
+    await binary.xadd(WEBHOOK_STREAM, {"merchant": M, "delivery": "old", "body": order(1)})
+    async with running(inbox.Inbox(deps, binary)):
+        await eventually(lambda: binary.xinfo_groups(WEBHOOK_STREAM))
+        assert await accept(deps, order(2))
+        await eventually(lambda: _empty(binary), timeout_s=10)
+        await eventually(lambda: pending_grants(redis), timeout_s=10)
+    assert await pending_grants(redis) == 1
+    assert await redis.exists(f"{ledger.PREFIX}led:{M}:order:1") == 0
+    await binary.aclose()
