@@ -31,6 +31,7 @@ from typing import Any
 
 import httpx
 
+from service.processing import WEBHOOK_STREAM
 from service.webhooks import sign
 
 ROOT = Path(__file__).parent.parent
@@ -282,10 +283,9 @@ async def bench_ingest(
             count = int(rate * rate_seconds)
             steady_persisted = 0
             for n in range(rate_rounds):  # the VM is noisy: three rounds, the median reported
-                # Each round from an empty Redis, as when workers keep up: without workers the
-                # queued bodies pile up (35 MB a round) and Redis's AOF rewrite (a fork on these
-                # same two cores) lands in the measurement.
-                steady_persisted += await redis.zcard("arq:queue")
+                # Each round from an empty Redis: the accepted bodies (35 MB a round) would make
+                # Redis rewrite its AOF (a fork on these same two cores) during the next round.
+                steady_persisted += await redis.xlen(WEBHOOK_STREAM)
                 await redis.flushall()
                 await redis.bgrewriteaof()
                 await asyncio.sleep(1)
@@ -296,10 +296,10 @@ async def bench_ingest(
                     subprocess.run, client, cwd=ROOT, capture_output=True, text=True, check=True
                 )
                 rounds.append(json.loads(done.stdout))
-            steady_persisted += await redis.zcard("arq:queue")
+            steady_persisted += await redis.xlen(WEBHOOK_STREAM)
             await redis.flushall()
             full = run_wrk(port + 1, requests_file, seconds, connections)
-            persisted = await redis.zcard("arq:queue")
+            persisted = await redis.xlen(WEBHOOK_STREAM)
         finally:
             web_rss = stop_server(server)
 

@@ -211,6 +211,10 @@ class Inbox:
                 log.warning("inbox_redis_unavailable", error=repr(exc))
                 self._own_from = "0"
                 await self._pause(1.0)
+            except Exception:  # the reader must outlive anything one round can raise
+                log.exception("inbox_error")
+                self._own_from = "0"
+                await self._pause(1.0)
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

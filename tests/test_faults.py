@@ -85,10 +85,12 @@ class Cluster:
         self.add_worker()
 
     def restart_dead_workers(self) -> None:
-        for index, worker in enumerate(self.workers):
-            if worker.poll() is not None and worker.returncode != -signal.SIGKILL:
-                self.workers[index] = worker
-                self.add_worker()
+        """A worker that exited by itself (e.g. arq's poll lost Redis) is started again once, as
+        a supervisor would (SIGKILLed ones were already replaced by `kill_a_worker`)."""
+        dead = [w for w in self.workers if w.poll() is not None and w.returncode != -signal.SIGKILL]
+        for worker in dead:
+            self.workers.remove(worker)
+            self.add_worker()
 
     def post(self, doc: dict[str, Any]) -> None:
         body = json.dumps(doc, ensure_ascii=False).encode()
