@@ -47,6 +47,7 @@ from typing import Any, Literal
 import orjson
 from redis.asyncio import Redis
 
+from service import autopipe
 from service.rules.engine import Outcome
 from service.rules.model import MAX_POINTS_PER_CALL
 
@@ -373,7 +374,9 @@ async def _apply_scope(
     otherwise read again. Two events of one scope can therefore never both add."""
     key = entry_key(merchant, scope)
     while True:
-        raw: dict[str, str] = await redis.hgetall(key)  # type: ignore[misc]
+        # Read and commit through the client's auto-pipeline: a worker's concurrent events share
+        # round trips.
+        raw: dict[str, str] = await autopipe.auto(redis).execute("HGETALL", key)
         newest = float(raw.get("event_at", "-inf"))
         if event_at is not None and event_at < newest:
             return STALE
@@ -439,7 +442,7 @@ async def _apply_scope(
 
 
 async def _commit(redis: Redis, writes: _Writes) -> bool:
-    return bool(await redis.eval(_COMMIT, 0, writes.encoded()))  # type: ignore[misc,arg-type]
+    return bool(await autopipe.auto(redis).execute("EVAL", _COMMIT, 0, writes.encoded()))
 
 
 def _report(

@@ -32,7 +32,7 @@ AUTHORIZATION_HEADER = "authorization"
 
 def sign(body: bytes, secret: str) -> str:
     """The `X-Salla-Signature` value Salla sends for `body`."""
-    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return hmac.digest(secret.encode(), body, "sha256").hex()  # one-shot: OpenSSL's fast path
 
 
 def signed_headers(body: bytes, secret: str, strategy: Strategy = "signature") -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import httpx
@@ -124,6 +125,10 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
                 log.warning(
                     "metrics_port_unavailable", port=settings.worker_metrics_port, error=str(exc)
                 )
+        # As in the web process: start-up objects (modules, rules, settings) never become
+        # garbage; out of the collector's reach, its full collections stay short.
+        gc.collect()
+        gc.freeze()
         log.info(
             "worker_started",
             rules=len(holder.current.rules),

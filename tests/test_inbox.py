@@ -1,5 +1,6 @@
 """The inbox on a real Redis: a batch read, processed and acknowledged; a dead worker's entries
-claimed by another; an entry that always fails given up after its tries, and kept for replay."""
+claimed by another; an entry that always fails given up after its tries, and kept for replay.
+And the auto-pipeline the worker's concurrent events share."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
-from service import inbox, ledger, queue
+from service import autopipe, inbox, ledger, queue
 from service.logging import configure_logging
 from service.processing import SEEN_PREFIX, WEBHOOK_STREAM, ProcessingDeps
 from service.rules import parse_rules_text
@@ -189,3 +193,35 @@ async def test_a_stream_from_before_the_inbox_is_not_processed_again(
     assert await pending_grants(redis) == 1
     assert await redis.exists(f"{ledger.PREFIX}led:{M}:order:1") == 0
     await binary.aclose()
+
+
+class TestAutoPipeline:
+    async def test_concurrent_commands_share_a_pipeline_and_keep_their_own_answers(
+        self, redis: Redis
+    ) -> None:
+        await redis.set("text", "x")
+        pipe = autopipe.auto(redis)
+        sent: list[int] = []
+        original = pipe._send
+
+        async def counting(batch: Any) -> None:
+            sent.append(len(batch))
+            await original(batch)
+
+        pipe._send = counting  # type: ignore[method-assign]
+        answers = await asyncio.gather(
+            *(pipe.execute("INCR", f"n{i % 3}") for i in range(30)),
+            pipe.execute("INCR", "text"),  # an error for this caller only
+            return_exceptions=True,
+        )
+        assert sent == [31]  # one round trip
+        assert sorted(a for a in answers[:30] if isinstance(a, int))[-3:] == [10, 10, 10]
+        assert isinstance(answers[30], ResponseError)
+
+    async def test_a_lost_connection_fails_every_caller_of_the_batch(self, redis_url: str) -> None:
+        client = Redis.from_url(redis_url.rsplit(":", 1)[0] + ":1")  # nothing listens there
+        answers = await asyncio.gather(
+            *(autopipe.auto(client).execute("GET", "k") for _ in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(a, RedisConnectionError) for a in answers)
+        await client.aclose()
