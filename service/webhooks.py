@@ -140,6 +140,37 @@ def delivery_id(merchant: int, event: str, body: bytes) -> str:
 _JS_DATE = "%a %b %d %Y %H:%M:%S GMT%z"  # "Sun Jun 26 2022 12:21:48 GMT+0300"
 
 
+_MONTHS = {
+    m: n
+    for n, m in enumerate(
+        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"], 1
+    )
+}
+_DAYS = frozenset(["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"])
+
+
+def _js_date(text: str) -> float | None:
+    """`_JS_DATE` read by hand (strptime costs ~20 µs, on every order event); None for any
+    other shape, which then goes through strptime."""
+    parts = text.split(" ")
+    if len(parts) != 6 or parts[0] not in _DAYS or len(parts[5]) != 8:
+        return None
+    month, offset = _MONTHS.get(parts[1]), parts[5]
+    clock = parts[4].split(":")
+    if month is None or not offset.startswith(("GMT+", "GMT-")) or len(clock) != 3:
+        return None
+    try:
+        minutes = int(offset[4:6]) * 60 + int(offset[6:8])
+        zone = dt.timezone(dt.timedelta(minutes=minutes if offset[3] == "+" else -minutes))
+        moment = dt.datetime(
+            int(parts[3]), month, int(parts[2]), int(clock[0]), int(clock[1]), int(clock[2]),
+            tzinfo=zone,
+        )  # fmt: skip
+    except ValueError:
+        return None
+    return moment.timestamp()
+
+
 def event_time(created_at: str) -> float | None:
     """Epoch seconds of an envelope's `created_at`, or None when it cannot be read.
 
@@ -150,6 +181,9 @@ def event_time(created_at: str) -> float | None:
     text = created_at.strip()
     if not text:
         return None
+    fast = _js_date(text)
+    if fast is not None:
+        return fast
     try:
         moment = dt.datetime.strptime(text, _JS_DATE)
     except ValueError:

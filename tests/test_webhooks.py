@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.datastructures import Headers
 
 from service.errors import InvalidPayload, InvalidSignature
-from service.webhooks import delivery_id, parse_envelope, sign, signed_headers, verify
+from service.webhooks import (
+    _JS_DATE,
+    _js_date,
+    delivery_id,
+    event_time,
+    parse_envelope,
+    sign,
+    signed_headers,
+    verify,
+)
 from tests.conftest import SECRET, fixture_bytes
 
 VECTOR_BODY = (
@@ -110,3 +123,32 @@ class TestEnvelope:
         first = delivery_id(1, "order.created", VECTOR_BODY)
         assert first == delivery_id(1, "order.created", VECTOR_BODY)
         assert first != delivery_id(1, "order.created", VECTOR_BODY + b" ")
+
+
+class TestEventTime:
+    """`created_at` read by hand for Salla's JS date, and the same instant as strptime reads."""
+
+    @given(
+        st.datetimes(min_value=dt.datetime(1970, 1, 2), max_value=dt.datetime(2200, 1, 1)),
+        st.integers(-14 * 60, 14 * 60),
+    )
+    def test_js_dates_read_as_strptime_reads_them(self, moment: dt.datetime, minutes: int) -> None:
+        zone = dt.timezone(dt.timedelta(minutes=minutes))
+        text = moment.replace(microsecond=0, tzinfo=zone).strftime("%a %b %d %Y %H:%M:%S GMT%z")
+        assert _js_date(text) is not None
+        assert event_time(text) == dt.datetime.strptime(text, _JS_DATE).timestamp()
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("Sun Jun 26 2022 12:21:48 GMT+0300", 1656235308.0),
+            ("2022-12-31 12:31:25", 1672489885.0),  # app events: UTC
+            ("2022-06-26T09:21:48+00:00", 1656235308.0),
+            ("Sun Jun 26 2022 12:21:48 GMT+03", None),
+            ("Sun Foo 26 2022 12:21:48 GMT+0300", None),
+            ("not a date", None),
+            ("", None),
+        ],
+    )
+    def test_formats(self, text: str, expected: float | None) -> None:
+        assert event_time(text) == expected
