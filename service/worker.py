@@ -177,8 +177,21 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
     }
 
 
+class _Worker(Worker):
+    """arq's worker, kept alive through a Redis outage: redis-py retries commands but not the
+    connection checkout, so a poll while Redis restarts would end arq's main loop (and the
+    process). Such a poll is skipped instead; the next one reconnects."""
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except _REDIS_TRANSIENT as exc:
+            log.warning("worker_redis_unavailable", error=repr(exc))
+            await asyncio.sleep(1.0)
+
+
 def create_worker(settings: Settings, redis_url: str, **overrides: Any) -> Worker:
-    return Worker(**{**build_worker_settings(settings, redis_url), **overrides})
+    return _Worker(**{**build_worker_settings(settings, redis_url), **overrides})
 
 
 async def worker_alive(redis_url: str) -> bool:

@@ -260,6 +260,9 @@ class TestFaultsFast:
             cluster.order(70000 + n, customer, total, "completed")
             earned[customer] = earned.get(customer, 0) + total // 10
         assert_books_balance(cluster, settled(cluster), earned)
+        # The restart paused the workers; none of them ended (and had to be started again).
+        assert len(cluster.workers) == 2
+        assert all(worker.poll() is None for worker in cluster.workers)
 
 
 @pytest.mark.chaos
