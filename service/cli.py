@@ -906,6 +906,8 @@ def run(port: int, sandbox_port: int) -> None:
     }
     me = [sys.executable, "-m", "service"]
     children: list[subprocess.Popen[bytes]] = []
+    # SIGTERM (a process manager, `kill`) stops everything as Ctrl-C does, Redis included.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         sandbox_cmd = [*me, "sandbox", "--port", str(sandbox_port)]
         children.append(subprocess.Popen(sandbox_cmd, env=child_env))  # noqa: S603
@@ -941,15 +943,19 @@ def run(port: int, sandbox_port: int) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        for child in children:
+        for child in children:  # SIGTERM: a child started in the background ignores SIGINT
             if child.poll() is None:
-                child.send_signal(signal.SIGINT)
+                child.terminate()
         for child in children:
             try:
                 child.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 child.kill()
         redis.stop()
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _banner(webhook_url: str, secret: str, sandbox_base: str, token: str, admin: str) -> str:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -229,3 +230,30 @@ class TestRulesCommands:
         assert "FAIL wrong" in result.stdout
         assert "expected grants [('r', 51, 'plus')], got [('r', 50, 'plus')]" in result.stdout
         assert "0 passed, 1 failed" in result.stdout
+
+
+def test_run_stops_everything_on_sigterm(tmp_path: Path) -> None:
+    """`run` under a process manager (or `kill`): every child and the embedded Redis stop."""
+    port, sandbox_port, redis_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "DATA_DIR": str(tmp_path), "EMBEDDED_REDIS_PORT": str(redis_port)}
+    env.pop("REDIS_URL", None)
+    log_path = tmp_path / "run.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [*CLI, "run", "--port", str(port), "--sandbox-port", str(sandbox_port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # signals reach `run` alone, not its children
+        )
+    try:
+        wait_until(lambda: "Ctrl-C stops everything" in log_path.read_text(), 90)
+        proc.terminate()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for listening in (port, sandbox_port, redis_port):
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", listening)) != 0, listening
