@@ -114,23 +114,9 @@ class TestRun:
 
     def test_sample_order_becomes_points(self, tmp_path: Path) -> None:
         port, sandbox_port = free_port(), free_port()
-        env = {
-            **os.environ,
-            "DATA_DIR": str(tmp_path),
-            "EMBEDDED_REDIS_PORT": str(free_port()),
-            "LOG_FORMAT": "json",
-            "BATCH_WINDOW_S": "0.2",
-        }
-        env.pop("REDIS_URL", None)
-        log_path = tmp_path / "run.log"
-        with log_path.open("w") as log:
-            proc = subprocess.Popen(
-                [*CLI, "run", "--port", str(port), "--sandbox-port", str(sandbox_port)],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        proc, log_path = start_run(
+            tmp_path, port, sandbox_port, free_port(), LOG_FORMAT="json", BATCH_WINDOW_S="0.2"
+        )
         try:
             # Four processes start here; on a loaded 2-core machine that can take a while.
             wait_until(lambda: "Ctrl-C stops everything" in log_path.read_text(), 90)
@@ -178,6 +164,21 @@ class TestRun:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)
         assert (tmp_path / "redis" / "appendonly.aof").exists()
+
+    def test_sigterm_stops_everything(self, tmp_path: Path) -> None:
+        """`run` under a process manager (or `kill`): every child and the embedded Redis stop."""
+        ports = free_port(), free_port(), free_port()
+        proc, log_path = start_run(tmp_path, *ports)
+        try:
+            wait_until(lambda: "Ctrl-C stops everything" in log_path.read_text(), 90)
+            proc.terminate()
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        for listening in ports:
+            with socket.socket() as probe:
+                assert probe.connect_ex(("127.0.0.1", listening)) != 0, listening
 
 
 class TestRulesCommands:
@@ -232,9 +233,10 @@ class TestRulesCommands:
         assert "0 passed, 1 failed" in result.stdout
 
 
-def test_run_stops_everything_on_sigterm(tmp_path: Path) -> None:
-    """`run` under a process manager (or `kill`): every child and the embedded Redis stop."""
-    port, sandbox_port, redis_port = free_port(), free_port(), free_port()
+def start_run(
+    tmp_path: Path, port: int, sandbox_port: int, redis_port: int, **env_extra: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """`salla-rewards run` in its own session (signals reach it alone), logging to a file."""
     env = {**os.environ, "DATA_DIR": str(tmp_path), "EMBEDDED_REDIS_PORT": str(redis_port)}
     env.pop("REDIS_URL", None)
     log_path = tmp_path / "run.log"
@@ -242,18 +244,9 @@ def test_run_stops_everything_on_sigterm(tmp_path: Path) -> None:
         proc = subprocess.Popen(
             [*CLI, "run", "--port", str(port), "--sandbox-port", str(sandbox_port)],
             cwd=ROOT,
-            env=env,
+            env={**env, **env_extra},
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # signals reach `run` alone, not its children
+            start_new_session=True,
         )
-    try:
-        wait_until(lambda: "Ctrl-C stops everything" in log_path.read_text(), 90)
-        proc.terminate()
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    for listening in (port, sandbox_port, redis_port):
-        with socket.socket() as probe:
-            assert probe.connect_ex(("127.0.0.1", listening)) != 0, listening
+    return proc, log_path
