@@ -1,6 +1,8 @@
-"""The process_event job: one persisted webhook → ledger changes (and token upkeep).
+"""process_event: one persisted webhook → ledger changes (and token upkeep).
 
-Handlers are registered by event name; every other event goes through the rules.
+Called by the inbox reader for webhooks the rules use (service/inbox.py) and by the arq job
+of an app lifecycle event. Handlers are registered by event name; every other event goes
+through the rules.
 """
 
 from __future__ import annotations
