@@ -86,7 +86,7 @@ async def _uninstalled(deps: ProcessingDeps, env: Envelope) -> dict[str, Any]:
 async def _settings(deps: ProcessingDeps, env: Envelope) -> dict[str, Any]:
     settings = env.data.get("settings")
     await deps.redis.set(
-        f"{ledger.PREFIX}settings:{env.merchant}",
+        _settings_key(env.merchant),
         json.dumps(settings if isinstance(settings, dict) else {}, ensure_ascii=False),
     )
     return {"outcome": "settings_stored"}

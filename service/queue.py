@@ -6,7 +6,6 @@ needless duplicates, and the ledger makes the rest harmless.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from typing import Any
@@ -20,7 +19,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import ledger
+from service import autopipe, ledger
 
 PROCESS_EVENT = "process_event"
 #: The inbox (service/inbox.py): webhooks accepted for the rules, also kept for replay.
@@ -100,18 +99,15 @@ def _event_job(
 
 
 class EventWriter:
-    """Group commit for the webhook path: deliveries that arrive while a write is in flight go
-    to Redis together, in one pipeline of atomic calls (`_ACCEPT_WEBHOOK`, `_ENQUEUE_EVENT`).
-
-    Alone, a delivery is written at once (no added wait); under a burst, one round trip and
-    one connection checkout serve many requests. Each delivery still gets its own answer: a
-    Redis error fails exactly the deliveries of that write (they answer 503; Salla re-sends).
+    """The webhook path's writes: each delivery is one atomic call (`_ACCEPT_WEBHOOK` into the
+    inbox, or `_ENQUEUE_EVENT` for an app event's job), sent through the pool's auto-pipeline
+    (service/autopipe.py): under a burst, the deliveries of one event-loop turn share a round
+    trip (group commit). Each still gets its own answer: a Redis error fails exactly the
+    deliveries of that write (they answer 503; Salla re-sends).
     """
 
     def __init__(self, pool: ArqRedis) -> None:
         self.pool = pool
-        self._waiting: list[tuple[list[Any], asyncio.Future[bool]]] = []
-        self._writing = False
 
     async def accept(
         self,
@@ -152,33 +148,7 @@ class EventWriter:
         return await self._submit(_event_job(delivery, body, trace_id, seen_key, self.pool))
 
     async def _submit(self, call: list[Any]) -> bool:
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiting.append((call, future))
-        if not self._writing:
-            self._writing = True
-            asyncio.get_running_loop().create_task(self._write())
-        return await future
-
-    async def _write(self) -> None:
-        try:
-            while self._waiting:
-                batch, self._waiting = self._waiting, []
-                try:
-                    async with self.pool.pipeline(transaction=False) as pipe:
-                        for call, _ in batch:
-                            pipe.eval(*call)
-                        results = await pipe.execute(raise_on_error=False)
-                except Exception as exc:
-                    results = [exc] * len(batch)
-                for (_, future), result in zip(batch, results, strict=True):
-                    if future.done():  # the request went away; the write stands
-                        continue
-                    if isinstance(result, BaseException):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(bool(result))
-        finally:
-            self._writing = False
+        return bool(await autopipe.auto(self.pool).execute("EVAL", *call))
 
 
 #: The flush job this process last enqueued per store. Asking arq again for the same window is
