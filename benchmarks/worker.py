@@ -104,7 +104,7 @@ async def bench_worker(redis_url: str, events: int = 6000, stores: int = 20) -> 
     await settle_aof(redis)
     pool = await queue.connect(redis_url)
     await ensure_group(pool)
-    writer = queue.EventWriter(pool)
+    writer = queue.EventWriter(pool, seen_ttl_s=3600, retention_days=7)
     bodies = order_bodies(events, stores)
     for start in range(0, events, 500):
         await asyncio.gather(
@@ -116,14 +116,13 @@ async def bench_worker(redis_url: str, events: int = 6000, stores: int = 20) -> 
                     body=body,
                     trace_id="bench",
                     seen_key=SEEN_PREFIX + delivery,
-                    seen_ttl_s=3600,
-                    retention_days=7,
                 )
                 for body in bodies[start : start + 500]
                 for env in (parse_envelope(body),)
                 for delivery in (delivery_id(env.merchant, env.event, body),)
             )
         )
+    await writer.aclose()
     await pool.aclose()
     if await redis.xlen(WEBHOOK_STREAM) != events:
         raise RuntimeError("the worker benchmark could not persist its events")

@@ -40,7 +40,7 @@ from service.processing import APP_HANDLERS, SEEN_PREFIX, ProcessingDeps, handle
 from service.rules import RuleSet
 from service.rules.reloader import RulesHolder, live_rules
 from service.settings import Settings
-from service.webhooks import delivery_id, parse_envelope, verify
+from service.webhooks import delivery_id, read_head, verify
 
 log = get_logger("service.web")
 
@@ -141,7 +141,7 @@ async def salla_webhook(scope: Scope, receive: Receive, send: Send) -> None:
             scope, receive, settings.max_body_bytes, settings.request_body_timeout_s
         )
         verify(Headers(scope=scope), body, settings.webhook_secret, settings.salla_webhook_strategy)
-        env = parse_envelope(body)
+        env = read_head(body)
     except _Disconnected:
         return
     except WebhookError as exc:
@@ -176,8 +176,6 @@ async def salla_webhook(scope: Scope, receive: Receive, send: Send) -> None:
                 body=body,
                 trace_id=trace_id,
                 seen_key=SEEN_PREFIX + delivery,
-                seen_ttl_s=settings.dedupe_ttl_s,
-                retention_days=settings.webhook_retention_days,
             )
     except RedisError as exc:
         # Not persisted: a non-2xx answer makes Salla deliver it again later.
@@ -267,7 +265,12 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
         configure_logging(settings.log_format, settings.log_level)
         pool = await queue.connect(redis_url)
         await ensure_group(pool)  # before the first webhook is accepted: the worker reads from here
-        app.state.service = AppState(settings, pool, holder, queue.EventWriter(pool))
+        writer = queue.EventWriter(
+            pool,
+            seen_ttl_s=settings.dedupe_ttl_s,
+            retention_days=settings.webhook_retention_days,
+        )
+        app.state.service = AppState(settings, pool, holder, writer)
         admin_redis = None
         if admin_token:
             admin_redis = Redis.from_url(redis_url, decode_responses=True)
@@ -288,6 +291,7 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
             async with live_rules(holder, watch=settings.is_development):
                 yield
         finally:
+            await writer.aclose()
             await pool.aclose()
             if admin_redis is not None:
                 await admin_redis.aclose()

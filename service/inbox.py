@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import StreamIdT
 
 from service import metrics, queue
+from service.errors import InvalidPayload
 from service.logging import get_logger
 from service.processing import WEBHOOK_STREAM, ProcessingDeps, process_event, store_settings_many
 
@@ -322,6 +323,17 @@ class Inbox:
                 kept_at_ingest=True,
                 app_settings=app_settings,
             )
+        except InvalidPayload as exc:
+            # Accepted at the edge, which reads only the envelope (`read_head`), but not a body
+            # the rules can read: trying again cannot help. It stays in the replay log.
+            log.error(
+                "event_rejected",
+                trace_id=entry.trace_id,
+                delivery=entry.delivery,
+                error=exc.message,
+            )
+            metrics.EVENTS.labels("rejected").inc()
+            return True
         except _REDIS_TRANSIENT as exc:
             log.warning(
                 "event_retry_later",

@@ -6,10 +6,12 @@ needless duplicates, and the ledger makes the rest harmless.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from typing import Any
 
+import orjson
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
@@ -57,24 +59,42 @@ return 1
 """
 
 
-# KEYS: the delivery's "seen" key, the inbox stream; ARGV: seen TTL s, MINID ("" = keep all),
-# merchant, event, delivery, trace id, body, the workers' group. The webhook's whole Redis
-# cost: refused if seen, else marked seen and appended to the inbox (which is also the replay
-# log), atomically. A stream this creates gets the workers' group from its first entry, so no
-# entry can fall before the group's start, whenever a worker first looks.
-_ACCEPT_WEBHOOK = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-local new = redis.call('EXISTS', KEYS[2]) == 0
-if ARGV[2] == '' then
-  redis.call('XADD', KEYS[2], '*', 'merchant', ARGV[3], 'event', ARGV[4],
-             'delivery', ARGV[5], 'trace_id', ARGV[6], 'body', ARGV[7])
-else
-  redis.call('XADD', KEYS[2], 'MINID', ARGV[2], '*', 'merchant', ARGV[3], 'event', ARGV[4],
-             'delivery', ARGV[5], 'trace_id', ARGV[6], 'body', ARGV[7])
+# KEYS: the inbox stream, then each delivery's "seen" key; ARGV: seen TTL s, MINID ("" = keep
+# all), the workers' group, then per delivery: its JSON header [merchant, event, delivery,
+# trace id] and its body (two arguments, not five: packing each one costs the web process).
+# Returns 1 (accepted) or 0 (seen before) per delivery, in order. The webhook's whole Redis
+# cost, for every delivery of one event-loop turn at once: each is refused if seen, else marked
+# seen and appended to the inbox (which is also the replay log); a script runs atomically. A
+# stream this creates gets the workers' group with its first entry, so no entry can fall before
+# the group's start, whenever a worker first looks.
+ACCEPT_WEBHOOKS = """
+local stream, ttl, minid = KEYS[1], ARGV[1], ARGV[2]
+local new = redis.call('EXISTS', stream) == 0
+local out = {}
+for i = 2, #KEYS do
+  local a = 4 + (i - 2) * 2
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ttl) then
+    local h = cjson.decode(ARGV[a])
+    if minid == '' then
+      redis.call('XADD', stream, '*', 'merchant', h[1], 'event', h[2],
+                 'delivery', h[3], 'trace_id', h[4], 'body', ARGV[a + 1])
+    else
+      redis.call('XADD', stream, 'MINID', minid, '*', 'merchant', h[1], 'event', h[2],
+                 'delivery', h[3], 'trace_id', h[4], 'body', ARGV[a + 1])
+    end
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
 end
-if new then redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[8], '0') end
-return 1
+if new and redis.call('EXISTS', stream) == 1 then
+  redis.call('XGROUP', 'CREATE', stream, ARGV[3], '0')
+end
+return out
 """
+
+#: Deliveries per `ACCEPT_WEBHOOKS` call: a burst larger than this in one loop turn is split.
+ACCEPT_BATCH = 256
 
 
 def _event_job(
@@ -98,56 +118,100 @@ def _event_job(
     ]
 
 
+def _settle(batch: list[tuple[str, list[Any], asyncio.Future[Any]]], results: list[Any]) -> None:
+    """Give each waiting delivery its answer: accepted (True), seen before, or the error."""
+    for (_, _, future), result in zip(batch, results, strict=True):
+        if future.done():  # its caller was cancelled
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(bool(result))
+
+
 class EventWriter:
-    """The webhook path's writes: each delivery is one atomic call (`_ACCEPT_WEBHOOK` into the
-    inbox, or `_ENQUEUE_EVENT` for an app event's job), sent through the pool's auto-pipeline
-    (service/autopipe.py): under a burst, the deliveries of one event-loop turn share a round
-    trip (group commit). Each still gets its own answer: a Redis error fails exactly the
-    deliveries of that write (they answer 503; Salla re-sends).
+    """The webhook path's writes. Inbox deliveries are group-committed: one `ACCEPT_WEBHOOKS`
+    call at a time, on a connection of its own, carries every delivery that arrived while the
+    previous call was out (a burst's deliveries share a round trip and a script run; a lone
+    one goes at once). Per delivery, the web process pays a list append and an awaited future,
+    not a Redis command. App events (few; each its own arq job) go through the pool's
+    auto-pipeline. Each delivery still gets its own answer: a Redis error fails exactly the
+    deliveries of that call (they answer 503; Salla re-sends, and the "seen" mark makes any that
+    did land a duplicate, not a loss).
     """
 
-    def __init__(self, pool: ArqRedis) -> None:
+    def __init__(self, pool: ArqRedis, *, seen_ttl_s: int, retention_days: int) -> None:
         self.pool = pool
+        self.seen_ttl_s = seen_ttl_s
+        self.retention_days = retention_days
+        # A connection held for the writer: no pool checkout (and its liveness probe) per call.
+        self._conn = pool.client()
+        self._accept = self._conn.register_script(ACCEPT_WEBHOOKS)  # EVALSHA; loads if missing
+        self._waiting: list[tuple[str, list[Any], asyncio.Future[Any]]] = []
+        self._sender: asyncio.Task[None] | None = None
 
-    async def accept(
-        self,
-        *,
-        merchant: int,
-        event: str,
-        delivery: str,
-        body: bytes,
-        trace_id: str,
-        seen_key: str,
-        seen_ttl_s: int,
-        retention_days: int,
-    ) -> bool:
-        """Persist one delivery in the inbox; False when it was accepted before."""
-        minid = (
-            str(int((time.time() - retention_days * 86400) * 1000)) if retention_days > 0 else ""
-        )
-        return await self._submit(
-            [
-                _ACCEPT_WEBHOOK,
-                2,
-                seen_key,
-                WEBHOOK_STREAM,
-                str(seen_ttl_s),
-                minid,
-                str(merchant),
-                event,
-                delivery,
-                trace_id,
-                body,
-                INBOX_GROUP,
-            ]
-        )
+    def accept(
+        self, *, merchant: int, event: str, delivery: str, body: bytes, trace_id: str, seen_key: str
+    ) -> asyncio.Future[Any]:
+        """Persist one delivery in the inbox; the future's result is False when it was accepted
+        before, true otherwise."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        header = orjson.dumps([str(merchant), event, delivery, trace_id])
+        self._waiting.append((seen_key, [header, body], future))
+        if self._sender is None:  # its first step runs after this loop turn's other requests
+            self._sender = loop.create_task(self._send_waiting())
+        return future
+
+    async def _send_waiting(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._waiting[:ACCEPT_BATCH]
+                del self._waiting[:ACCEPT_BATCH]
+                await self._send(batch)
+        finally:
+            self._sender = None
+            # Stopped (the process is shutting down): nobody will send these; say so.
+            for _, _, future in self._waiting:
+                if not future.done():
+                    future.set_exception(RedisConnectionError("the event writer stopped"))
+            self._waiting.clear()
+
+    async def _send(self, batch: list[tuple[str, list[Any], asyncio.Future[Any]]]) -> None:
+        keys: list[Any] = [WEBHOOK_STREAM]
+        args: list[Any] = [self.seen_ttl_s, self._minid(), INBOX_GROUP]
+        for seen_key, fields, _ in batch:
+            keys.append(seen_key)
+            args += fields
+        try:
+            try:
+                results: list[Any] = await self._accept(keys=keys, args=args)
+            except RedisConnectionError:
+                # The held connection went stale (say Redis restarted since the last call): once
+                # more, on a new one. Safe even if the first call ran: "seen" marks make a
+                # delivery that landed answer as a duplicate, never land twice.
+                results = await self._accept(keys=keys, args=args)
+        except Exception as exc:  # nothing of this call is known to be persisted: all fail
+            results = [exc] * len(batch)
+        except BaseException:  # cancelled: the process is stopping
+            _settle(batch, [RedisConnectionError("the event writer stopped")] * len(batch))
+            raise
+        _settle(batch, results)
+
+    async def aclose(self) -> None:
+        """Give the writer's connection back to the pool."""
+        await self._conn.aclose()
+
+    def _minid(self) -> str:
+        """The oldest entry id retention keeps ("" keeps all)."""
+        if self.retention_days <= 0:
+            return ""
+        return str(int((time.time() - self.retention_days * 86400) * 1000))
 
     async def enqueue(self, delivery: str, body: bytes, trace_id: str, *, seen_key: str) -> bool:
         """Persist one delivery as its own arq job (app lifecycle events); False when it is
         queued or was processed already (the worker sets `seen_key` once it is processed)."""
-        return await self._submit(_event_job(delivery, body, trace_id, seen_key, self.pool))
-
-    async def _submit(self, call: list[Any]) -> bool:
+        call = _event_job(delivery, body, trace_id, seen_key, self.pool)
         return bool(await autopipe.auto(self.pool).execute("EVAL", *call))
 
 

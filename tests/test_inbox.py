@@ -19,7 +19,7 @@ from service import autopipe, inbox, ledger, queue
 from service.logging import configure_logging
 from service.processing import SEEN_PREFIX, WEBHOOK_STREAM, ProcessingDeps
 from service.rules import parse_rules_text
-from service.webhooks import delivery_id, parse_envelope
+from service.webhooks import delivery_id, read_head
 from tests.conftest import eventually, make_settings
 
 M = 4242
@@ -70,18 +70,20 @@ async def deps(redis: Redis, redis_url: str) -> AsyncIterator[ProcessingDeps]:
 
 async def accept(deps: ProcessingDeps, body: bytes) -> bool:
     """Persist a webhook exactly as the web process does."""
-    env = parse_envelope(body)
+    env = read_head(body)
     delivery = delivery_id(env.merchant, env.event, body)
-    return await queue.EventWriter(deps.pool).accept(
-        merchant=env.merchant,
-        event=env.event,
-        delivery=delivery,
-        body=body,
-        trace_id="t",
-        seen_key=SEEN_PREFIX + delivery,
-        seen_ttl_s=60,
-        retention_days=7,
-    )
+    writer = queue.EventWriter(deps.pool, seen_ttl_s=60, retention_days=7)
+    try:
+        return await writer.accept(
+            merchant=env.merchant,
+            event=env.event,
+            delivery=delivery,
+            body=body,
+            trace_id="t",
+            seen_key=SEEN_PREFIX + delivery,
+        )
+    finally:
+        await writer.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -145,11 +147,13 @@ class TestInbox:
     async def test_an_entry_that_always_fails_is_given_up_and_kept(
         self, redis: Redis, binary: Redis, deps: ProcessingDeps, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """Processing that raises (here: a body that cannot be parsed, as a bug would) does not
+        """Processing that raises (here: a corrupted ledger entry, as a bug would) does not
         block the others; after `max_tries` the entry is acknowledged with an error line and
         stays in the stream for `admin replay`."""
         configure_logging("json", "INFO")  # to this test's captured stderr
-        await binary.xadd(WEBHOOK_STREAM, {"merchant": M, "delivery": "bad", "body": b"{"})
+        # Its order's ledger entry is not a hash (corrupted by hand, say): every try fails.
+        await redis.set(f"{ledger.PREFIX}led:{M}:order:77", "corrupt")
+        await binary.xadd(WEBHOOK_STREAM, {"merchant": M, "delivery": "bad", "body": order(77)})
         assert await accept(deps, order(1))
         reader = inbox.Inbox(deps, binary, claim_idle_s=0.05, max_tries=3)
         async with running(reader):
@@ -161,6 +165,25 @@ class TestInbox:
         failed = [x for x in lines if x["event"] == "event_failed"]
         (abandoned,) = [x for x in lines if x["event"] == "event_abandoned"]
         assert len(failed) == 3 and abandoned["tries"] == 3 and abandoned["delivery"] == "bad"
+
+    async def test_a_body_the_rules_cannot_read_is_rejected_once_and_kept(
+        self, redis: Redis, binary: Redis, deps: ProcessingDeps, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The edge reads only the envelope; a signed body it accepts that the worker cannot
+        parse (a number beyond a double in `data`) is rejected at once: acknowledged with one
+        error line, not tried again, kept in the stream."""
+        configure_logging("json", "INFO")
+        unreadable = order(5).replace(b'"data": {', b'"data": {"weight": 1e400, ', 1)
+        assert await accept(deps, unreadable)  # what the web process answers 200 to
+        assert await accept(deps, order(6))
+        async with running(inbox.Inbox(deps, binary, claim_idle_s=0.05, max_tries=3)):
+            await eventually(lambda: _empty(binary), timeout_s=15)
+        assert await pending_grants(redis) == 1  # order 6 only
+        assert await redis.xlen(WEBHOOK_STREAM) == 2
+        lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x[:1] == "{"]
+        (rejected,) = [x for x in lines if x["event"] == "event_rejected"]
+        assert "not valid JSON" in rejected["error"]
+        assert not [x for x in lines if x["event"] in ("event_failed", "event_abandoned")]
 
     async def test_a_stream_written_anew_is_read_from_its_first_entry(
         self, redis: Redis, binary: Redis, deps: ProcessingDeps

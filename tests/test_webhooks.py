@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.datastructures import Headers
 
@@ -16,6 +18,7 @@ from service.webhooks import (
     delivery_id,
     event_time,
     parse_envelope,
+    read_head,
     sign,
     signed_headers,
     verify,
@@ -123,6 +126,105 @@ class TestEnvelope:
         first = delivery_id(1, "order.created", VECTOR_BODY)
         assert first == delivery_id(1, "order.created", VECTOR_BODY)
         assert first != delivery_id(1, "order.created", VECTOR_BODY + b" ")
+
+
+def _outcome(read: object, body: bytes) -> tuple[str, object, object]:
+    try:
+        env = read(body)  # type: ignore[operator]
+    except InvalidPayload:
+        return ("refused", None, None)
+    return ("accepted", env.event, env.merchant)
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=20,
+)
+
+
+class TestHead:
+    """`read_head` (the web process: the envelope only) refuses and accepts the same bodies as
+    `parse_envelope` (the worker), and reads the same event and store from them."""
+
+    @pytest.mark.parametrize(
+        "path", sorted((Path(__file__).parent / "fixtures").glob("*.json")), ids=lambda p: p.name
+    )
+    def test_every_fixture_reads_the_same(self, path: Path) -> None:
+        body = path.read_bytes()
+        assert _outcome(read_head, body) == _outcome(parse_envelope, body)
+
+    @pytest.mark.parametrize(
+        ("body", "message"),
+        [
+            (b"[1,2]", "not a JSON object"),
+            (b'{"hello":"world"}', "missing event, merchant, data"),
+            (b'{"event":"order.created","data":{}}', "missing merchant"),
+            (b'{"event":"order.created","merchant":-3,"data":{}}', "positive integer"),
+            (b'{"event":"order.created","merchant":true,"data":{}}', "positive integer"),
+            (b'{"event":"order.created","merchant":9223372036854775808,"data":{}}', "positive"),
+            (b'{"event":"","merchant":1,"data":{}}', "non-empty string"),
+            (b'{"event":"' + b"e" * 101 + b'","merchant":1,"data":{}}', "non-empty string"),
+            (b'{"event":"order.created","merchant":1,"data":[]}', "'data' must be"),
+            (b"\xff\xfe", "not valid JSON"),
+            # Inside `data`, which is checked but not built: the same refusals as a full parse.
+            (b'{"event":"e","merchant":1,"data":{"a":"\xff"}}', "not valid JSON"),
+            (b'{"event":"e","merchant":1,"data":{"a":NaN}}', "not valid JSON"),
+            (b'{"event":"e","merchant":1,"data":{"a":"\\ud800"}}', "not valid JSON"),
+            (b'{"event":"e","merchant":1,"data":{"a":}}', "not valid JSON"),
+            (b'{"event":"e","merchant":1,"data":{},"other":[1,}', "not valid JSON"),
+            (b'{"event":"e","merchant":1,"data":{}} trailing', "not valid JSON"),
+            (b'{"event":"e","merchant":1,"data":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "JSON"),
+        ],
+    )
+    def test_what_it_refuses(self, body: bytes, message: str) -> None:
+        with pytest.raises(InvalidPayload, match=message) as refused:
+            read_head(body)
+        with pytest.raises(InvalidPayload) as full:
+            parse_envelope(body)
+        assert refused.value.message == full.value.message  # the same words as before
+
+    def test_the_one_difference_is_a_number_beyond_a_double(self) -> None:
+        """Documented in `read_head`: the worker rejects it (`event_rejected`, test_inbox)."""
+        body = b'{"event":"e","merchant":1,"data":{"weight":1e400}}'
+        assert read_head(body).merchant == 1
+        with pytest.raises(InvalidPayload, match="not valid JSON"):
+            parse_envelope(body)
+
+    @settings(max_examples=400)
+    @given(
+        envelope=st.fixed_dictionaries(
+            {  # each field mostly right, sometimes wrong: every check gets both kinds
+                "event": st.one_of(
+                    st.sampled_from(["order.created", "review.added"]),
+                    st.text(min_size=98, max_size=102),
+                    _json_values,
+                ),
+                "merchant": st.one_of(
+                    st.integers(min_value=1, max_value=10**12),
+                    st.from_regex(r"\A ?\d{1,21}\Z"),
+                    st.integers(min_value=-5, max_value=2**65),
+                    _json_values,
+                ),
+                "data": st.one_of(st.dictionaries(st.text(max_size=6), _json_values), _json_values),
+            },
+            optional={"created_at": _json_values, "extra": _json_values},
+        ),
+        drop=st.sampled_from([None, "event", "merchant", "data"]),
+        cut=st.integers(min_value=0, max_value=400),
+    )
+    def test_random_envelopes_read_the_same(
+        self, envelope: dict[str, object], drop: str | None, cut: int
+    ) -> None:
+        envelope.pop(drop or "", None)
+        body = json.dumps(envelope).encode()
+        assert _outcome(read_head, body) == _outcome(parse_envelope, body)
+        truncated = body[: len(body) * cut // 400]  # and any prefix of it, mostly broken JSON
+        assert _outcome(read_head, truncated) == _outcome(parse_envelope, truncated)
 
 
 class TestEventTime:
