@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import os
+import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -135,7 +135,7 @@ async def salla_webhook(scope: Scope, receive: Receive, send: Send) -> None:
     state: AppState = scope["app"].state.service
     settings = state.settings
     started = time.perf_counter()
-    trace_id = os.urandom(8).hex()
+    trace_id = f"{random.getrandbits(64):016x}"  # follows the delivery; not a secret
     try:
         body = await _read_body(
             scope, receive, settings.max_body_bytes, settings.request_body_timeout_s

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import re
 
 import pytest
 from redis.asyncio import Redis
@@ -59,6 +61,32 @@ class TestRedaction:
             assert leaked not in line
         doc = json.loads(line)
         assert doc["customer"]["name"] == "Ali" and doc["event"] == "token_refreshed"
+
+    def test_a_flat_line_with_one_secret_field_is_masked(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Lines of plain fields take a shortcut; a secret-named one among them still counts."""
+        configure_logging("json", "INFO")
+        get_logger("t").info("x", merchant=1, status=200, webhook_secret="s3cret", ok=True)
+        doc = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+        assert doc["webhook_secret"] == "[redacted]"
+        assert (doc["merchant"], doc["status"], doc["ok"]) == (1, 200, True)
+
+
+class TestTimestamps:
+    def test_iso_utc_with_microseconds_as_structlog_writes_them(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        configure_logging("json", "INFO")
+        before = dt.datetime.now(dt.UTC) - dt.timedelta(milliseconds=1)  # clock rounding
+        for n in range(3):
+            get_logger("t").info("tick", n=n)
+        after = dt.datetime.now(dt.UTC)
+        stamps = [json.loads(x)["timestamp"] for x in capsys.readouterr().err.splitlines()[-3:]]
+        for stamp in stamps:
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
+            assert before <= dt.datetime.fromisoformat(stamp) <= after
+        assert stamps == sorted(stamps)
 
 
 class TestReadiness:

@@ -206,6 +206,10 @@ class RuleSet:
     files: tuple[str, ...] = ()
     by_event: Mapping[str, tuple[Rule, ...]] = field(default_factory=dict, compare=False)
     _per_merchant: dict[int, RuleSet] = field(default_factory=dict, compare=False, repr=False)
+    #: `events` and whether one of them is an order event, computed once (the web asks per
+    #: webhook).
+    _events: frozenset[str] = field(default=frozenset(), init=False, compare=False, repr=False)
+    _orders: bool = field(default=False, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         index: dict[str, list[Rule]] = {}
@@ -213,15 +217,17 @@ class RuleSet:
             for event in rule.on:
                 index.setdefault(event, []).append(rule)
         object.__setattr__(self, "by_event", {e: tuple(r) for e, r in index.items()})
-
-    @property
-    def events(self) -> frozenset[str]:
-        """Every event some rule listens to, in any store."""
         events = set(self.by_event)
         for override in self.overrides.values():
             for rule in override.rules:
                 events |= rule.on
-        return frozenset(events)
+        object.__setattr__(self, "_events", frozenset(events))
+        object.__setattr__(self, "_orders", any(e.startswith("order.") for e in events))
+
+    @property
+    def events(self) -> frozenset[str]:
+        """Every event some rule listens to, in any store."""
+        return self._events
 
     def uses(self, event: str) -> bool:
         """Whether processing `event` can change any grant.
@@ -229,10 +235,7 @@ class RuleSet:
         Any order event can revoke an order's grants (from the ledger, whatever the rules say
         now), so order events are used as soon as one rule is about orders.
         """
-        events = self.events
-        if event in events:
-            return True
-        return event.startswith("order.") and any(e.startswith("order.") for e in events)
+        return event in self._events or (self._orders and event.startswith("order."))
 
     def for_event(self, event: str) -> tuple[Rule, ...]:
         return self.by_event.get(event, ())
