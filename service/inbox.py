@@ -42,9 +42,10 @@ _REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 async def ensure_group(redis: Redis, *, from_start: bool = False) -> None:
     """Create the consumer group if it is missing.
 
-    A stream the web process creates gets its group with its first entry (`_ACCEPT_WEBHOOK`),
-    so a stream without one was written by a version before the inbox, whose worker processed
-    each entry before keeping it: at start-up the group starts at the stream's end.
+    A stream the web process creates gets its group with its first entry
+    (`queue.ACCEPT_WEBHOOKS`), so a stream without one was written by a version before the
+    inbox, whose worker processed each entry before keeping it: at start-up the group starts
+    at the stream's end.
     `from_start` is for a group lost while in use (a restored Redis): every entry is then
     taken as unprocessed (the ledger makes any that were processed harmless).
     """
