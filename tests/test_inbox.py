@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -248,3 +249,67 @@ class TestAutoPipeline:
         )
         assert all(isinstance(a, RedisConnectionError) for a in answers)
         await client.aclose()
+
+
+class TestEventWriter:
+    """The web's group commit: deliveries that arrive together share one script call, and each
+    still gets its own answer."""
+
+    async def test_concurrent_deliveries_share_a_call_and_keep_their_own_answers(
+        self, redis: Redis, binary: Redis, deps: ProcessingDeps
+    ) -> None:
+        writer = queue.EventWriter(deps.pool, seen_ttl_s=60, retention_days=7)
+        bodies = [order(n) for n in range(100, 150)] + [order(n) for n in range(100, 105)]
+        await redis.script_load(queue.ACCEPT_WEBHOOKS)  # else the first EVALSHA is a NOSCRIPT
+        await redis.config_resetstat()
+        try:
+            answers = await asyncio.gather(
+                *(
+                    writer.accept(
+                        merchant=M,
+                        event="order.updated",
+                        delivery=delivery_id(M, "order.updated", body),
+                        body=body,
+                        trace_id=f"t{n}",
+                        seen_key=SEEN_PREFIX + delivery_id(M, "order.updated", body),
+                    )
+                    for n, body in enumerate(bodies)
+                )
+            )
+        finally:
+            await writer.aclose()
+        assert answers == [True] * 50 + [False] * 5  # the repeats are duplicates, in one call
+        stats = await redis.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] == 1  # one round trip for all 55
+        entries = await binary.xrange(WEBHOOK_STREAM)
+        assert len(entries) == 50
+        first = entries[0][1]
+        assert (first[b"merchant"], first[b"event"], first[b"trace_id"]) == (
+            str(M).encode(),
+            b"order.updated",
+            b"t0",
+        )
+        assert first[b"body"] == bodies[0]
+
+    async def test_redis_unreachable_fails_every_delivery_of_the_call(self, redis_url: str) -> None:
+        unreachable = ArqRedis.from_url(redis_url.rsplit(":", 1)[0] + ":1")  # nothing there
+        writer = queue.EventWriter(unreachable, seen_ttl_s=60, retention_days=7)
+        try:
+            answers = await asyncio.gather(
+                *(
+                    writer.accept(
+                        merchant=M,
+                        event="order.updated",
+                        delivery=f"d{n}",
+                        body=order(n),
+                        trace_id="t",
+                        seen_key=f"{SEEN_PREFIX}d{n}",
+                    )
+                    for n in range(3)
+                ),
+                return_exceptions=True,
+            )
+        finally:
+            await writer.aclose()
+            await unreachable.aclose()
+        assert all(isinstance(a, RedisConnectionError) for a in answers)
