@@ -1,7 +1,7 @@
 """`create_app(settings)`: the HTTP edge. Routes, lifespan (Redis pool, rules).
 
 The request path is short and does no outbound I/O:
-route → read body (limited) → verify → parse → dedupe + persist (the inbox stream) → 200.
+route → read body (limited) → verify → read the envelope → dedupe + persist (the inbox) → 200.
 """
 
 from __future__ import annotations

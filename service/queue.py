@@ -63,7 +63,7 @@ return 1
 # all), the workers' group, then per delivery: its JSON header [merchant, event, delivery,
 # trace id] and its body (two arguments, not five: packing each one costs the web process).
 # Returns 1 (accepted) or 0 (seen before) per delivery, in order. The webhook's whole Redis
-# cost, for every delivery of one event-loop turn at once: each is refused if seen, else marked
+# cost, for a group of deliveries at once (`EventWriter`): each is refused if seen, else marked
 # seen and appended to the inbox (which is also the replay log); a script runs atomically. A
 # stream this creates gets the workers' group with its first entry, so no entry can fall before
 # the group's start, whenever a worker first looks.
@@ -93,7 +93,7 @@ end
 return out
 """
 
-#: Deliveries per `ACCEPT_WEBHOOKS` call: a burst larger than this in one loop turn is split.
+#: Deliveries per `ACCEPT_WEBHOOKS` call at most: more waiting go in the next call.
 ACCEPT_BATCH = 256
 
 
