@@ -23,8 +23,8 @@ from redis.asyncio import Redis
 from benchmarks.ingest import ROOT, SAMPLE, peak_rss_mib
 from service import queue
 from service.inbox import ensure_group
-from service.processing import SEEN_PREFIX, WEBHOOK_STREAM
-from service.webhooks import delivery_id, parse_envelope
+from service.processing import WEBHOOK_STREAM
+from service.webhooks import delivery_id, read_head
 
 
 def order_bodies(events: int, stores: int) -> list[bytes]:
@@ -115,10 +115,9 @@ async def bench_worker(redis_url: str, events: int = 6000, stores: int = 20) -> 
                     delivery=delivery,
                     body=body,
                     trace_id="bench",
-                    seen_key=SEEN_PREFIX + delivery,
                 )
                 for body in bodies[start : start + 500]
-                for env in (parse_envelope(body),)
+                for env in (read_head(body),)
                 for delivery in (delivery_id(env.merchant, env.event, body),)
             )
         )

@@ -36,7 +36,7 @@ from service.admin_http import routes as admin_routes
 from service.errors import PayloadTooLarge, RequestTimeout, WebhookError
 from service.inbox import ensure_group
 from service.logging import configure_logging, get_logger
-from service.processing import APP_HANDLERS, SEEN_PREFIX, ProcessingDeps, handles
+from service.processing import APP_HANDLERS, ProcessingDeps, handles
 from service.rules import RuleSet
 from service.rules.reloader import RulesHolder, live_rules
 from service.settings import Settings
@@ -179,9 +179,7 @@ async def salla_webhook(scope: Scope, receive: Receive, send: Send) -> None:
     delivery = delivery_id(env.merchant, env.event, body)
     try:
         if env.event in APP_HANDLERS:  # few, and they carry tokens: their own arq job
-            accepted = await state.writer.enqueue(
-                delivery, body, trace_id, seen_key=SEEN_PREFIX + delivery
-            )
+            accepted = await state.writer.enqueue(delivery, body, trace_id)
         else:
             accepted = await state.writer.accept(
                 merchant=env.merchant,
@@ -189,7 +187,6 @@ async def salla_webhook(scope: Scope, receive: Receive, send: Send) -> None:
                 delivery=delivery,
                 body=body,
                 trace_id=trace_id,
-                seen_key=SEEN_PREFIX + delivery,
             )
     except RedisError as exc:
         # Not persisted: a non-2xx answer makes Salla deliver it again later.

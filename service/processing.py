@@ -30,7 +30,7 @@ from service.webhooks import Envelope, event_time, parse_envelope
 
 log = get_logger("service.processing")
 
-SEEN_PREFIX = f"{ledger.PREFIX}seen:"
+SEEN_PREFIX = queue.SEEN_PREFIX
 #: Webhooks for the rules: the inbox, kept `WEBHOOK_RETENTION_DAYS` for replay (app events are
 #: not in it: they carry the store's tokens).
 WEBHOOK_STREAM = queue.WEBHOOK_STREAM

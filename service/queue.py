@@ -24,6 +24,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service import autopipe, ledger
 
 PROCESS_EVENT = "process_event"
+#: `<prefix><delivery>`: set once a delivery is accepted (inbox) or processed (app event).
+SEEN_PREFIX = f"{ledger.PREFIX}seen:"
 #: The inbox (service/inbox.py): webhooks accepted for the rules, also kept for replay.
 WEBHOOK_STREAM = f"{ledger.PREFIX}webhooks"
 #: The consumer group the workers read the inbox as.
@@ -97,9 +99,7 @@ return out
 ACCEPT_BATCH = 256
 
 
-def _event_job(
-    delivery: str, body: bytes, trace_id: str, seen_key: str, pool: ArqRedis
-) -> list[Any]:
+def _event_job(delivery: str, body: bytes, trace_id: str, pool: ArqRedis) -> list[Any]:
     """`_ENQUEUE_EVENT` with its KEYS and ARGV, for one delivery."""
     job_id = f"evt:{delivery}"
     now = timestamp_ms()
@@ -107,7 +107,7 @@ def _event_job(
     return [
         _ENQUEUE_EVENT,
         4,
-        seen_key,
+        SEEN_PREFIX + delivery,
         job_key_prefix + job_id,
         result_key_prefix + job_id,
         pool.default_queue_name,
@@ -151,14 +151,14 @@ class EventWriter:
         self._sender: asyncio.Task[None] | None = None
 
     def accept(
-        self, *, merchant: int, event: str, delivery: str, body: bytes, trace_id: str, seen_key: str
+        self, *, merchant: int, event: str, delivery: str, body: bytes, trace_id: str
     ) -> asyncio.Future[Any]:
         """Persist one delivery in the inbox; the future's result is False when it was accepted
         before, true otherwise."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         header = orjson.dumps([str(merchant), event, delivery, trace_id])
-        self._waiting.append((seen_key, [header, body], future))
+        self._waiting.append((SEEN_PREFIX + delivery, [header, body], future))
         if self._sender is None:  # its first step runs after this loop turn's other requests
             self._sender = loop.create_task(self._send_waiting())
         return future
@@ -208,10 +208,10 @@ class EventWriter:
             return ""
         return str(int((time.time() - self.retention_days * 86400) * 1000))
 
-    async def enqueue(self, delivery: str, body: bytes, trace_id: str, *, seen_key: str) -> bool:
+    async def enqueue(self, delivery: str, body: bytes, trace_id: str) -> bool:
         """Persist one delivery as its own arq job (app lifecycle events); False when it is
-        queued or was processed already (the worker sets `seen_key` once it is processed)."""
-        call = _event_job(delivery, body, trace_id, seen_key, self.pool)
+        queued or was processed already (the worker marks it seen once it is processed)."""
+        call = _event_job(delivery, body, trace_id, self.pool)
         return bool(await autopipe.auto(self.pool).execute("EVAL", *call))
 
 

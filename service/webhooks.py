@@ -151,8 +151,8 @@ def read_head(body: bytes) -> Head:
     exception a signed body can carry: a number too large for a double inside `data` (1e400).
     That passes here, and the worker rejects it (`event_rejected`)."""
     try:
-        body.decode("utf-8")  # strict UTF-8, as orjson is; msgspec does not check skipped text
-        head = _HEAD.decode(body)
+        # Decoded first: strict UTF-8, as orjson is (msgspec does not check text it skips).
+        head = _HEAD.decode(body.decode("utf-8"))
     except (UnicodeDecodeError, RecursionError, msgspec.DecodeError):  # ValidationError too
         head = None
     if head is not None and head.event and len(head.event) <= 100:

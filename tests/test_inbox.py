@@ -18,7 +18,7 @@ from redis.exceptions import ResponseError
 
 from service import autopipe, inbox, ledger, queue
 from service.logging import configure_logging
-from service.processing import SEEN_PREFIX, WEBHOOK_STREAM, ProcessingDeps
+from service.processing import WEBHOOK_STREAM, ProcessingDeps
 from service.rules import parse_rules_text
 from service.webhooks import delivery_id, read_head
 from tests.conftest import eventually, make_settings
@@ -81,7 +81,6 @@ async def accept(deps: ProcessingDeps, body: bytes) -> bool:
             delivery=delivery,
             body=body,
             trace_id="t",
-            seen_key=SEEN_PREFIX + delivery,
         )
     finally:
         await writer.aclose()
@@ -271,7 +270,6 @@ class TestEventWriter:
                         delivery=delivery_id(M, "order.updated", body),
                         body=body,
                         trace_id=f"t{n}",
-                        seen_key=SEEN_PREFIX + delivery_id(M, "order.updated", body),
                     )
                     for n, body in enumerate(bodies)
                 )
@@ -303,7 +301,6 @@ class TestEventWriter:
                         delivery=f"d{n}",
                         body=order(n),
                         trace_id="t",
-                        seen_key=f"{SEEN_PREFIX}d{n}",
                     )
                     for n in range(3)
                 ),
