@@ -151,8 +151,11 @@ def read_head(body: bytes) -> Head:
     exception a signed body can carry: a number too large for a double inside `data` (1e400).
     That passes here, and the worker rejects it (`event_rejected`)."""
     try:
-        # Decoded first: strict UTF-8, as orjson is (msgspec does not check text it skips).
-        head = _HEAD.decode(body.decode("utf-8"))
+        # Strict UTF-8 first, as orjson checks it (msgspec does not check text it skips). The
+        # decoded text is thrown away: msgspec reads bytes; given a str it would encode it back
+        # to UTF-8 first (14 µs for an order instead of 6).
+        body.decode("utf-8")
+        head = _HEAD.decode(body)
     except (UnicodeDecodeError, RecursionError, msgspec.DecodeError):  # ValidationError too
         head = None
     if head is not None and head.event and len(head.event) <= 100:
