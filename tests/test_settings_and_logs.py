@@ -72,6 +72,36 @@ class TestRedaction:
         assert doc["webhook_secret"] == "[redacted]"
         assert (doc["merchant"], doc["status"], doc["ok"]) == (1, 200, True)
 
+    def test_a_secret_name_stays_masked_once_its_name_is_known(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Field names are remembered after the first line; a secret's name is remembered as
+        a secret, so the second line takes no shortcut either."""
+        configure_logging("json", "INFO")
+        for _ in range(3):
+            get_logger("t").info("y", merchant=1, partner_api_key="k-999")
+        lines = capsys.readouterr().err.strip().splitlines()[-3:]
+        assert [json.loads(x)["partner_api_key"] for x in lines] == ["[redacted]"] * 3
+
+
+class TestLineShape:
+    def test_level_names_and_exceptions(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """`level` as structlog's add_log_level names it; an exception's traceback rendered."""
+        configure_logging("json", "DEBUG")
+        log = get_logger("t")
+        log.debug("a")
+        log.warning("b")
+        try:
+            raise ValueError("boom-42")
+        except ValueError:
+            log.exception("c")
+        log.error("d", exc_info=False)
+        docs = [json.loads(x) for x in capsys.readouterr().err.strip().splitlines()[-4:]]
+        assert [d["level"] for d in docs] == ["debug", "warning", "error", "error"]
+        assert "ValueError: boom-42" in docs[2]["exception"]
+        assert "exception" not in docs[0] and "exception" not in docs[3]
+        assert all("exc_info" not in d for d in docs)
+
 
 class TestTimestamps:
     def test_iso_utc_with_microseconds_as_structlog_writes_them(
