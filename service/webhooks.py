@@ -13,6 +13,7 @@ Salla does.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import hmac
 from collections.abc import Mapping
@@ -33,7 +34,17 @@ AUTHORIZATION_HEADER = "authorization"
 
 def sign(body: bytes, secret: str) -> str:
     """The `X-Salla-Signature` value Salla sends for `body`."""
-    return hmac.digest(secret.encode(), body, "sha256").hex()  # one-shot: OpenSSL's fast path
+    mac = _keyed(secret).copy()  # the keyed state, copied: cheaper than keying every time
+    mac.update(body)
+    return mac.hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _keyed(secret: str) -> hmac.HMAC:
+    """HMAC-SHA256 keyed with `secret`, before any message. OpenSSL 3 fetches the digest and
+    keys a new context on every one-shot `hmac.digest` (6.4 µs for an order); a copy of this
+    costs 4.5."""
+    return hmac.new(secret.encode(), digestmod=hashlib.sha256)
 
 
 def signed_headers(body: bytes, secret: str, strategy: Strategy = "signature") -> dict[str, str]:

@@ -44,6 +44,16 @@ class TestSignatureVectors:
             "560a850ae39baf3a5a06e00e41fd8a028ce25955b5b790f2ac9d90bb348fae69"
         )
 
+    def test_the_keyed_state_is_reused_not_shared(self) -> None:
+        """The keyed HMAC is kept per secret and copied per message: signing other bodies and
+        other secrets in between changes nothing."""
+        first = sign(VECTOR_BODY, SECRET)
+        for n in range(3):
+            sign(b"x" * n, SECRET)
+            sign(VECTOR_BODY, f"other-{n}")
+        assert sign(VECTOR_BODY, SECRET) == first
+        assert sign(VECTOR_BODY, "other-0") != first
+
 
 class TestVerify:
     """Both strategies; header names and values in any case; refusals say why."""
