@@ -84,8 +84,14 @@ async def arq_ceiling(redis_url: str, jobs: int = 5000) -> int:
 
 async def settle_aof(redis: Redis) -> None:
     """Rewrite Redis's AOF now and wait for it: after the ingest runs' writes, Redis would
-    otherwise fork to rewrite it during this measurement, on the same two cores."""
+    otherwise fork to rewrite it during this measurement, on the same two cores. A rewrite
+    Redis started on its own first is waited for (Redis refuses a second one meanwhile)."""
+    await _rewrite_done(redis)
     await redis.bgrewriteaof()  # type: ignore[no-untyped-call]
+    await _rewrite_done(redis)
+
+
+async def _rewrite_done(redis: Redis) -> None:
     for _ in range(600):
         info = await redis.info("persistence")
         if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
