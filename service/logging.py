@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 import time
+import weakref
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -141,14 +142,15 @@ def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
         logger_factory=factory,
         cache_logger_on_first_use=False,
     )
-    _generation[0] += 1
+    for logger in list(_loggers):
+        logger._forget()
     # Libraries that log through the standard library (uvicorn, arq) go to stderr as plain lines.
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-#: Bumped by every `configure_logging`: loggers re-resolve their configuration only then.
-_generation = [0]
+#: Every module-level logger, so `configure_logging` can make each re-resolve its methods.
+_loggers: weakref.WeakSet[_Logger] = weakref.WeakSet()
 
 
 class _Logger:
@@ -157,20 +159,25 @@ class _Logger:
     structlog's lazy proxy (without `cache_logger_on_first_use`) rebuilds the bound logger on
     every call, which cost the worker about 0.15 ms per line; caching on first use would pin a
     logger to the first configuration, which tests (and a re-configured process) must not.
+    Each method (`info`, `bind`, ...) is looked up once and kept on the instance, so a line
+    costs no `__getattr__` call (1.5 µs); `configure_logging` forgets them all.
     """
-
-    __slots__ = ("_bound", "_generation", "_name")
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._generation = -1
-        self._bound: Any = None
+        _loggers.add(self)
 
-    def __getattr__(self, attr: str) -> Any:
-        if self._generation != _generation[0]:
-            self._bound = structlog.get_logger(self._name).bind()
-            self._generation = _generation[0]
-        return getattr(self._bound, attr)
+    def __getattr__(self, attr: str) -> Any:  # only for names not yet kept on the instance
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        method = getattr(structlog.get_logger(self._name).bind(), attr)
+        setattr(self, attr, method)
+        return method
+
+    def _forget(self) -> None:
+        name = self._name
+        self.__dict__.clear()
+        self._name = name
 
 
 def get_logger(name: str) -> Any:

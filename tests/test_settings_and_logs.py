@@ -84,6 +84,22 @@ class TestRedaction:
         assert [json.loads(x)["partner_api_key"] for x in lines] == ["[redacted]"] * 3
 
 
+class TestReconfiguration:
+    def test_a_long_lived_logger_follows_each_new_configuration(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Module loggers keep their methods between lines; a new configuration (level, and
+        here a new stderr from capsys) replaces them."""
+        log = get_logger("long-lived")
+        configure_logging("json", "INFO")
+        log.debug("hidden")
+        log.info("shown", n=1)
+        configure_logging("json", "DEBUG")
+        log.debug("now-shown")
+        events = [json.loads(x)["event"] for x in capsys.readouterr().err.strip().splitlines()]
+        assert events == ["shown", "now-shown"]
+
+
 class TestLineShape:
     def test_level_names_and_exceptions(self, capsys: pytest.CaptureFixture[str]) -> None:
         """`level` as structlog's add_log_level names it; an exception's traceback rendered."""
