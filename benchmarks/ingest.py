@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import gc
 import json
 import os
@@ -26,10 +27,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+from redis.asyncio import Redis
 
 from service.processing import WEBHOOK_STREAM
 from service.webhooks import sign
@@ -243,6 +246,23 @@ def _fixed_rate_in_uvloop(port: int, requests: list[bytes], rate: float) -> dict
         gc.unfreeze()
 
 
+@contextlib.asynccontextmanager
+async def aof_compaction_deferred(redis: Redis) -> AsyncIterator[None]:
+    """Redis compacts its append-only file by forking a rewrite once the file has doubled past
+    `auto-aof-rewrite-min-size` (64 MB): every 8 s run here writes 100-200 MB, so a rewrite (a
+    second process copying the whole dataset) would land in each full-path run, on the same
+    two cores as the server under test, and the bare run never pays it (measured in
+    interleaved runs: 3-5% more server CPU per request with it). Deferred while the benchmark
+    runs; every write still goes to the AOF, fsynced each second, exactly as in production."""
+    key = "auto-aof-rewrite-min-size"
+    before = (await redis.config_get(key))[key]
+    await redis.config_set(key, "16gb")
+    try:
+        yield
+    finally:
+        await redis.config_set(key, before)
+
+
 async def bench_ingest(
     redis_url: str,
     *,
@@ -255,8 +275,6 @@ async def bench_ingest(
 ) -> dict[str, Any]:
     """p50/p99 at a fixed rate (three rounds), then full path vs bare Starlette (wrk, rounds
     taken in turn, medians reported); peak RSS."""
-    from redis.asyncio import Redis
-
     secret = "bench-webhook-secret"  # noqa: S105 - a local benchmark secret
     redis = Redis.from_url(redis_url)
     await redis.flushall()
@@ -267,16 +285,7 @@ async def bench_ingest(
         "LOG_LEVEL": "INFO",
         "LOG_FORMAT": "json",
     }
-    # Redis compacts its append-only file by forking a rewrite once the file has doubled past
-    # `auto-aof-rewrite-min-size` (64 MB): every 8 s run here writes 100-200 MB, so a rewrite
-    # (a second process copying the whole dataset) would land in each full-path run, on the
-    # same two cores as the server under test, and the bare run never pays it (measured in
-    # interleaved runs: 3-5% more server CPU per request with it). The benchmark's Redis
-    # defers compaction during the runs; every write still goes to the AOF, fsynced each
-    # second, exactly as in production.
-    rewrite_min = (await redis.config_get("auto-aof-rewrite-min-size"))["auto-aof-rewrite-min-size"]
-    await redis.config_set("auto-aof-rewrite-min-size", "16gb")
-    try:
+    async with aof_compaction_deferred(redis):
         port = 18100 + os.getpid() % 500
         with tempfile.TemporaryDirectory() as tmp:
             requests_file = Path(tmp) / "requests.tsv"
@@ -334,12 +343,10 @@ async def bench_ingest(
                     stop_server(bare)
             finally:
                 web_rss = stop_server(server)
-    finally:
-        await redis.config_set("auto-aof-rewrite-min-size", rewrite_min)
     await redis.flushall()
     await redis.aclose()
     if steady_persisted != count * rate_rounds:
-        raise RuntimeError(f"fixed-rate runs persisted {steady_persisted} of {count * 3}")
+        raise RuntimeError(f"fixed-rate runs persisted {steady_persisted} of {count * rate_rounds}")
     p99s = sorted(r["p99_ms"] for r in rounds)
     full_rate = statistics.median(r["requests_per_s"] for r in fulls)
     bare_rate = statistics.median(r["requests_per_s"] for r in bares)
@@ -358,7 +365,7 @@ async def bench_ingest(
             for f, b, ratio in zip(fulls, bares, ratios, strict=True)
         ],
         "full_path_wrk_p50_p99": f"{middle['p50']} / {middle['p99']} at {connections} connections",
-        "persisted_each_round": [r["requests"] for r in fulls],
+        "requests_each_round": [r["requests"] for r in fulls],
         f"p50_ms_at_{int(rate)}_per_s": statistics.median(r["p50_ms"] for r in rounds),
         f"p99_ms_at_{int(rate)}_per_s": statistics.median(p99s),
         "fixed_rate_p99_ms_each_round": p99s,
