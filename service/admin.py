@@ -370,6 +370,7 @@ async def replay(
                 webhook.delivery,
                 received_at=webhook.received_at,
                 dry_run=dry_run,
+                stream_id=webhook.stream_id,
             )
             outcome, diffs = replayed.outcome, replayed.diffs
         except WebhookError as exc:  # a body that no longer parses: report it, go on

@@ -8,7 +8,8 @@ ServiceError
 │   └── InvalidPayload       400: not JSON, or not a Salla envelope
 ├── RuleError            a rule file that does not load (file, line and a sentence)
 └── SallaError           the Admin API answered with an error (status and body attached)
-    ├── SallaAuthError       401/403: token invalid, expired or revoked
+    ├── SallaAuthError       401/403: token invalid, expired or revoked (or a missing scope)
+    ├── SallaNotFound        404: the store has no such order (any more)
     ├── SallaValidationError 422: Salla refused the request body
     ├── SallaRateLimited     429: carries Retry-After
     └── SallaUnavailable     5xx: transient on Salla's side
@@ -70,6 +71,10 @@ class SallaError(ServiceError):
 
 class SallaAuthError(SallaError):
     pass
+
+
+class SallaNotFound(SallaError):
+    """404: what was asked for does not exist (an order Salla no longer has)."""
 
 
 class SallaValidationError(SallaError):

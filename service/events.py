@@ -77,6 +77,9 @@ class Order:
     discount: Decimal = ZERO
     loyalty_prize: Decimal = ZERO
     items: tuple[Item, ...] = ()
+    #: Salla has recorded a completion (`first_complete_at`), this snapshot says `completed`,
+    #: or any event of the order showed `completed` (the worker adds what the ledger saw).
+    completed_once: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +178,43 @@ def parse_customer(raw: object) -> Customer:
     )
 
 
+#: Salla's `{"date": "2022-08-17 23:59:36.000000", "timezone": "Asia/Riyadh"}` date shape.
+_SALLA_ZONES: dict[str, dt.tzinfo] = {}
+
+
+def salla_date_ms(raw: object) -> int:
+    """Epoch ms of a Salla date object (or plain "YYYY-mm-dd HH:MM:SS" text, read as Riyadh
+    time, the stores' zone); 0 when absent or unreadable."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    doc = _mapping(raw)
+    text = _text(doc.get("date") if isinstance(raw, Mapping) else raw).strip()
+    if len(text) < 19:
+        return 0
+    zone_name = _text(doc.get("timezone")) or "Asia/Riyadh"
+    zone = _SALLA_ZONES.get(zone_name)
+    if zone is None:
+        try:
+            zone = ZoneInfo(zone_name)
+        except (ZoneInfoNotFoundError, ValueError):
+            zone = ZoneInfo("Asia/Riyadh")
+        _SALLA_ZONES[zone_name] = zone
+    try:
+        moment = dt.datetime.fromisoformat(text[:19])
+    except ValueError:
+        return 0
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zone)
+    return int(moment.timestamp() * 1000)
+
+
+def order_doc(envelope: Envelope) -> Mapping[str, Any]:
+    """The order object of an order event, wherever the event's shape puts it."""
+    if envelope.event == "order.status.updated":
+        return _mapping(envelope.data.get("order"))
+    return _mapping(envelope.data) if envelope.event.startswith("order.") else {}
+
+
 def parse_order(raw: object) -> Order:
     doc = _mapping(raw)
     amounts = _mapping(doc.get("amounts"))
@@ -219,6 +259,8 @@ def parse_order(raw: object) -> Order:
             ZERO,
         ),
         items=items,
+        completed_once=slug.strip().lower() == "completed"
+        or salla_date_ms(doc.get("first_complete_at")) > 0,
     )
 
 

@@ -1,12 +1,12 @@
 """The ledger: what each (store, scope, rule) was granted, and every grant's state. Redis.
 
-The order-state model: an event computes what a scope (an order, a review, a customer)
-deserves *now* from each rule; only the difference from what the ledger says was granted
-becomes a grant. Reprocessing an event is therefore harmless, and reversals come from the
-ledger, never from today's rules. Each scope's entry carries a version: changes are computed
-from what was read and committed by one Lua call only if the version (and the unsent grants and
-caps they depend on) is unchanged, so two workers handling two events of one order cannot both
-add.
+What a scope deserves is decided by the pure order-state core (service/order_state.py): per
+rule and order, the newest decisive verdict wins, and only the difference from what was granted
+becomes a grant. This module is the read / decide / commit loop around it: `apply_event` reads
+every entry one event touches, lets the core decide, and commits all of it with one Lua call
+that writes only if each entry's version (and the unsent grants and caps it depends on) is
+still what was read; otherwise it reads and decides again. Reversals come from the ledger,
+never from today's rules.
 
 Grant states (each transition one atomic Redis step, written before the action it allows):
 
@@ -14,16 +14,20 @@ Grant states (each transition one atomic Redis step, written before the action i
        ▲ │                │                         ├──▶ failed   (Salla refused it, e.g. 422)
        └──release─────────┘ (retry, no token)       └──▶ unknown  (no answer: never resent)
     parked: waiting for the store's tokens (moved back to pending on app.store.authorize)
-    netted: cancelled by an opposite change before it was sent (pending or parked only)
+    verifying: held for a return window and due; the order is being confirmed with Salla
+               (service/orders/truth.py) before the grant goes back to pending
+    netted: cancelled by an opposite change before it was sent (pending, parked, verifying)
 
 Keys (all under the `sr:` prefix):
-    led:{merchant}:{scope}     hash  v (its version), event_at, customer, r:{rule} -> JSON
-                                     {granted, deserved, customer, reason, channels, version,
-                                     order, open: [unsent grant ids]}
+    led:{merchant}:{scope}     hash  v (its version), r:{rule} -> a `RuleRecord` (JSON: the
+                                     newest decisive verdict per order, granted and deserved
+                                     per customer, unsent grant ids); the order's own entry
+                                     (scope order:{id}) also holds its `OrderFacts`
     led-index:{m}:order:{id}   set   other scopes an order's events granted (for revocation)
     cap:{m}:{rule}:{c}:{day}   int   points a rule granted a customer on a local day
     grant:{id}                 hash  one grant (see `Grant`)
     pending:{merchant}         zset  grant ids by due time (ms)
+    verifying:{merchant}       zset  held grants being confirmed, by when to ask again (ms)
     claimed:{merchant}         zset  grant ids by claim deadline (ms)
     parked:{merchant}          zset  grant ids waiting for tokens
     failed:{merchant}          zset  grant ids Salla refused, by time
@@ -37,26 +41,36 @@ Keys (all under the `sr:` prefix):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
 from redis.asyncio import Redis
 
-from service import autopipe
+from service import autopipe, order_state
+from service.order_state import EventKey, OpenGrant, OrderFacts, RuleRecord, Snapshot, Verdict
 from service.rules.engine import Outcome
-from service.rules.model import MAX_POINTS_PER_CALL
 
 GrantState = Literal[
-    "pending", "claimed", "sending", "sent", "failed", "unknown", "parked", "netted", "review"
+    "pending",
+    "verifying",
+    "claimed",
+    "sending",
+    "sent",
+    "failed",
+    "unknown",
+    "parked",
+    "netted",
+    "review",
 ]
 
 PREFIX = "sr:"
-REVERSAL_PREFIX = "Reversal: "
+REVERSAL_PREFIX = order_state.REVERSAL_PREFIX
 STORES_PENDING = f"{PREFIX}stores:pending"
 STORES_UNKNOWN = f"{PREFIX}stores:unknown"
 GRANT_LOG = f"{PREFIX}grant-log"
@@ -105,6 +119,10 @@ class Grant:
     #: "reset" resets the customer's points (Salla's reset flag) and carries no points;
     #: "reset_all" resets every customer's.
     mode: str = ""
+    #: The order the grant is for (0: none).
+    order: int = 0
+    #: Held for a return window: confirmed against Salla's order before it is released.
+    held: bool = False
 
     @property
     def group_key(self) -> tuple[str, int, str, tuple[str, ...], str]:
@@ -136,6 +154,8 @@ class Grant:
             "trace_id": self.trace_id,
             "isolate": int(self.isolate),
             "mode": self.mode,
+            "order": self.order,
+            "held": int(self.held),
         }
 
     @classmethod
@@ -160,19 +180,9 @@ class Grant:
             trace_id=doc.get("trace_id", ""),
             isolate=doc.get("isolate", "0") == "1",
             mode=doc.get("mode", ""),
+            order=int(doc.get("order", 0) or 0),
+            held=doc.get("held", "0") == "1",
         )
-
-
-def _split(points: int) -> list[int]:
-    """Salla takes at most 999,999 points per call: larger deltas become several grants."""
-    parts = [MAX_POINTS_PER_CALL] * (points // MAX_POINTS_PER_CALL)
-    if points % MAX_POINTS_PER_CALL:
-        parts.append(points % MAX_POINTS_PER_CALL)
-    return parts
-
-
-def _sign(value: int) -> int:
-    return (value > 0) - (value < 0)
 
 
 def scope_grants_key(merchant: int, scope: str) -> str:
@@ -210,12 +220,222 @@ def cap_key(merchant: int, rule: str, customer: int, day: str) -> str:
     return f"{PREFIX}cap:{merchant}:{rule}:{customer}:{day}"
 
 
-NETTABLE_STATES = frozenset({"pending", "parked"})
-OPEN_STATES = frozenset({"pending", "parked", "claimed", "sending"})
+NETTABLE_STATES = order_state.NETTABLE_STATES
+OPEN_STATES = order_state.OPEN_STATES
 
 
-#: Returned by `apply_outcomes` when a newer event of the order was already applied.
-STALE: list[Grant] = []
+@dataclass(frozen=True, slots=True)
+class ScopedVerdict:
+    """One rule's decisive verdict on one event, for one scope."""
+
+    scope: str
+    rule: str
+    verdict: Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class EventVerdicts:
+    """What one event says, as the ledger's input: every decisive verdict of its rules, whether
+    the file-level `revoke_when` holds (every rule recorded for the order goes to 0), and the
+    event's view of its order (None outside orders)."""
+
+    verdicts: Sequence[ScopedVerdict]
+    revoke: bool = False
+    snapshot: Snapshot | None = None
+
+
+@dataclass
+class Applied:
+    """What applying one event did."""
+
+    grants: list[Grant] = field(default_factory=list)
+    #: Only Salla's orders API can say what the order deserves (an ambiguous tie, or an order
+    #: seen completed only after a newer event was judged without knowing it).
+    ask_salla: bool = False
+    #: The order's entry changed since `expect_version` (the caller reads and decides again).
+    conflict: bool = False
+    #: Nothing was written: a re-sent event, or one older than what decided every rule.
+    changed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OrderRead:
+    """The order's entry as read: its facts, its version, and the other scopes it granted."""
+
+    facts: OrderFacts
+    version: str
+    linked: frozenset[str]
+
+
+async def read_order(redis: Redis, merchant: int, order_id: int) -> OrderRead:
+    pipe = autopipe.auto(redis)
+    raw, linked = await asyncio.gather(
+        pipe.execute("HGETALL", entry_key(merchant, f"order:{order_id}")),
+        pipe.execute("SMEMBERS", order_index_key(merchant, order_id)),
+    )
+    return OrderRead(OrderFacts.from_fields(raw), raw.get("v", ""), frozenset(linked))
+
+
+async def apply_event(
+    redis: Redis,
+    merchant: int,
+    order_id: int,
+    judge: Callable[[OrderFacts], EventVerdicts],
+    *,
+    trace_id: str = "",
+    skew_s: int = 10,
+    expect_version: str | None = None,
+    dry_run: bool = False,
+    diffs: list[Diff] | None = None,
+) -> Applied:
+    """Apply one event to every scope it touches, in one atomic commit.
+
+    `judge(facts)` evaluates the event's rules knowing the order's facts (whether it was ever
+    seen completed); it runs again whenever the commit finds that something it read changed
+    meanwhile. Every scope (the order, its customers' bonuses, the order's index) commits in
+    one script guarded by each entry's version, so two workers cannot interleave between them.
+    `expect_version`: commit only if the order's entry is still at that version (a state
+    fetched from Salla must not overwrite events applied while it was asked for).
+    """
+    while True:
+        read = await read_order(redis, merchant, order_id) if order_id else None
+        if expect_version is not None and read is not None and read.version != expect_version:
+            return Applied(conflict=True)
+        event = judge(read.facts if read else OrderFacts())
+        result = await _apply_once(
+            redis, merchant, order_id, event, read, trace_id, skew_s, dry_run, diffs
+        )
+        if result is not None:
+            return result
+
+
+async def _apply_once(
+    redis: Redis,
+    merchant: int,
+    order_id: int,
+    event: EventVerdicts,
+    read: OrderRead | None,
+    trace_id: str,
+    skew_s: int,
+    dry_run: bool,
+    diffs: list[Diff] | None,
+) -> Applied | None:
+    """One read-decide-commit round; None when something read changed before the commit."""
+    order_scope = f"order:{order_id}" if order_id else ""
+    by_scope: dict[str, list[ScopedVerdict]] = {}
+    for item in event.verdicts:
+        by_scope.setdefault(item.scope, []).append(item)
+    scopes = set(by_scope)
+    if event.revoke and read is not None:
+        scopes |= {order_scope, *read.linked}
+    if order_scope:
+        scopes.add(order_scope)
+    pipe = autopipe.auto(redis)
+    names = sorted(scopes)
+    raws: list[dict[str, str]] = list(
+        await asyncio.gather(*(pipe.execute("HGETALL", entry_key(merchant, s)) for s in names))
+    )
+    entries = dict(zip(names, raws, strict=True))
+    key = event.snapshot.key if event.snapshot else None
+    ask = False
+    decided: dict[tuple[str, str], RuleRecord] = {}
+    before: dict[tuple[str, str], RuleRecord] = {}
+    for scope in names:
+        records = {n[2:]: RuleRecord.decode(v) for n, v in entries[scope].items() if n[:2] == "r:"}
+        incoming = [(i.rule, i.verdict) for i in by_scope.get(scope, [])]
+        if event.revoke and order_id:
+            revoked = dict(order_state.revocations(records, order_id, key))
+            incoming = [(r, v) for r, v in incoming if r not in revoked] + list(revoked.items())
+        for rule, verdict in incoming:
+            current = decided.get((scope, rule)) or records.get(rule, RuleRecord())
+            before.setdefault((scope, rule), records.get(rule, RuleRecord()))
+            decision = order_state.decide(current, verdict, skew_s)
+            ask = ask or decision.ambiguous
+            decided[(scope, rule)] = decision.record
+    observed = (
+        order_state.observe(read.facts, event.snapshot, skew_s)
+        if read is not None and event.snapshot is not None
+        else None
+    )
+    ask = ask or bool(observed and observed.late_completion)
+    moved = {k: r for k, r in decided.items() if r != before[k]}
+    open_ids = [g for r in moved.values() for g in r.open]
+    states, state_seen = await _open_grants(redis, open_ids)
+    caps: dict[tuple[str, str], tuple[str, int]] = {}
+    cap_raw: dict[str, str | None] = {}
+    for (scope, rule), record in moved.items():
+        capped = order_state.holder(record)
+        if capped is not None and capped.cap is not None:
+            caps[(scope, rule)] = (cap_key(merchant, rule, capped.customer, capped.day), 0)
+    if caps:
+        names_cap = sorted({name for name, _ in caps.values()})
+        values = await redis.mget(names_cap)
+        cap_raw = dict(zip(names_cap, values, strict=True))
+    now = now_ms()
+    settlements: dict[tuple[str, str], order_state.Settlement] = {}
+    for (scope, rule), record in moved.items():
+        holder = order_state.holder(record)
+        used = {}
+        if (scope, rule) in caps and holder is not None:
+            used = {holder.customer: int(cap_raw.get(caps[(scope, rule)][0]) or 0)}
+        settlements[(scope, rule)] = order_state.settle(
+            rule, record, states, cap_used=used, now_ms=now, new_id=_new_grant_id
+        )
+    facts_changed = observed is not None and read is not None and observed.facts != read.facts
+    new_grants = [
+        _grant(merchant, scope, rule, g, trace_id)
+        for (scope, rule), s in settlements.items()
+        for g in s.new
+    ]
+    if dry_run or (not moved and not facts_changed):
+        _report(diffs, merchant, before, settlements)
+        return Applied(new_grants, ask_salla=ask)
+    writes = _Writes()
+    for scope in {s for s, _ in moved} | ({order_scope} if facts_changed else set()):
+        writes.check(entry_key(merchant, scope), "v", entries[scope].get("v"))
+        writes.hset(entry_key(merchant, scope), "v", str(int(entries[scope].get("v", "0")) + 1))
+    for grant_id in open_ids:
+        writes.check(grant_key(grant_id), "state", state_seen.get(grant_id))
+    for name, value in cap_raw.items():
+        writes.check(name, "", value)
+    if facts_changed and observed is not None:
+        writes.hset(entry_key(merchant, order_scope), mapping=observed.facts.to_fields())
+    for (scope, rule), settlement in settlements.items():
+        _write(writes, merchant, scope, rule, settlement, caps.get((scope, rule)), order_id)
+    if new_grants or any(s.netted for s in settlements.values()):
+        writes.sadd(STORES_PENDING, str(merchant))
+    for grant in new_grants:
+        writes.hset(grant_key(grant.id), mapping=grant.to_redis())
+        writes.zadd(_key("pending", merchant), {grant.id: grant.due_ms})
+        _index(writes, grant)
+    if not await _commit(redis, writes):
+        return None
+    _report(diffs, merchant, before, settlements)
+    return Applied(new_grants, ask_salla=ask, changed=True)
+
+
+def _new_grant_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _grant(merchant: int, scope: str, rule: str, new: order_state.NewGrant, trace_id: str) -> Grant:
+    return Grant(
+        id=new.id,
+        merchant=merchant,
+        customer=new.customer,
+        points=abs(new.signed_points),
+        type="plus" if new.signed_points > 0 else "minus",
+        reason=new.reason,
+        channels=new.channels,
+        scope=scope,
+        rule=rule,
+        due_ms=new.due_ms,
+        created_ms=now_ms(),
+        trace_id=trace_id,
+        mode=new.mode,
+        order=new.order,
+        held=new.held,
+    )
 
 
 async def apply_outcomes(
@@ -227,63 +447,49 @@ async def apply_outcomes(
     order_id: int = 0,
     revoke_order: bool = False,
     trace_id: str = "",
-    event_at: float | None = None,
     dry_run: bool = False,
     diffs: list[Diff] | None = None,
 ) -> list[Grant]:
-    """Bring each scope's ledger entry to what `outcomes` say it deserves; return new grants.
-
-    `revoke_order` sets every rule recorded for the order to 0 (including rules that no longer
-    exist, and once-per-customer bonuses this order earned): reversals come from the ledger.
-    `event_at` (the event's time) orders the events of one order: the order's entry remembers
-    the newest applied, and an older one changes nothing and returns `STALE`.
-    `diffs`, when given, receives one `Diff` per changed rule; `dry_run` computes everything
-    and writes nothing (the returned grants are what would have been queued).
-    """
-    by_scope: dict[str, list[Outcome]] = {}
-    for outcome in outcomes:
-        if outcome.changes_ledger and outcome.scope:
-            by_scope.setdefault(outcome.scope, []).append(outcome)
-    revoke_scopes: set[str] = set()
-    if revoke_order and order_id:
-        revoke_scopes = {f"order:{order_id}"} | set(
-            await redis.smembers(order_index_key(merchant, order_id))  # type: ignore[misc]
-        )
-    order_scope = f"order:{order_id}" if order_id else ""
-    scopes = sorted(set(by_scope) | revoke_scopes | ({order_scope} if event_at else set()))
-    if order_scope in scopes:  # the order's entry first: it decides whether the event is stale
-        scopes.remove(order_scope)
-        scopes.insert(0, order_scope)
-    grants: list[Grant] = []
-    for scope in scopes:
-        made = await _apply_scope(
-            redis,
-            merchant,
-            scope,
-            by_scope.get(scope, []),
-            customer=customer,
-            order_id=order_id,
-            revoke=scope in revoke_scopes,
-            trace_id=trace_id,
-            event_at=event_at if scope == order_scope else None,
-            dry_run=dry_run,
-            diffs=diffs,
-        )
-        if made is STALE:
-            return STALE
-        grants += made
-    return grants
+    """Apply rule outcomes that carry no order key (campaigns, tools, events outside orders):
+    the one applied last stands for each rule. Order events go through `apply_event`."""
+    event = EventVerdicts(
+        [
+            ScopedVerdict(o.scope, o.rule_id, verdict_of(o, None, order_id, customer))
+            for o in outcomes
+            if o.changes_ledger and o.scope
+        ],
+        revoke=revoke_order,
+    )
+    applied = await apply_event(
+        redis,
+        merchant,
+        order_id,
+        lambda _facts: event,
+        trace_id=trace_id,
+        dry_run=dry_run,
+        diffs=diffs,
+    )
+    return applied.grants
 
 
-@dataclass
-class _Change:
-    """One rule's new state in one scope, computed under WATCH."""
-
-    rule: str
-    record: dict[str, Any]
-    netted: list[str] = field(default_factory=list)
-    new: list[Grant] = field(default_factory=list)
-    cap_used: tuple[str, int] | None = None
+def verdict_of(
+    outcome: Outcome, key: EventKey | None, order_id: int, customer: int, since_ms: int = 0
+) -> Verdict:
+    """A decisive rule outcome (grant or revoke) as the order-state core's verdict."""
+    return Verdict(
+        key=key,
+        order=order_id,
+        customer=customer,
+        points=outcome.deserved if outcome.verdict == "grant" else 0,
+        reason=outcome.reason,
+        channels=outcome.channels,
+        version=outcome.rule_version,
+        hold_s=outcome.hold_s,
+        since_ms=since_ms,
+        mode=outcome.mode,
+        day=outcome.day,
+        cap=outcome.cap_per_customer_per_day,
+    )
 
 
 # ARGV[1]: JSON {"checks": [[key, hash field or "", expected value or ""], ...],
@@ -311,8 +517,8 @@ return 1
 
 
 class _Writes:
-    """The writes of one commit, in `_COMMIT`'s argument form (the pipeline verbs `_write`
-    uses). `check` records a value the writes depend on."""
+    """The writes of one commit, in `_COMMIT`'s argument form. `check` records a value the
+    writes depend on."""
 
     def __init__(self) -> None:
         self.checks: list[tuple[str, str, str]] = []
@@ -329,9 +535,6 @@ class _Writes:
         for name, item in (mapping or {}).items():
             pairs += [name, item]
         self._op("HSET", key, *pairs)
-
-    def hsetnx(self, key: str, field: str, value: str) -> None:
-        self._op("HSETNX", key, field, value)
 
     def expire(self, key: str, seconds: int) -> None:
         self._op("EXPIRE", key, seconds)
@@ -355,274 +558,60 @@ class _Writes:
         return orjson.dumps({"checks": self.checks, "writes": self.writes})
 
 
-async def _apply_scope(
-    redis: Redis,
-    merchant: int,
-    scope: str,
-    outcomes: Sequence[Outcome],
-    *,
-    customer: int,
-    order_id: int,
-    revoke: bool,
-    trace_id: str,
-    event_at: float | None = None,
-    dry_run: bool = False,
-    diffs: list[Diff] | None = None,
-) -> list[Grant]:
-    """Read the scope's entry, compute the changes, commit them if nothing they were computed
-    from changed meanwhile (the entry's version, the states of its unsent grants, the caps);
-    otherwise read again. Two events of one scope can therefore never both add."""
-    key = entry_key(merchant, scope)
-    while True:
-        # Read and commit through the client's auto-pipeline: a worker's concurrent events share
-        # round trips.
-        raw: dict[str, str] = await autopipe.auto(redis).execute("HGETALL", key)
-        newest = float(raw.get("event_at", "-inf"))
-        if event_at is not None and event_at < newest:
-            return STALE
-        records = {n[2:]: json.loads(v) for n, v in raw.items() if n.startswith("r:")}
-        targets = {o.rule_id: o for o in outcomes}
-        if revoke:
-            for rule, record in records.items():
-                if scope.startswith("order:") or record.get("order") == order_id:
-                    targets[rule] = _revocation(rule)
-        open_ids = [g for r in targets for g in records.get(r, {}).get("open", [])]
-        cap_keys = {
-            r: cap_key(merchant, r, customer, o.day)
-            for r, o in targets.items()
-            if o.cap_per_customer_per_day is not None and o.deserved != 0
-        }
-        states, state_seen = await _open_grants(redis, open_ids)
-        cap_raw = (
-            dict(zip(cap_keys, await redis.mget(list(cap_keys.values())), strict=True))
-            if cap_keys
-            else {}
-        )
-        caps_used = {r: int(v or 0) for r, v in cap_raw.items()}
-        now = now_ms()
-        changes = [
-            change
-            for rule, outcome in targets.items()
-            if (
-                change := _change(
-                    merchant,
-                    scope,
-                    rule,
-                    outcome,
-                    records.get(rule, {}),
-                    states,
-                    caps_used.get(rule),
-                    cap_keys.get(rule),
-                    customer,
-                    order_id,
-                    trace_id,
-                    now,
-                )
-            )
-            is not None
-        ]
-        bump = event_at is not None and event_at > newest
-        if dry_run or (not changes and not bump):
-            _report(diffs, merchant, scope, records, changes)
-            return [g for c in changes for g in c.new]
-        writes = _Writes()
-        writes.check(key, "v", raw.get("v"))
-        for grant_id in open_ids:
-            writes.check(grant_key(grant_id), "state", state_seen.get(grant_id))
-        for rule, name in cap_keys.items():
-            writes.check(name, "", cap_raw.get(rule))
-        writes.hset(key, "v", str(int(raw.get("v", "0")) + 1))
-        if bump:
-            writes.hset(key, "event_at", repr(event_at))
-        if changes:
-            _write(writes, merchant, scope, key, changes, customer, order_id)
-        if await _commit(redis, writes):
-            _report(diffs, merchant, scope, records, changes)
-            return [g for c in changes for g in c.new]
-
-
 async def _commit(redis: Redis, writes: _Writes) -> bool:
     return bool(await autopipe.auto(redis).execute("EVAL", _COMMIT, 0, writes.encoded()))
-
-
-def _report(
-    diffs: list[Diff] | None,
-    merchant: int,
-    scope: str,
-    records: dict[str, dict[str, Any]],
-    changes: Sequence[_Change],
-) -> None:
-    if diffs is None:
-        return
-    for change in changes:
-        before = int(records.get(change.rule, {}).get("granted", 0))
-        after = int(change.record["granted"])
-        if before == after and not change.new and not change.netted:
-            continue
-        diffs.append(
-            Diff(
-                merchant=merchant,
-                scope=scope,
-                rule=change.rule,
-                customer=int(change.record.get("customer", 0)),
-                granted_before=before,
-                granted_after=after,
-                new_grants=len(change.new),
-                netted_grants=len(change.netted),
-            )
-        )
-
-
-def _revocation(rule: str) -> Outcome:
-    return Outcome(rule, "", "revoke", 0, "", (), "the order was revoked")
-
-
-async def _open_grants(
-    redis: Redis, ids: Sequence[str]
-) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
-    """The unsent grants' fields `_change` reads, and each one's state as read (for the
-    commit's check; a missing grant reads as "")."""
-    if not ids:
-        return {}, {}
-    fields = ("state", "points", "type", "due_ms")
-    async with redis.pipeline(transaction=False) as pipe:
-        for grant_id in ids:
-            pipe.hmget(grant_key(grant_id), list(fields))
-        rows = await pipe.execute()
-    states = {
-        grant_id: dict(zip(fields, values, strict=True))
-        for grant_id, values in zip(ids, rows, strict=True)
-        if values[0] is not None
-    }
-    return states, {grant_id: values[0] or "" for grant_id, values in zip(ids, rows, strict=True)}
-
-
-def _change(
-    merchant: int,
-    scope: str,
-    rule: str,
-    outcome: Outcome,
-    record: dict[str, Any],
-    states: dict[str, dict[str, str]],
-    cap_used: int | None,
-    cap_name: str | None,
-    customer: int,
-    order_id: int,
-    trace_id: str,
-    now: int,
-) -> _Change | None:
-    granted = int(record.get("granted", 0))
-    deserved = int(record.get("deserved", granted))
-    target = outcome.deserved
-    if target == deserved and outcome.verdict == "grant":
-        return None
-    if target == 0 and granted == 0:
-        return None
-    sign = _sign(target)
-    cap = outcome.cap_per_customer_per_day
-    cap_taken = 0
-    if target == 0:
-        new_granted = 0
-    elif deserved == 0 or _sign(deserved) != sign or abs(target) > abs(deserved):
-        base = 0 if _sign(deserved) not in (0, sign) else abs(deserved)
-        increase = abs(target) - base
-        allowed = increase if cap is None else max(0, min(increase, cap - (cap_used or 0)))
-        cap_taken = allowed
-        start = 0 if _sign(granted) not in (0, sign) else abs(granted)
-        new_granted = sign * (start + allowed)
-    else:
-        new_granted = sign * max(0, abs(granted) - (abs(deserved) - abs(target)))
-    delta = new_granted - granted
-    customer = int(record.get("customer", customer)) or customer
-    open_ids = [g for g in record.get("open", []) if states.get(g, {}).get("state") in OPEN_STATES]
-    change = _Change(rule, {})
-    remaining = delta
-    kept_due = 0
-    # Opposite grants that are still unsent cancel out before anything new is sent.
-    for grant_id in reversed(list(open_ids)):
-        if remaining == 0:
-            break
-        state = states[grant_id]
-        signed = int(state["points"]) * (1 if state["type"] == "plus" else -1)
-        if state["state"] not in NETTABLE_STATES or _sign(signed) == _sign(remaining):
-            continue
-        change.netted.append(grant_id)
-        open_ids.remove(grant_id)
-        kept_due = max(kept_due, int(state["due_ms"] or 0))
-        remaining += signed
-        if _sign(remaining) == _sign(signed):  # over-cancelled: re-grant the difference
-            break
-    if remaining:
-        if outcome.verdict == "grant" and outcome.deserved != 0:
-            reason, channels = outcome.reason, outcome.channels
-        else:  # taken back: say so, with the reason the points were given for
-            reason = REVERSAL_PREFIX + str(record.get("reason", rule))
-            channels = tuple(record.get("channels", ()))
-        # Plus grants wait out the hold (or keep the hold of what they replace); minus go now.
-        due = (kept_due or now + outcome.hold_s * 1000) if remaining > 0 else now
-        for part in _split(abs(remaining)):
-            grant = Grant(
-                id=uuid.uuid4().hex,
-                merchant=merchant,
-                customer=customer,
-                points=part,
-                type="plus" if remaining > 0 else "minus",
-                reason=reason,
-                channels=channels,
-                scope=scope,
-                rule=rule,
-                due_ms=due,
-                created_ms=now,
-                trace_id=trace_id,
-                mode=outcome.mode,
-            )
-            change.new.append(grant)
-            open_ids.append(grant.id)
-    granting = outcome.verdict == "grant" and outcome.deserved != 0
-    change.record = {
-        "granted": new_granted,
-        "deserved": target,
-        "customer": customer,
-        "reason": outcome.reason if granting else record.get("reason", ""),
-        "channels": list(outcome.channels if granting else record.get("channels", [])),
-        "version": outcome.rule_version or record.get("version", ""),
-        "order": order_id or record.get("order", 0),
-        "open": open_ids,
-    }
-    if cap_taken and cap_name:
-        change.cap_used = (cap_name, cap_taken)
-    return change
 
 
 def _write(
     writes: _Writes,
     merchant: int,
     scope: str,
-    key: str,
-    changes: Sequence[_Change],
-    customer: int,
+    rule: str,
+    settlement: order_state.Settlement,
+    cap: tuple[str, int] | None,
     order_id: int,
 ) -> None:
-    for change in changes:
-        writes.hset(key, f"r:{change.rule}", json.dumps(change.record, ensure_ascii=False))
-        for grant_id in change.netted:
-            writes.hset(grant_key(grant_id), mapping={"state": "netted", "error": ""})
-            writes.expire(grant_key(grant_id), SETTLED_GRANT_TTL_S)
-            writes.zrem(_key("pending", merchant), grant_id)
-            writes.zrem(_key("parked", merchant), grant_id)
-        for grant in change.new:
-            writes.hset(grant_key(grant.id), mapping=grant.to_redis())
-            writes.zadd(_key("pending", merchant), {grant.id: grant.due_ms})
-            _index(writes, grant)
-        if change.cap_used:
-            name, amount = change.cap_used
-            writes.incrby(name, amount)
-            writes.expire(name, 3 * 86400)
-    if customer:
-        writes.hsetnx(key, "customer", str(customer))
-    if order_id and not scope.startswith("order:"):
+    key = entry_key(merchant, scope)
+    writes.hset(key, f"r:{rule}", settlement.record.encoded())
+    for grant_id in settlement.netted:
+        writes.hset(grant_key(grant_id), mapping={"state": "netted", "error": ""})
+        writes.expire(grant_key(grant_id), SETTLED_GRANT_TTL_S)
+        for kind in ("pending", "parked", "verifying"):
+            writes.zrem(_key(kind, merchant), grant_id)
+    if cap is not None:
+        for amount in settlement.cap_taken.values():
+            writes.incrby(cap[0], amount)
+            writes.expire(cap[0], 3 * 86400)
+    if order_id and scope != f"order:{order_id}":
         writes.sadd(order_index_key(merchant, order_id), scope)
-    writes.sadd(STORES_PENDING, str(merchant))
+
+
+def _report(
+    diffs: list[Diff] | None,
+    merchant: int,
+    before: dict[tuple[str, str], RuleRecord],
+    settlements: dict[tuple[str, str], order_state.Settlement],
+) -> None:
+    if diffs is None:
+        return
+    for (scope, rule), settlement in settlements.items():
+        was = before[(scope, rule)].granted_total
+        after = settlement.record.granted_total
+        if was == after and not settlement.changed:
+            continue
+        customers = settlement.record.granted or before[(scope, rule)].granted
+        diffs.append(
+            Diff(
+                merchant=merchant,
+                scope=scope,
+                rule=rule,
+                customer=next(iter(customers), 0),
+                granted_before=was,
+                granted_after=after,
+                new_grants=len(settlement.new),
+                netted_grants=len(settlement.netted),
+            )
+        )
 
 
 def _index(writes: _Writes, grant: Grant) -> None:
@@ -637,11 +626,35 @@ def _index(writes: _Writes, grant: Grant) -> None:
     writes.zremrangebyscore(GRANT_LOG, "-inf", grant.created_ms - SETTLED_GRANT_TTL_S * 1000)
 
 
+async def _open_grants(
+    redis: Redis, ids: Sequence[str]
+) -> tuple[dict[str, OpenGrant], dict[str, str]]:
+    """The unsent grants as settling reads them, and each one's state as read (for the
+    commit's check; a missing grant reads as "")."""
+    if not ids:
+        return {}, {}
+    fields = ["state", "points", "type", "due_ms", "customer"]
+    pipe = autopipe.auto(redis)
+    rows = await asyncio.gather(*(pipe.execute("HMGET", grant_key(g), *fields) for g in ids))
+    grants = {
+        grant_id: OpenGrant(
+            grant_id,
+            int(customer or 0),
+            int(points) * (1 if kind == "plus" else -1),
+            state,
+            int(due or 0),
+        )
+        for grant_id, (state, points, kind, due, customer) in zip(ids, rows, strict=True)
+        if state is not None
+    }
+    return grants, {g: (row[0] or "") for g, row in zip(ids, rows, strict=True)}
+
+
 async def entry(redis: Redis, merchant: int, scope: str) -> dict[str, int]:
-    """What the ledger says `scope` was granted, per rule (signed points)."""
+    """What the ledger says `scope` was granted, per rule (signed points, all customers)."""
     raw: dict[str, str] = await redis.hgetall(entry_key(merchant, scope))  # type: ignore[misc]
     return {
-        name[2:]: int(json.loads(value)["granted"])
+        name[2:]: RuleRecord.decode(value).granted_total
         for name, value in raw.items()
         if name.startswith("r:")
     }
@@ -649,34 +662,124 @@ async def entry(redis: Redis, merchant: int, scope: str) -> dict[str, int]:
 
 # --- grant state transitions -------------------------------------------------------------
 
+# KEYS: pending, claimed, verifying; ARGV: now, limit, claim deadline, grant key prefix, claim
+# token, "1" to divert held grants, when to ask again about a diverted one (ms).
+# Held grants (a return window ended) go to `verifying` instead: their order is confirmed with
+# Salla before they may be sent. Returns {claimed ids, orders of the diverted grants}.
 _CLAIM = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local claimed, orders = {}, {}
 for _, id in ipairs(ids) do
+  local key = ARGV[4] .. id
   redis.call('ZREM', KEYS[1], id)
-  redis.call('ZADD', KEYS[2], ARGV[3], id)
-  redis.call('HSET', ARGV[4] .. id, 'state', 'claimed', 'claim', ARGV[5])
+  local held = redis.call('HMGET', key, 'held', 'order')
+  if ARGV[6] == '1' and held[1] == '1' then
+    redis.call('ZADD', KEYS[3], ARGV[7], id)
+    redis.call('HSET', key, 'state', 'verifying')
+    orders[#orders + 1] = held[2] or '0'
+  else
+    redis.call('ZADD', KEYS[2], ARGV[3], id)
+    redis.call('HSET', key, 'state', 'claimed', 'claim', ARGV[5])
+    claimed[#claimed + 1] = id
+  end
 end
-return ids
+return {claimed, orders}
 """
+
+#: A held grant whose confirmation has not come back after this long is asked about again.
+VERIFY_RETRY_MS = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    grants: list[Grant]
+    #: Orders whose held grants went to `verifying`: the caller asks Salla about each.
+    verify_orders: set[int]
 
 
 async def claim_due(
-    redis: Redis, merchant: int, *, limit: int, claim_timeout_ms: int, token: str = ""
-) -> list[Grant]:
-    """Atomically move up to `limit` due grants from pending to claimed by `token`; load them."""
+    redis: Redis,
+    merchant: int,
+    *,
+    limit: int,
+    claim_timeout_ms: int,
+    token: str,
+    verify_held: bool = False,
+) -> Claim:
+    """Atomically move up to `limit` due grants from pending to claimed by `token` (a caller
+    that forgets its token cannot match anything: it is required); load them.
+
+    `verify_held`: held grants go to `verifying` instead, to be confirmed first.
+    """
     now = now_ms()
-    ids: list[str] = await redis.eval(  # type: ignore[misc]
+    ids, orders = await redis.eval(  # type: ignore[misc]
         _CLAIM,
-        2,
+        3,
         _key("pending", merchant),
         _key("claimed", merchant),
+        _key("verifying", merchant),
         str(now),
         str(limit),
         str(now + claim_timeout_ms),
         f"{PREFIX}grant:",
         token,
+        "1" if verify_held else "0",
+        str(now + VERIFY_RETRY_MS),
     )
-    return await load(redis, ids)
+    verify = {int(o) for o in orders if str(o).isdigit() and int(o)}
+    return Claim(await load(redis, ids), verify)
+
+
+# KEYS: verifying, pending, stores:pending; ARGV: order id, now, grant key prefix, merchant.
+_RELEASE_VERIFIED = """
+local released = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local key = ARGV[3] .. id
+  local g = redis.call('HMGET', key, 'state', 'order')
+  if g[1] == false then
+    redis.call('ZREM', KEYS[1], id)
+  elseif g[2] == ARGV[1] then
+    redis.call('ZREM', KEYS[1], id)
+    if g[1] == 'verifying' then
+      redis.call('HSET', key, 'state', 'pending', 'held', '0', 'due_ms', ARGV[2])
+      redis.call('ZADD', KEYS[2], ARGV[2], id)
+      released = released + 1
+    end
+  end
+end
+if released > 0 then redis.call('SADD', KEYS[3], ARGV[4]) end
+return released
+"""
+
+
+async def release_verified(redis: Redis, merchant: int, order_id: int) -> int:
+    """The order was confirmed (and what it no longer deserves netted): its held grants that
+    are still waiting go to pending, due now. Returns how many."""
+    released: int = await redis.eval(  # type: ignore[misc]
+        _RELEASE_VERIFIED,
+        3,
+        _key("verifying", merchant),
+        _key("pending", merchant),
+        STORES_PENDING,
+        str(order_id),
+        str(now_ms()),
+        f"{PREFIX}grant:",
+        str(merchant),
+    )
+    return int(released)
+
+
+async def verifying_overdue(redis: Redis, merchant: int) -> set[int]:
+    """Orders whose held grants have waited for their confirmation too long (a lost job)."""
+    ids: list[str] = await redis.zrangebyscore(_key("verifying", merchant), "-inf", now_ms())
+    if not ids:
+        return set()
+    await redis.zadd(_key("verifying", merchant), {g: now_ms() + VERIFY_RETRY_MS for g in ids})
+    async with redis.pipeline(transaction=False) as pipe:
+        for grant_id in ids:
+            pipe.hget(grant_key(grant_id), "order")
+        orders: list[str | None] = await pipe.execute()
+    return {int(o) for o in orders if o and str(o).isdigit() and int(o)}
 
 
 async def extend_claims(
@@ -882,7 +985,8 @@ async def stores_with_work(redis: Redis) -> list[int]:
 
 
 _FORGET_IF_IDLE = """
-if redis.call('ZCARD', KEYS[1]) == 0 and redis.call('ZCARD', KEYS[2]) == 0 then
+if redis.call('ZCARD', KEYS[1]) == 0 and redis.call('ZCARD', KEYS[2]) == 0
+   and redis.call('ZCARD', KEYS[4]) == 0 then
   return redis.call('SREM', KEYS[3], ARGV[1])
 end
 return 0
@@ -890,13 +994,15 @@ return 0
 
 
 async def forget_store_if_idle(redis: Redis, merchant: int) -> None:
-    """Drop `merchant` from the sweep set once it has nothing pending or claimed (atomically)."""
+    """Drop `merchant` from the sweep set once it has nothing pending, claimed or being
+    confirmed (atomically)."""
     await redis.eval(  # type: ignore[misc]
         _FORGET_IF_IDLE,
-        3,
+        4,
         _key("pending", merchant),
         _key("claimed", merchant),
         STORES_PENDING,
+        _key("verifying", merchant),
         str(merchant),
     )
 

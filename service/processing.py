@@ -8,6 +8,7 @@ through the rules.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -19,10 +20,11 @@ from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
 from service import ledger, metrics, queue, tokens
-from service.events import KNOWN_ORDER_STATUSES, normalise
+from service.events import KNOWN_ORDER_STATUSES, normalise, order_doc
 from service.logging import get_logger
+from service.orders import verdicts
 from service.rules import RuleSet, evaluate
-from service.rules.engine import prepare, revokes
+from service.rules.engine import Outcome, prepare
 from service.rules.reloader import RulesHolder
 from service.salla import TokenSet
 from service.settings import Settings
@@ -68,6 +70,7 @@ async def _authorize(deps: ProcessingDeps, env: Envelope) -> dict[str, Any]:
             scope=str(data.get("scope", "")),
         ),
     )
+    await tokens.note_install_time(deps.redis, env.merchant, event_time(env.created_at))
     resumed = await ledger.unpark(deps.redis, env.merchant)
     await queue.enqueue_flush(deps.pool, env.merchant, deps.settings.batch_window_s)
     return {"outcome": "tokens_stored", "resumed_grants": resumed}
@@ -75,6 +78,8 @@ async def _authorize(deps: ProcessingDeps, env: Envelope) -> dict[str, Any]:
 
 async def _installed(deps: ProcessingDeps, env: Envelope) -> dict[str, Any]:
     await tokens.mark_installed(deps.redis, env.merchant, env.event)
+    if env.event == "app.installed":
+        await tokens.note_install_time(deps.redis, env.merchant, event_time(env.created_at))
     return {"outcome": "store_recorded"}
 
 
@@ -118,16 +123,19 @@ async def process_event(
     *,
     kept_at_ingest: bool = False,
     app_settings: dict[str, Any] | None = None,
+    arrival: tuple[int, int] | None = None,
+    envelope: Envelope | None = None,
 ) -> dict[str, Any]:
     """Apply one webhook. Safe to run twice: the ledger only ever adds differences.
 
     `kept_at_ingest`: the webhook came from the inbox, where the web process already marked it
     seen and kept it for replay. Otherwise (an app event's arq job) this marks it seen here.
     `app_settings`: the store's app settings, when the caller read them for a whole batch.
+    `arrival`: the inbox entry id; `envelope`: `body` already parsed by the caller.
     One `event_processed` line tells what happened: each rule's verdict and each grant queued.
     """
     started = time.perf_counter()
-    env = parse_envelope(body)
+    env = envelope or parse_envelope(body)
     structlog.contextvars.bind_contextvars(
         merchant=env.merchant, salla_event=env.event, trace_id=trace_id
     )
@@ -145,7 +153,9 @@ async def process_event(
         elif handler is not None:
             result = await handler(deps, env)
         else:
-            result = await _apply_rules(deps, env, delivery, trace_id, app_settings=app_settings)
+            result = await _apply_rules(
+                deps, env, delivery, trace_id, arrival=arrival, app_settings=app_settings
+            )
         if not kept_at_ingest:
             async with deps.redis.pipeline(transaction=False) as pipe:
                 pipe.set(SEEN_PREFIX + delivery, "1", ex=deps.settings.dedupe_ttl_s)
@@ -194,20 +204,34 @@ class Replayed:
 
 
 async def replay_event(
-    deps: ProcessingDeps, body: bytes, delivery: str, *, received_at: dt.datetime, dry_run: bool
+    deps: ProcessingDeps,
+    body: bytes,
+    delivery: str,
+    *,
+    received_at: dt.datetime,
+    dry_run: bool,
+    stream_id: str = "",
 ) -> Replayed:
     """Run a stored webhook through today's rules; the ledger turns it into differences only.
 
-    Rules see the time the webhook was first received (campaign windows stay as they were).
-    A dry run writes nothing. Events of an order older than the newest one applied are stale
-    and change nothing, so replaying a range in order leaves each order at its latest state.
+    Rules see the webhook's own time (or when it was first received), so campaign windows stay
+    as they were. A dry run writes nothing. The event keeps its place among its order's events
+    (its inbox entry id), so replaying a range, in any order, leaves each order where its
+    newest decisive events put it.
     """
     env = parse_envelope(body)
     if env.event in APP_HANDLERS:
         return Replayed("skipped", [])
     diffs: list[ledger.Diff] = []
     result = await _apply_rules(
-        deps, env, delivery, "replay", now=received_at, dry_run=dry_run, diffs=diffs
+        deps,
+        env,
+        delivery,
+        "replay",
+        arrival=verdicts.arrival_of(stream_id) if stream_id else None,
+        now=received_at,
+        dry_run=dry_run,
+        diffs=diffs,
     )
     return Replayed(str(result.get("outcome", "no_change")), diffs)
 
@@ -244,23 +268,91 @@ async def _apply_rules(
     delivery: str,
     trace_id: str,
     *,
+    arrival: tuple[int, int] | None = None,
     now: dt.datetime | None = None,
     dry_run: bool = False,
     diffs: list[ledger.Diff] | None = None,
     app_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The rules' verdicts → the ledger. The result carries each rule's verdict (`rules`) and
-    each grant queued (`queued`) for the event's one log line."""
+    each grant queued (`queued`) for the event's one log line.
+
+    `arrival`: the inbox entry id (where the event stands among same-second events of its
+    order); `now`: when it was received, for an event whose stamp cannot be read.
+    """
     ruleset = deps.rules.for_merchant(env.merchant)
     if app_settings is None:
         app_settings = await store_settings(deps.redis, env.merchant)
-    ctx, problems = prepare(ruleset, normalise(env, now), app_settings)
+    received = now or dt.datetime.now(dt.UTC)
+    moment = verdicts.event_moment(env, received) if env.event.startswith("order.") else received
+    ctx, problems = prepare(ruleset, normalise(env, moment), app_settings)
     for problem in problems:
         log.warning("store_setting_ignored", problem=problem)
     order_id = ctx.order.id if env.event.startswith("order.") else 0
     if order_id and ctx.order.status and ctx.order.status not in KNOWN_ORDER_STATUSES:
         log.warning("unknown_order_status", order_id=order_id, status=ctx.order.status)
-    outcomes = evaluate(ruleset, ctx, delivery)
+    if not order_id:
+        outcomes = evaluate(ruleset, ctx, delivery)
+        grants = await ledger.apply_outcomes(
+            deps.redis,
+            env.merchant,
+            outcomes,
+            customer=ctx.customer.id,
+            trace_id=trace_id,
+            dry_run=dry_run,
+            diffs=diffs,
+        )
+        return await _result(deps, env, outcomes, grants, dry_run=dry_run, order_id=0, ctx=ctx)
+    key = verdicts.event_key(env, arrival or _local_arrival(received))
+    seen: list[Outcome] = []
+    judge = verdicts.judge_order(
+        ruleset,
+        ctx,
+        key,
+        delivery=delivery,
+        since_ms=verdicts.completion_ms(order_doc(env), int(moment.timestamp() * 1000)),
+        gone=env.event == "order.deleted",
+        seen=seen,
+    )
+    applied = await ledger.apply_event(
+        deps.redis,
+        env.merchant,
+        order_id,
+        judge,
+        trace_id=trace_id,
+        skew_s=deps.settings.order_clock_skew_s,
+        dry_run=dry_run,
+        diffs=diffs,
+    )
+    if applied.ask_salla and not dry_run:
+        await queue.enqueue_order_truth(deps.pool, env.merchant, order_id)
+    result = await _result(
+        deps, env, seen, applied.grants, dry_run=dry_run, order_id=order_id, ctx=ctx
+    )
+    if applied.ask_salla:
+        result["asked_salla"] = True
+    return result
+
+
+_arrivals = itertools.count()
+
+
+def _local_arrival(received: dt.datetime) -> tuple[int, int]:
+    """An arrival for an event that did not come through the inbox (tools, tests): when it was
+    received, then the order this process saw them in."""
+    return int(received.timestamp() * 1000), next(_arrivals)
+
+
+async def _result(
+    deps: ProcessingDeps,
+    env: Envelope,
+    outcomes: list[Outcome],
+    grants: list[ledger.Grant],
+    *,
+    dry_run: bool,
+    order_id: int,
+    ctx: Any,
+) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "order_id": order_id or None,
         "customer_id": ctx.customer.id or None,
@@ -275,27 +367,6 @@ async def _apply_rules(
             for o in outcomes
         ],
     }
-    revoke_order = bool(order_id) and revokes(ruleset, ctx)
-    # An order event always visits the order's entry: even one that changes nothing records
-    # its time, so an older event processed after it (jobs run concurrently) is refused.
-    at = event_time(env.created_at) if order_id else None
-    if not any(o.changes_ledger for o in outcomes) and not revoke_order and at is None:
-        return {"outcome": "no_change", **facts}
-    grants = await ledger.apply_outcomes(
-        deps.redis,
-        env.merchant,
-        outcomes,
-        customer=ctx.customer.id,
-        order_id=order_id,
-        revoke_order=revoke_order,
-        trace_id=trace_id,
-        event_at=at,
-        dry_run=dry_run,
-        diffs=diffs,
-    )
-    if grants is ledger.STALE:
-        log.warning("event_stale", order_id=order_id, why="a newer event of this order was applied")
-        return {"outcome": "stale", **facts}
     if dry_run:
         return {"outcome": "would_queue" if grants else "no_change", "grants": len(grants)}
     for grant in grants:

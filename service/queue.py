@@ -32,6 +32,10 @@ WEBHOOK_STREAM = f"{ledger.PREFIX}webhooks"
 INBOX_GROUP = "workers"
 FLUSH = "flush"
 RECONCILE = "reconcile"
+#: Ask Salla's orders API what an order is (service/orders/truth.py).
+ORDER_TRUTH = "order_truth"
+#: Compare a store's recent orders with the ledger (service/orders/reconcile.py).
+ORDERS_RECONCILE = "orders_reconcile"
 
 
 def redis_settings(url: str, *, ride_out_outages: bool = False) -> RedisSettings:
@@ -245,4 +249,27 @@ async def enqueue_reconcile(pool: ArqRedis, merchant: int, delay_s: float = 0.0)
     at = time.time() + delay_s
     await pool.enqueue_job(
         RECONCILE, merchant, _job_id=f"reconcile:{merchant}:{int(at // 10)}", _defer_by=delay_s
+    )
+
+
+async def enqueue_order_truth(
+    pool: ArqRedis, merchant: int, order_id: int, *, defer_s: float = 0.0
+) -> bool:
+    """Ask Salla about one order: one job per order at a time (`order_truth:<store>:<order>`).
+    False when one is already queued or running (it reads the order's entry again before it
+    commits, so it also covers the event that asked now)."""
+    job = await pool.enqueue_job(
+        ORDER_TRUTH,
+        merchant,
+        order_id,
+        _job_id=f"{ORDER_TRUTH}:{merchant}:{order_id}",
+        _defer_by=max(0.0, defer_s),
+    )
+    return job is not None
+
+
+async def enqueue_orders_reconcile(pool: ArqRedis, merchant: int, *, slot: int) -> None:
+    """One reconciliation run of a store per period (`slot`: the period's number)."""
+    await pool.enqueue_job(
+        ORDERS_RECONCILE, merchant, _job_id=f"{ORDERS_RECONCILE}:{merchant}:{slot}"
     )

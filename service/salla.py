@@ -20,12 +20,14 @@ from service.errors import (
     OutcomeUnknown,
     SallaAuthError,
     SallaError,
+    SallaNotFound,
     SallaRateLimited,
     SallaUnavailable,
     SallaValidationError,
 )
 
 LOYALTY_POINTS_PATH = "/customers/loyalty/points"
+ORDERS_PATH = "/orders"
 #: The docs disagree on the reset flag's name; the schema says `reset_points`. Kept here only.
 RESET_FLAG = "reset_points"
 
@@ -103,6 +105,14 @@ def _body(response: httpx.Response) -> Any:
         return response.text[:500]
 
 
+def _data(response: httpx.Response) -> dict[str, Any]:
+    doc = response.json()
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, dict):
+        raise SallaError(response.status_code, _body(response), "Salla's answer has no data")
+    return data
+
+
 def raise_for_salla(response: httpx.Response) -> None:
     status = response.status_code
     if status in (200, 201):
@@ -114,6 +124,8 @@ def raise_for_salla(response: httpx.Response) -> None:
         raise SallaAuthError(status, body)
     if status == 422:
         raise SallaValidationError(status, body)
+    if status == 404:
+        raise SallaNotFound(status, body)
     if status >= 500:
         raise SallaUnavailable(status, body)
     raise SallaError(status, body)
@@ -149,6 +161,42 @@ class SallaClient:
         )
         raise_for_salla(response)
         return response.json()
+
+    async def _get(self, access_token: str, path: str, params: Any = None) -> httpx.Response:
+        """A read: safe to repeat, so every transport failure is `SallaUnavailable`."""
+        try:
+            response = await self._http.get(
+                self._base + path,
+                params=params,
+                headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
+            )
+        except httpx.TransportError as exc:
+            raise SallaUnavailable(0, None, f"no answer from Salla: {exc!r}") from exc
+        raise_for_salla(response)
+        return response
+
+    async def order(self, access_token: str, order_id: int) -> tuple[dict[str, Any], RateLimitInfo]:
+        """`GET /orders/{id}`: the order as Salla has it now (`SallaNotFound` when it is gone)."""
+        response = await self._get(access_token, f"{ORDERS_PATH}/{order_id}")
+        return _data(response), RateLimitInfo.from_headers(response.headers)
+
+    async def orders_page(
+        self, access_token: str, *, from_date: str, to_date: str, page: int
+    ) -> tuple[list[dict[str, Any]], int, RateLimitInfo]:
+        """One page of `GET /orders` created between two dates (whole days, inclusive), oldest
+        id first; returns the page's orders and the number of pages."""
+        response = await self._get(
+            access_token,
+            ORDERS_PATH,
+            {"from_date": from_date, "to_date": to_date, "sort_by": "id-asc", "page": page},
+        )
+        doc = response.json()
+        items = doc.get("data") if isinstance(doc, dict) else None
+        orders = [o for o in items if isinstance(o, dict)] if isinstance(items, list) else []
+        pagination = doc.get("pagination") if isinstance(doc, dict) else None
+        pages = pagination.get("totalPages") if isinstance(pagination, dict) else None
+        total_pages = pages if isinstance(pages, int) and pages > 0 else page
+        return orders, total_pages, RateLimitInfo.from_headers(response.headers)
 
     async def refresh(
         self, token_url: str, client_id: str, client_secret: str, refresh_token: str

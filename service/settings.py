@@ -80,6 +80,24 @@ class Settings(BaseSettings):
     rate_limit_requests: int = Field(default=500, ge=1)
     rate_limit_window_s: float = Field(default=600.0, gt=0)
 
+    #: Orders API calls (deciding ambiguous events, confirming held points, reconciliation) take
+    #: from the store's plan bucket: 120/360/720 requests a minute by plan. Salla's
+    #: `X-RateLimit-*` headers on those answers resize it; loyalty calls take from it too.
+    orders_rate_limit_requests: int = Field(default=120, ge=1)
+    orders_rate_limit_window_s: float = Field(default=60.0, gt=0)
+    #: Salla's clocks (webhook stamps, the orders API's answers) and ours may differ by this
+    #: much: a webhook stamped within it of a state fetched from Salla makes us ask again.
+    order_clock_skew_s: int = Field(default=10, ge=0, le=3600)
+    #: Points held for a return window (`hold_days`) are confirmed with GET /orders/{id} before
+    #: they are sent; what the order no longer deserves is never sent.
+    verify_held_grants: bool = True
+    #: Each store's recent orders are compared with the ledger this often (orders whose
+    #: webhooks never arrived); 0 turns it off.
+    orders_reconcile_every_s: int = Field(default=3600, ge=0)
+    #: Days of orders reconciliation looks back (whole days: Salla filters on creation date).
+    #: Unset: the longest `hold_days` of the rules plus 2.
+    orders_reconcile_days: int | None = Field(default=None, ge=1, le=400)
+
     #: Append ` #<batch code>` to each call's reason so an unknown outcome can be read back from
     #: the customers' points history. Off: unknown outcomes always go to review.
     reconcile_marker: bool = True

@@ -23,10 +23,14 @@ def store_key(merchant: int) -> str:
 
 
 STORES_AUTHORIZED = f"{PREFIX}stores:authorized"
+#: The store record's field saying why Salla cannot be asked about the store's orders
+#: (service/orders/truth.py); new tokens clear it.
+ORDER_TRUTH_UNAVAILABLE = "order_truth_unavailable"
 
 
 async def save(redis: Redis, merchant: int, tokens: TokenSet) -> None:
     await redis.sadd(STORES_AUTHORIZED, str(merchant))  # type: ignore[misc]
+    await redis.hdel(store_key(merchant), ORDER_TRUTH_UNAVAILABLE)  # type: ignore[misc]
     await redis.hset(  # type: ignore[misc]
         store_key(merchant),
         mapping={
@@ -61,6 +65,28 @@ async def mark_installed(redis: Redis, merchant: int, event: str) -> None:
     await redis.hset(  # type: ignore[misc]
         store_key(merchant), mapping={"installed_event": event, "installed_s": int(time.time())}
     )
+
+
+async def note_install_time(redis: Redis, merchant: int, at_epoch_s: float | None) -> None:
+    """Keep the earliest `app.installed` / `app.store.authorize` envelope time: orders created
+    before it are left to `orders backfill`, not to reconciliation."""
+    if at_epoch_s is not None:
+        await redis.eval(_KEEP_EARLIEST, 1, store_key(merchant), str(int(at_epoch_s)))  # type: ignore[misc]
+
+
+_KEEP_EARLIEST = """
+local have = tonumber(redis.call('HGET', KEYS[1], 'installed_at_s') or '')
+if have == nil or tonumber(ARGV[1]) < have then
+  redis.call('HSET', KEYS[1], 'installed_at_s', ARGV[1])
+end
+return 1
+"""
+
+
+async def installed_at(redis: Redis, merchant: int) -> int | None:
+    """When the store first installed or authorized the app (envelope time), if known."""
+    raw = await redis.hget(store_key(merchant), "installed_at_s")  # type: ignore[misc]
+    return int(raw) if raw and str(raw).isdigit() else None
 
 
 async def revoke(redis: Redis, merchant: int, status: str) -> None:

@@ -15,9 +15,11 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import inbox, ledger, metrics, queue
+from service import inbox, ledger, metrics, queue, tokens
 from service.delivery.flush import Deps, flush, reconcile, refresh_expiring_tokens
 from service.logging import configure_logging, get_logger
+from service.orders import reconcile as orders_reconcile
+from service.orders import truth
 from service.processing import ProcessingDeps, process_event
 from service.rules.reloader import RulesHolder, live_rules
 from service.salla import SallaClient
@@ -50,6 +52,41 @@ async def _reconcile_job(ctx: dict[str, Any], merchant: int) -> Any:
         raise Retry(defer=min(2 ** ctx["job_try"], 60)) from exc
 
 
+async def _order_truth_job(ctx: dict[str, Any], merchant: int, order_id: int) -> Any:
+    try:
+        return await truth.settle_order(ctx["orders"], merchant, order_id, job_try=ctx["job_try"])
+    except _REDIS_TRANSIENT as exc:
+        raise Retry(defer=min(2 ** ctx["job_try"], 60)) from exc
+
+
+async def _orders_reconcile_job(ctx: dict[str, Any], merchant: int) -> Any:
+    try:
+        report = await orders_reconcile.run_store(ctx["orders"], merchant)
+    except _REDIS_TRANSIENT as exc:
+        raise Retry(defer=min(2 ** ctx["job_try"], 60)) from exc
+    return report.as_log()
+
+
+async def schedule_orders_reconcile(ctx: dict[str, Any]) -> int:
+    """Start each authorized store's reconciliation once per `ORDERS_RECONCILE_EVERY_S`, spread
+    over the period (a store's offset comes from its id) so that no minute is heavy."""
+    deps: Deps = ctx["delivery"]
+    every = deps.settings.orders_reconcile_every_s
+    if every <= 0:
+        return 0
+    started = 0
+    now = ledger.now_ms() // 1000
+    for raw in await deps.redis.smembers(tokens.STORES_AUTHORIZED):  # type: ignore[misc]
+        merchant = int(raw)
+        slot = (now + merchant % every) // every
+        marker = f"{ledger.PREFIX}orders-rec-slot:{merchant}"
+        if await deps.redis.set(marker, str(slot), ex=every * 2, get=True) == str(slot):
+            continue
+        await queue.enqueue_orders_reconcile(deps.pool, merchant, slot=slot)
+        started += 1
+    return started
+
+
 async def refresh_tokens(ctx: dict[str, Any]) -> int:
     return await refresh_expiring_tokens(ctx["delivery"])
 
@@ -68,6 +105,8 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
     await inbox.forget_idle_consumers(deps.redis)
     returned = unknown = flushed = 0
     for merchant in await ledger.stores_with_work(deps.redis):
+        for order_id in await ledger.verifying_overdue(deps.redis, merchant):
+            await queue.enqueue_order_truth(deps.pool, merchant, order_id)
         back, lost = await ledger.sweep_claims(deps.redis, merchant)
         returned += back
         unknown += lost
@@ -118,6 +157,7 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
         )
         ctx["inbox_task"] = asyncio.create_task(reader.run(), name="inbox")
         ctx["delivery"] = Deps(settings, redis, pool, SallaClient(http, settings.salla_api_base))
+        ctx["orders"] = truth.Deps(ctx["processing"], ctx["delivery"])
         if settings.worker_metrics_port:
             try:
                 start_http_server(settings.worker_metrics_port, registry=metrics.REGISTRY)
@@ -154,6 +194,9 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
         func(_process_event_job, name=queue.PROCESS_EVENT, keep_result=0, max_tries=10),
         func(_flush_job, name=queue.FLUSH, keep_result=0, max_tries=10),
         func(_reconcile_job, name=queue.RECONCILE, keep_result=0, max_tries=10),
+        # Deferring for the plan bucket counts as a try: allow a long wait.
+        func(_order_truth_job, name=queue.ORDER_TRUTH, keep_result=0, max_tries=200),
+        func(_orders_reconcile_job, name=queue.ORDERS_RECONCILE, keep_result=0, max_tries=200),
     ]
     sweep_seconds = set(range(0, 60, 5))
     return {
@@ -161,6 +204,7 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
         "cron_jobs": [
             cron(sweep, second=sweep_seconds, run_at_startup=True, unique=True),
             cron(refresh_tokens, minute=set(range(0, 60, 10)), second=30, unique=True),
+            cron(schedule_orders_reconcile, second=45, unique=True, run_at_startup=True),
         ],
         "redis_settings": queue.redis_settings(redis_url, ride_out_outages=True),
         "on_startup": startup,

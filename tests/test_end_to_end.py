@@ -224,7 +224,11 @@ class TestStoreLifecycle:
         url, box = sandbox
         outcome = Outcome("r", "v", "grant", 5, "x", (), "t", scope="order:1")
         await ledger.apply_outcomes(redis, ORDER_MERCHANT, [outcome], customer=9)
-        claimed = await ledger.claim_due(redis, ORDER_MERCHANT, limit=10, claim_timeout_ms=60_000)
+        claimed = (
+            await ledger.claim_due(
+                redis, ORDER_MERCHANT, limit=10, claim_timeout_ms=60_000, token="t"
+            )
+        ).grants
         store = box.add_store(ORDER_MERCHANT)
         await tokens.save(redis, ORDER_MERCHANT, TokenSet(store.access_token, "r", 0))
         await ledger.unpark(redis, ORDER_MERCHANT)  # the authorize handler ran first

@@ -33,9 +33,11 @@ async def apply(
 
 async def send_all(redis: Redis, grants: list[ledger.Grant]) -> None:
     """Walk grants through claim → sending → sent, as a flush would."""
-    claimed = await ledger.claim_due(redis, M, limit=100, claim_timeout_ms=60_000)
+    claimed = (
+        await ledger.claim_due(redis, M, limit=100, claim_timeout_ms=60_000, token="t")
+    ).grants
     mine = [g for g in claimed if g.id in {x.id for x in grants}]
-    await ledger.mark_sending(redis, M, mine, "batch")
+    await ledger.mark_sending(redis, M, mine, "batch", token="t")
     await ledger.finish(redis, M, mine, "sent")
 
 
@@ -181,17 +183,19 @@ class TestGrantStates:
     async def test_claim_is_exclusive(self, redis: Redis) -> None:
         await apply(redis, grant_outcome(15))
         first, second = await asyncio.gather(
-            ledger.claim_due(redis, M, limit=10, claim_timeout_ms=60_000),
-            ledger.claim_due(redis, M, limit=10, claim_timeout_ms=60_000),
+            ledger.claim_due(redis, M, limit=10, claim_timeout_ms=60_000, token="a"),
+            ledger.claim_due(redis, M, limit=10, claim_timeout_ms=60_000, token="b"),
         )
-        assert sorted([len(first), len(second)]) == [0, 1]
+        assert sorted([len(first.grants), len(second.grants)]) == [0, 1]
 
     async def test_sweep_returns_claimed_and_sends_sending_to_unknown(self, redis: Redis) -> None:
         await apply(redis, grant_outcome(15))
         await ledger.apply_outcomes(redis, M, [grant_outcome(7, scope="order:2")], customer=43)
-        claimed = await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=-1)
+        claimed = (
+            await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=-1, token="t")
+        ).grants
         sending = [g for g in claimed if g.customer == 43]
-        await ledger.mark_sending(redis, M, sending, "b1", call_timeout_ms=-1)  # then it died
+        await ledger.mark_sending(redis, M, sending, "b1", token="t", call_timeout_ms=-1)  # then it died
         returned, unknown = await ledger.sweep_claims(redis, M)
         assert (returned, unknown) == (1, 1)
         assert [g.customer for g in await ledger.grants_in(redis, "pending", M)] == [42]
@@ -202,9 +206,13 @@ class TestGrantStates:
         self, redis: Redis
     ) -> None:
         await apply(redis, grant_outcome(15))
-        [stalled] = await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=-1, token="A")
+        [stalled] = (
+            await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=-1, token="A")
+        ).grants
         assert await ledger.sweep_claims(redis, M) == (1, 0)  # A's claim expired
-        [taken] = await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=60_000, token="B")
+        [taken] = (
+            await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=60_000, token="B")
+        ).grants
         assert await ledger.mark_sending(redis, M, [stalled], "b-a", token="A") == []
         assert [g.id for g in await ledger.mark_sending(redis, M, [taken], "b-b", token="B")] == [
             taken.id
@@ -222,13 +230,17 @@ class TestGrantStates:
 
     async def test_heartbeat_keeps_a_live_claim(self, redis: Redis) -> None:
         await apply(redis, grant_outcome(15))
-        claimed = await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=-1, token="A")
+        claimed = (
+            await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=-1, token="A")
+        ).grants
         await ledger.extend_claims(redis, M, claimed, 60_000)
         assert await ledger.sweep_claims(redis, M) == (0, 0)
 
     async def test_parked_grants_come_back_on_unpark(self, redis: Redis) -> None:
         await apply(redis, grant_outcome(15))
-        claimed = await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=60_000)
+        claimed = (
+            await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=60_000, token="t")
+        ).grants
         await ledger.park(redis, M, claimed, "no token")
         assert await ledger.due_count(redis, M) == 0
         assert await ledger.unpark(redis, M) == 1

@@ -74,8 +74,10 @@ def body(status: str, total: int, event: str) -> bytes:
 
 async def send_due(redis: Redis) -> int:
     """Deliver every due grant, as a flush would; return the signed points credited."""
-    claimed = await ledger.claim_due(redis, MERCHANT, limit=1000, claim_timeout_ms=60_000)
-    await ledger.mark_sending(redis, MERCHANT, claimed, "b")
+    claimed = (
+        await ledger.claim_due(redis, MERCHANT, limit=1000, claim_timeout_ms=60_000, token="t")
+    ).grants
+    await ledger.mark_sending(redis, MERCHANT, claimed, "b", token="t")
     await ledger.finish(redis, MERCHANT, claimed, "sent")
     return sum(g.signed_points for g in claimed)
 
@@ -149,9 +151,11 @@ class TestNamedHistories:
                 deps = ProcessingDeps(make_settings(), redis, pool, RULESETS[rate])
                 await _apply_rules(deps, parse_envelope(body(status, total, event)), f"d{n}", "t")
                 before = {g.id for g in made}
-                claimed = await ledger.claim_due(
-                    redis, MERCHANT, limit=100, claim_timeout_ms=60_000
-                )
+                claimed = (
+                    await ledger.claim_due(
+                        redis, MERCHANT, limit=100, claim_timeout_ms=60_000, token="t"
+                    )
+                ).grants
                 made += [g for g in claimed if g.id not in before]
                 credited += await _send(redis, claimed)
         finally:
@@ -186,6 +190,6 @@ class TestNamedHistories:
 
 
 async def _send(redis: Redis, claimed: list[Any]) -> int:
-    await ledger.mark_sending(redis, MERCHANT, claimed, "b")
+    await ledger.mark_sending(redis, MERCHANT, claimed, "b", token="t")
     await ledger.finish(redis, MERCHANT, claimed, "sent")
     return sum(g.signed_points for g in claimed)

@@ -57,12 +57,31 @@ class Deps:
     redis: Redis
     pool: ArqRedis
     salla: SallaClient
+    #: The customers endpoints' cap (loyalty calls take from it and from `plan`).
     bucket: RateLimiter = field(init=False)
+    #: The store's plan limit, which every Admin API call counts against.
+    plan: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
         self.bucket = RateLimiter(
             self.redis, self.settings.rate_limit_requests, self.settings.rate_limit_window_s
         )
+        self.plan = plan_bucket(self.redis, self.settings)
+
+    async def take_loyalty(self, merchant: int) -> float:
+        """One loyalty call: from the customers bucket and the plan bucket at once."""
+        return await self.bucket.take(merchant, also=self.plan)
+
+
+def plan_bucket(redis: Redis, settings: Settings) -> RateLimiter:
+    """The store's plan bucket, resized by Salla's `X-RateLimit-Limit` on orders answers."""
+    return RateLimiter(
+        redis,
+        settings.orders_rate_limit_requests,
+        settings.orders_rate_limit_window_s,
+        name="rl-plan",
+        resize=True,
+    )
 
 
 def backoff_s(attempt: int, base_s: float, cap_s: float) -> float:
@@ -109,7 +128,7 @@ class _Flush:
                 [g for b in batches[index:] for g in b.grants],
                 claim_ms,
             )
-            wait = await self.deps.bucket.take(self.merchant)
+            wait = await self.deps.take_loyalty(self.merchant)
             if wait > 0:
                 rest = [g for b in batches[index:] for g in b.grants]
                 due = ledger.now_ms() + int(wait * 1000)
@@ -165,7 +184,7 @@ class _Flush:
                 [g for h in halves[index:] for g in h],
                 int(self.deps.settings.claim_timeout_s * 1000),
             )
-            wait = await self.deps.bucket.take(self.merchant)
+            wait = await self.deps.take_loyalty(self.merchant)
             if wait > BISECT_MAX_WAIT_S:
                 rest = [g for h in halves[index:] for g in h]
                 due = ledger.now_ms() + int(wait * 1000)
@@ -364,13 +383,17 @@ async def flush(deps: Deps, merchant: int) -> dict[str, int]:
     """Send up to `batches_per_flush` batches of `merchant`'s due grants; re-enqueue if more."""
     settings = deps.settings
     claim = uuid.uuid4().hex
-    grants = await ledger.claim_due(
+    claimed = await ledger.claim_due(
         deps.redis,
         merchant,
         limit=settings.batches_per_flush * settings.max_customers_per_call,
         claim_timeout_ms=int(settings.claim_timeout_s * 1000),
         token=claim,
+        verify_held=settings.verify_held_grants,
     )
+    for order_id in sorted(claimed.verify_orders):  # their return window ended: confirm first
+        await queue.enqueue_order_truth(deps.pool, merchant, order_id)
+    grants = claimed.grants
     if not grants:
         await ledger.forget_store_if_idle(deps.redis, merchant)
         return {}
@@ -417,7 +440,7 @@ async def reconcile(deps: Deps, merchant: int) -> dict[str, int]:
             )
             counts["review"] += 1
             continue
-        if token is None or await deps.bucket.take(merchant) > 0:
+        if token is None or await deps.take_loyalty(merchant) > 0:
             counts["later"] += 1
             continue
         try:
