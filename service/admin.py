@@ -18,9 +18,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from service import ledger, tokens
+from service import ledger, order_state, tokens
+from service.delivery.flush import plan_bucket
 from service.delivery.ratelimit import RateLimiter
 from service.errors import WebhookError
+from service.order_state import OrderFacts, RuleRecord
 from service.processing import WEBHOOK_STREAM, ProcessingDeps, replay_event
 from service.settings import Settings
 
@@ -146,6 +148,17 @@ async def store_state(redis: Redis, settings: Settings, merchant: int) -> dict[s
             "refreshable": bool(token.refresh_token),
             "scope": token.scope,
         },
+        # Whether Salla's orders API can decide ambiguous events, confirm held points and
+        # recover lost webhooks for this store, and if not, why.
+        "orders_api": {
+            "available": token is not None
+            and bool({"orders.read", "orders.read_write"} & set(token.scope.split()))
+            and not doc.get(tokens.ORDER_TRUTH_UNAVAILABLE),
+            "why_not": doc.get(tokens.ORDER_TRUTH_UNAVAILABLE) or None,
+            "installed_at": _iso_ms(int(doc["installed_at_s"]) * 1000)
+            if doc.get("installed_at_s", "").isdigit()
+            else None,
+        },
         "queue": {
             "pending": int(gauges["pending"]),
             "due_now": int(due),
@@ -157,6 +170,7 @@ async def store_state(redis: Redis, settings: Settings, merchant: int) -> dict[s
             "unknown_outcome": int(unknown),
         },
         "rate_limit": await bucket.peek(merchant),
+        "plan_rate_limit": await plan_bucket(redis, settings).peek(merchant),
         "failed_grants": [grant_view(d) for d in await _grant_docs(redis, failed_ids)],
     }
 
@@ -166,17 +180,33 @@ async def _scope_view(redis: Redis, merchant: int, scope: str) -> dict[str, Any]
     rules = {}
     for name, value in raw.items():
         if name.startswith("r:"):
-            record = json.loads(value)
+            record = RuleRecord.decode(value)
+            holder = order_state.holder(record)
             rules[name[2:]] = {
-                "granted": int(record.get("granted", 0)),
-                "deserved": int(record.get("deserved", 0)),
-                "reason": record.get("reason", ""),
-                "rule_version": record.get("version", ""),
+                "granted": record.granted_total,
+                "deserved": sum(order_state.target(record).values()),
+                "granted_by_customer": {str(c): p for c, p in record.granted.items()},
+                "decided_by": {
+                    str(order): {"points": v.points, "customer": v.customer or None}
+                    for order, v in record.verdicts.items()
+                },
+                "holder_order": holder.order if holder else None,
+                "reason": record.reason,
+                "rule_version": record.version,
             }
     ids: list[str] = await redis.zrange(ledger.scope_grants_key(merchant, scope), 0, -1)
+    facts = OrderFacts.from_fields(raw)
     return {
         "scope": scope,
-        "customer": int(raw.get("customer", 0) or 0) or None,
+        "customer": facts.customer or None,
+        "order_state": {
+            "status": facts.status,
+            "total": facts.total,
+            "ever_completed": facts.completed,
+            "gone": facts.gone,
+        }
+        if scope.startswith("order:") and facts.newest
+        else None,
         "rules": rules,
         "grants": [grant_view(d) for d in await _grant_docs(redis, ids)],
     }

@@ -980,3 +980,12 @@ def _banner(webhook_url: str, secret: str, sandbox_base: str, token: str, admin:
 
   Ctrl-C stops everything.
 """
+
+
+def _register_orders() -> None:
+    from service.orders.commands import orders
+
+    main.add_command(orders)
+
+
+_register_orders()

@@ -45,7 +45,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,7 +53,15 @@ import orjson
 from redis.asyncio import Redis
 
 from service import autopipe, order_state
-from service.order_state import EventKey, OpenGrant, OrderFacts, RuleRecord, Snapshot, Verdict
+from service.order_state import (
+    EventKey,
+    EventVerdicts,
+    OpenGrant,
+    OrderFacts,
+    RuleRecord,
+    ScopedVerdict,
+    Verdict,
+)
 from service.rules.engine import Outcome
 
 GrantState = Literal[
@@ -224,26 +232,6 @@ NETTABLE_STATES = order_state.NETTABLE_STATES
 OPEN_STATES = order_state.OPEN_STATES
 
 
-@dataclass(frozen=True, slots=True)
-class ScopedVerdict:
-    """One rule's decisive verdict on one event, for one scope."""
-
-    scope: str
-    rule: str
-    verdict: Verdict
-
-
-@dataclass(frozen=True, slots=True)
-class EventVerdicts:
-    """What one event says, as the ledger's input: every decisive verdict of its rules, whether
-    the file-level `revoke_when` holds (every rule recorded for the order goes to 0), and the
-    event's view of its order (None outside orders)."""
-
-    verdicts: Sequence[ScopedVerdict]
-    revoke: bool = False
-    snapshot: Snapshot | None = None
-
-
 @dataclass
 class Applied:
     """What applying one event did."""
@@ -254,7 +242,8 @@ class Applied:
     ask_salla: bool = False
     #: The order's entry changed since `expect_version` (the caller reads and decides again).
     conflict: bool = False
-    #: Nothing was written: a re-sent event, or one older than what decided every rule.
+    #: Something was written (False: a re-sent event, or one older than what decided every
+    #: rule it touched).
     changed: bool = False
 
 
@@ -322,43 +311,24 @@ async def _apply_once(
 ) -> Applied | None:
     """One read-decide-commit round; None when something read changed before the commit."""
     order_scope = f"order:{order_id}" if order_id else ""
-    by_scope: dict[str, list[ScopedVerdict]] = {}
-    for item in event.verdicts:
-        by_scope.setdefault(item.scope, []).append(item)
-    scopes = set(by_scope)
-    if event.revoke and read is not None:
-        scopes |= {order_scope, *read.linked}
-    if order_scope:
-        scopes.add(order_scope)
+    names = sorted(
+        order_state.scopes_of(
+            event, order_id, read.linked if read else (), read.facts if read else None
+        )
+    )
     pipe = autopipe.auto(redis)
-    names = sorted(scopes)
     raws: list[dict[str, str]] = list(
         await asyncio.gather(*(pipe.execute("HGETALL", entry_key(merchant, s)) for s in names))
     )
     entries = dict(zip(names, raws, strict=True))
-    key = event.snapshot.key if event.snapshot else None
-    ask = False
-    decided: dict[tuple[str, str], RuleRecord] = {}
-    before: dict[tuple[str, str], RuleRecord] = {}
-    for scope in names:
-        records = {n[2:]: RuleRecord.decode(v) for n, v in entries[scope].items() if n[:2] == "r:"}
-        incoming = [(i.rule, i.verdict) for i in by_scope.get(scope, [])]
-        if event.revoke and order_id:
-            revoked = dict(order_state.revocations(records, order_id, key))
-            incoming = [(r, v) for r, v in incoming if r not in revoked] + list(revoked.items())
-        for rule, verdict in incoming:
-            current = decided.get((scope, rule)) or records.get(rule, RuleRecord())
-            before.setdefault((scope, rule), records.get(rule, RuleRecord()))
-            decision = order_state.decide(current, verdict, skew_s)
-            ask = ask or decision.ambiguous
-            decided[(scope, rule)] = decision.record
-    observed = (
-        order_state.observe(read.facts, event.snapshot, skew_s)
-        if read is not None and event.snapshot is not None
-        else None
+    records = {
+        scope: {n[2:]: RuleRecord.decode(v) for n, v in raw.items() if n[:2] == "r:"}
+        for scope, raw in entries.items()
+    }
+    decided = order_state.decide_event(
+        records, read.facts if read else None, event, order_id, skew_s
     )
-    ask = ask or bool(observed and observed.late_completion)
-    moved = {k: r for k, r in decided.items() if r != before[k]}
+    ask, moved, before = decided.ask_salla, decided.moved, decided.before
     open_ids = [g for r in moved.values() for g in r.open]
     states, state_seen = await _open_grants(redis, open_ids)
     caps: dict[tuple[str, str], tuple[str, int]] = {}
@@ -381,7 +351,7 @@ async def _apply_once(
         settlements[(scope, rule)] = order_state.settle(
             rule, record, states, cap_used=used, now_ms=now, new_id=_new_grant_id
         )
-    facts_changed = observed is not None and read is not None and observed.facts != read.facts
+    facts_changed = read is not None and decided.facts != read.facts
     new_grants = [
         _grant(merchant, scope, rule, g, trace_id)
         for (scope, rule), s in settlements.items()
@@ -391,15 +361,17 @@ async def _apply_once(
         _report(diffs, merchant, before, settlements)
         return Applied(new_grants, ask_salla=ask)
     writes = _Writes()
-    for scope in {s for s, _ in moved} | ({order_scope} if facts_changed else set()):
+    if read is not None:  # the order's version guards every scope (the judge read its facts)
+        entries[order_scope] = {**entries[order_scope], "v": read.version}
+    for scope in {s for s, _ in moved} | ({order_scope} if order_scope else set()):
         writes.check(entry_key(merchant, scope), "v", entries[scope].get("v"))
-        writes.hset(entry_key(merchant, scope), "v", str(int(entries[scope].get("v", "0")) + 1))
+        writes.hset(entry_key(merchant, scope), "v", str(int(entries[scope].get("v") or 0) + 1))
     for grant_id in open_ids:
         writes.check(grant_key(grant_id), "state", state_seen.get(grant_id))
     for name, value in cap_raw.items():
         writes.check(name, "", value)
-    if facts_changed and observed is not None:
-        writes.hset(entry_key(merchant, order_scope), mapping=observed.facts.to_fields())
+    if facts_changed and decided.facts is not None:
+        writes.hset(entry_key(merchant, order_scope), mapping=decided.facts.to_fields())
     for (scope, rule), settlement in settlements.items():
         _write(writes, merchant, scope, rule, settlement, caps.get((scope, rule)), order_id)
     if new_grants or any(s.netted for s in settlements.values()):
@@ -589,7 +561,7 @@ def _write(
 def _report(
     diffs: list[Diff] | None,
     merchant: int,
-    before: dict[tuple[str, str], RuleRecord],
+    before: Mapping[tuple[str, str], RuleRecord],
     settlements: dict[tuple[str, str], order_state.Settlement],
 ) -> None:
     if diffs is None:

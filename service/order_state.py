@@ -24,7 +24,7 @@ result atomically; everything here takes and returns plain data.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -346,7 +346,7 @@ def settle(
         if not remaining:
             continue
         kept_due = 0
-        mine = [g for g in open_ids if grants[g].customer == customer]
+        mine = [g for g in open_ids if g in grants and grants[g].customer == customer]
         for grant_id in reversed(mine):  # opposite unsent grants cancel out first
             if remaining == 0:
                 break
@@ -444,6 +444,14 @@ class OrderFacts:
     whether any event showed it completed, and the newest state seen (for reconciliation)."""
 
     newest: EventKey | None = None
+    #: The newest event for which the file-level `revoke_when` held: every verdict of an
+    #: older event of this order deserves nothing, whichever rule and scope it is for (a rule
+    #: that did not hear the cancel still must not grant for an older completion).
+    revoked: EventKey | None = None
+    #: Per rule, the newest event that decided it for this order and the scope it went to: an
+    #: older event cannot decide the rule anywhere (a customer changed since), and a newer one
+    #: for another scope takes the points back from the old one (they move).
+    rules: Mapping[str, tuple[EventKey, str]] = field(default_factory=dict)
     completed: bool = False
     status: str = ""
     total: str = ""
@@ -453,6 +461,8 @@ class OrderFacts:
     def to_fields(self) -> dict[str, str]:
         return {
             "newest": json.dumps(self.newest.to_json()) if self.newest else "",
+            "revoked": json.dumps(self.revoked.to_json()) if self.revoked else "",
+            "rules": json.dumps({r: [k.to_json(), s] for r, (k, s) in self.rules.items()}),
             "completed": "1" if self.completed else "",
             "status": self.status,
             "total": self.total,
@@ -463,9 +473,15 @@ class OrderFacts:
     @classmethod
     def from_fields(cls, raw: Mapping[str, str]) -> OrderFacts:
         newest = raw.get("newest", "")
+        revoked = raw.get("revoked", "")
         customer = raw.get("customer", "")
         return cls(
             newest=EventKey.from_json(json.loads(newest)) if newest else None,
+            revoked=EventKey.from_json(json.loads(revoked)) if revoked else None,
+            rules={
+                r: (EventKey.from_json(k), str(s))
+                for r, (k, s) in json.loads(raw.get("rules") or "{}").items()
+            },
             completed=raw.get("completed") == "1",
             status=raw.get("status", ""),
             total=raw.get("total", ""),
@@ -493,14 +509,17 @@ class Observation:
     late_completion: bool = False
 
 
-def observe(facts: OrderFacts, snapshot: Snapshot, skew_s: int) -> Observation:
-    """Fold one event's snapshot into the order's facts."""
+def observe(
+    facts: OrderFacts, snapshot: Snapshot, skew_s: int, *, revoke: bool = False
+) -> Observation:
+    """Fold one event's snapshot into the order's facts (`revoke`: its revoke_when held)."""
     newer = facts.newest is None or compare(snapshot.key, facts.newest, skew_s).newer
     late = snapshot.completed and not facts.completed and not newer
     updated = replace(
         facts,
         completed=facts.completed or snapshot.completed,
         gone=facts.gone or snapshot.key.rank == RANK_GONE,
+        revoked=newest_revocation(facts.revoked, snapshot.key if revoke else None, skew_s),
     )
     if newer:
         updated = replace(
@@ -513,6 +532,27 @@ def observe(facts: OrderFacts, snapshot: Snapshot, skew_s: int) -> Observation:
     return Observation(updated, late)
 
 
+def newest_revocation(
+    standing: EventKey | None, incoming: EventKey | None, skew_s: int
+) -> EventKey | None:
+    if standing is None or incoming is None:
+        return standing or incoming
+    return incoming if compare(incoming, standing, skew_s).newer else standing
+
+
+def _under_revocation(
+    verdict: Verdict, revoked: EventKey | None, skew_s: int
+) -> tuple[Verdict, bool]:
+    """A grant from an event older than the order's newest revocation deserves nothing; one
+    that only arrival separates from it is ambiguous."""
+    if revoked is None or verdict.key is None or not verdict.points or verdict.key == revoked:
+        return verdict, False
+    order = compare(verdict.key, revoked, skew_s)
+    if order.newer:
+        return verdict, order.near
+    return replace(verdict, key=revoked, points=0), order.near
+
+
 def revocations(
     records: Mapping[str, RuleRecord], order: int, key: EventKey | None
 ) -> Iterable[tuple[str, Verdict]]:
@@ -522,3 +562,118 @@ def revocations(
         standing = record.verdicts.get(order)
         if standing is not None:
             yield rule, Verdict(key, order, standing.customer, 0)
+
+
+# --- one event, every scope it touches ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ScopedVerdict:
+    """One rule's decisive verdict on one event, for one scope."""
+
+    scope: str
+    rule: str
+    verdict: Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class EventVerdicts:
+    """What one event says: every decisive verdict of its rules, whether the file-level
+    `revoke_when` holds (every rule recorded for the order goes to 0), and the event's view of
+    its order (None outside orders)."""
+
+    verdicts: Sequence[ScopedVerdict]
+    revoke: bool = False
+    snapshot: Snapshot | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """An event's decisions before settling: the records whose verdicts moved (with what they
+    were), the order's facts after it, and whether only Salla can say what the order is."""
+
+    moved: Mapping[tuple[str, str], RuleRecord]
+    before: Mapping[tuple[str, str], RuleRecord]
+    facts: OrderFacts | None
+    ask_salla: bool
+
+
+def scopes_of(
+    event: EventVerdicts, order_id: int, linked: Iterable[str], facts: OrderFacts | None = None
+) -> set[str]:
+    """Every scope an event touches: its verdicts', the order's own, the scopes its rules last
+    went to for this order (points move when the customer changed), and on a revocation the
+    scopes the order granted elsewhere (its customers' bonuses)."""
+    scopes = {item.scope for item in event.verdicts}
+    if order_id:
+        scopes.add(f"order:{order_id}")
+        if facts is not None:
+            scopes |= {facts.rules[i.rule][1] for i in event.verdicts if i.rule in facts.rules}
+        if event.revoke:
+            scopes |= set(linked)
+    return scopes
+
+
+def decide_event(
+    records: Mapping[str, Mapping[str, RuleRecord]],
+    facts: OrderFacts | None,
+    event: EventVerdicts,
+    order_id: int,
+    skew_s: int,
+) -> Decided:
+    """Let one event decide every rule of every scope it touches (`records`: scope → rule →
+    record, for `scopes_of`); `facts` is the order's (None outside orders)."""
+    key = event.snapshot.key if event.snapshot else None
+    by_scope: dict[str, list[ScopedVerdict]] = {}
+    for item in event.verdicts:
+        by_scope.setdefault(item.scope, []).append(item)
+    ask = False
+    decided: dict[tuple[str, str], RuleRecord] = {}
+    before: dict[tuple[str, str], RuleRecord] = {}
+    standing_revocation = facts.revoked if facts is not None else None
+    latest = dict(facts.rules) if facts is not None else {}
+    incoming: list[tuple[str, str, Verdict]] = []
+    for scope, rules in records.items():
+        mine = [(scope, i.rule, i.verdict) for i in by_scope.get(scope, [])]
+        if event.revoke and order_id:
+            revoked = {r: v for r, v in revocations(rules, order_id, key)}
+            mine = [m for m in mine if m[1] not in revoked]
+            mine += [(scope, r, v) for r, v in revoked.items()]
+        incoming += mine
+    for scope, rule, verdict in incoming:
+        verdict, near = _under_revocation(verdict, standing_revocation, skew_s)
+        ask = ask or near
+        targets = [(scope, verdict)]
+        last = latest.get(rule) if verdict.key is not None and order_id else None
+        if last is not None and verdict.key is not None and last[0] != verdict.key:
+            order = compare(verdict.key, last[0], skew_s)
+            if last[1] != scope:
+                ask = ask or (order.near and bool(verdict.points))
+                if not order.newer:
+                    continue  # a newer event of this order decided the rule elsewhere
+                # The rule's points move: the scope it went to before deserves nothing now.
+                targets.append((last[1], replace(verdict, points=0, customer=0)))
+        own = verdict.key is not None and bool(order_id) and verdict.order == order_id
+        if own and (last is None or compare(verdict.key, last[0], skew_s).newer):  # type: ignore[arg-type]
+            latest[rule] = (verdict.key, scope)  # type: ignore[assignment]
+        for target_scope, target_verdict in targets:
+            rules = records.get(target_scope, {})
+            current = decided.get((target_scope, rule)) or rules.get(rule, RuleRecord())
+            before.setdefault((target_scope, rule), rules.get(rule, RuleRecord()))
+            decision = decide(current, target_verdict, skew_s)
+            ask = ask or decision.ambiguous
+            decided[(target_scope, rule)] = decision.record
+    observed = (
+        observe(facts, event.snapshot, skew_s, revoke=event.revoke)
+        if facts is not None and event.snapshot is not None
+        else None
+    )
+    if observed is not None:
+        observed = replace(observed, facts=replace(observed.facts, rules=latest))
+    moved = {k: r for k, r in decided.items() if r != before[k]}
+    return Decided(
+        moved,
+        {k: before[k] for k in moved},
+        observed.facts if observed else facts,
+        ask or bool(observed and observed.late_completion),
+    )

@@ -195,7 +195,9 @@ class TestGrantStates:
             await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=-1, token="t")
         ).grants
         sending = [g for g in claimed if g.customer == 43]
-        await ledger.mark_sending(redis, M, sending, "b1", token="t", call_timeout_ms=-1)  # then it died
+        await ledger.mark_sending(
+            redis, M, sending, "b1", token="t", call_timeout_ms=-1
+        )  # then it died
         returned, unknown = await ledger.sweep_claims(redis, M)
         assert (returned, unknown) == (1, 1)
         assert [g.customer for g in await ledger.grants_in(redis, "pending", M)] == [42]

@@ -13,13 +13,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from service.events import EventContext, salla_date_ms
-from service.ledger import EventVerdicts, ScopedVerdict, verdict_of
+from service.ledger import verdict_of
 from service.order_state import (
     RANK_CREATED,
     RANK_EVENT,
     RANK_GONE,
     EventKey,
+    EventVerdicts,
     OrderFacts,
+    ScopedVerdict,
     Snapshot,
 )
 from service.rules import RuleSet, evaluate
