@@ -179,10 +179,8 @@ def settled(cluster: Cluster, timeout_s: float = 90) -> dict[str, Any]:
         for key in client.scan_iter(f"sr:led:{MERCHANT}:order:*"):
             for name, value in client.hgetall(key).items():
                 if name.startswith("r:"):
-                    record = json.loads(value)
-                    granted[record["customer"]] = (
-                        granted.get(record["customer"], 0) + record["granted"]
-                    )
+                    for customer, points in json.loads(value)["granted"].items():
+                        granted[int(customer)] = granted.get(int(customer), 0) + points
         return {"sent": sent, "granted": granted, "states": states}
     finally:
         client.close()

@@ -125,8 +125,14 @@ async def fetch(
         asked_ms = ledger.now_ms()
         try:
             order, limits = await delivery.salla.order(token.access_token, order_id)
-        except SallaNotFound:
-            return Fetched(None, asked_ms)
+        except SallaNotFound as exc:
+            if _from_salla(exc.body):
+                return Fetched(None, asked_ms)
+            # Not Salla's error envelope: a wrong SALLA_API_BASE or a proxy, not a gone order.
+            await mark_unavailable(
+                deps.redis, merchant, "the orders endpoint answered 404 without Salla's envelope"
+            )
+            return None
         except SallaRateLimited as exc:
             await delivery.plan.observe(merchant, retry_after_s=exc.retry_after_s)
             raise Retry(defer=exc.retry_after_s) from exc
@@ -146,6 +152,11 @@ async def fetch(
             continue
         await observe_limits(delivery, merchant, limits)
         return Fetched(order, asked_ms)
+
+
+def _from_salla(body: object) -> bool:
+    """Salla's error envelope (`{"status": 404, "success": false, "error": {...}}`)."""
+    return isinstance(body, dict) and body.get("success") is False and "error" in body
 
 
 async def observe_limits(delivery: DeliveryDeps, merchant: int, limits: RateLimitInfo) -> None:
