@@ -264,7 +264,8 @@ def holder(record: RuleRecord) -> Verdict | None:
 def target(record: RuleRecord) -> dict[int, int]:
     """Signed points the scope deserves now, per customer."""
     verdict = holder(record)
-    return {verdict.customer: verdict.points} if verdict and verdict.customer else {}
+    # Customer 0 is "every customer of the store" (a campaign's select_all).
+    return {verdict.customer: verdict.points} if verdict else {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,11 +364,17 @@ def settle(
                 break
         if not remaining:
             continue
-        giving = remaining > 0 and verdict is not None and customer == verdict.customer
+        # Towards what the holder deserves (plus or minus rules alike), or taken back.
+        giving = (
+            verdict is not None
+            and customer == verdict.customer
+            and want != 0
+            and _sign(remaining) == _sign(want)
+        )
         if giving and verdict is not None:
             reason, channels, mode = verdict.reason, verdict.channels, verdict.mode
             # A replacement keeps the hold of what it replaces; the hold counts from completion.
-            hold_ms = verdict.hold_s * 1000
+            hold_ms = verdict.hold_s * 1000 if remaining > 0 else 0  # minus grants go now
             due = kept_due or ((verdict.since_ms or now_ms) + hold_ms if hold_ms else now_ms)
             held = hold_ms > 0 and verdict.order != 0
             order = verdict.order
