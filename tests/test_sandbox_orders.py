@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from service.errors import InvalidSignature
-from service.sandbox.app import Sandbox, create_sandbox_app
+from service.sandbox.app import Sandbox, SandboxNotServing, create_sandbox_app
 from service.sandbox.orders import STATUSES
 from service.sandbox.state import SandboxStateError
 from service.webhooks import verify
@@ -296,6 +296,27 @@ class TestAccess:
         assert view["access_token"] == answer["access_token"]
 
 
+class TestControl:
+    """Store options and fault switches are checked, and kept apart per kind of call."""
+
+    def test_store_options_are_checked(self, store: Store) -> None:
+        wrong = httpx.post(f"{store.url}/_sandbox/stores", json={"merchant": 5, "scop": "x"})
+        assert wrong.status_code == 400 and "unknown option(s) scop" in wrong.json()["error"]
+        assert 5 not in store.box.stores
+        patch = f"{store.url}/_sandbox/stores"
+        assert httpx.patch(f"{patch}/6", json={"scope": "x"}).status_code == 404
+        zero = httpx.patch(f"{patch}/{MERCHANT}", json={"plan_rate_limit": 0})
+        assert zero.status_code == 400 and "at least 1" in zero.json()["error"]
+
+    def test_orders_faults_do_not_touch_loyalty_calls(self, store: Store) -> None:
+        httpx.post(f"{store.url}/_sandbox/faults", json={"orders_statuses": [503]})
+        loyalty = store.get("/customers/loyalty/points", customer_id=1)
+        assert loyalty.status_code == 200
+        assert store.get("/orders").status_code == 503
+        assert store.get("/orders").status_code == 200
+        assert store.box.stores[MERCHANT].counters["orders_fault_503"] == 1
+
+
 class TestRateLimits:
     """Orders calls take from the plan bucket; loyalty calls from both buckets."""
 
@@ -517,6 +538,26 @@ class TestWebhooks:
         assert httpx.post(f"{store.url}/_sandbox/orders", content=b"[").status_code == 400
         assert store.box.stores[MERCHANT].orders == {}
         assert store.receiver.docs() == []
+
+
+class TestPythonApi:
+    """Tests may drive the store from their own thread or event loop."""
+
+    async def test_the_async_variant_from_another_loop(self, store: Store) -> None:
+        made = await store.box.change_order_async(MERCHANT, total=12, webhook={"hold": True})
+        assert made["webhooks"][0]["fate"] == "held"
+        released = await store.box.release_webhooks_async(MERCHANT)
+        assert [w["fate"] for w in released] == ["sent"]
+        assert store.box.order(MERCHANT, made["order"]["id"]) == made["order"]
+        assert len(store.receiver.docs()) == 1
+
+    def test_a_sandbox_not_served_refuses_before_changing_anything(
+        self, receiver: Receiver
+    ) -> None:
+        box, _ = serve_store(receiver)
+        with pytest.raises(SandboxNotServing, match="serve it first"):
+            box.change_order(MERCHANT, total=5)
+        assert box.stores[MERCHANT].orders == {}
 
 
 class TestPersistence:

@@ -37,6 +37,21 @@ from service.sandbox.webhooks_out import Outbox, ReleaseOrder
 __all__ = ["DEFAULT_SCOPE", "Faults", "Sandbox", "Store", "create_sandbox_app", "request_schema"]
 
 
+#: What `update_store` (and `PATCH /_sandbox/stores/{merchant}`) can change.
+STORE_OPTIONS = frozenset(
+    {
+        "scope",
+        "rate_limit",
+        "rate_window_s",
+        "plan_rate_limit",
+        "plan_rate_window_s",
+        "order_cancelled_event",
+    }
+)
+#: What `add_store` (and `POST /_sandbox/stores`) accepts beside the merchant.
+INSTALL_OPTIONS = STORE_OPTIONS | {"access_token", "refresh_token", "access_ttl_s", "customers"}
+
+
 class SandboxNotServing(RuntimeError):
     """A webhook must be sent, and the sandbox has no server loop to send it from."""
 
@@ -150,6 +165,7 @@ class Sandbox:
 
         Options: access_token, refresh_token, access_ttl_s, scope, rate_limit, rate_window_s,
         plan_rate_limit, plan_rate_window_s, customers (ids), order_cancelled_event."""
+        _check_options(options, INSTALL_OPTIONS)
         store = Store(
             merchant=merchant,
             access_token=options.get("access_token") or secrets.token_urlsafe(24),
@@ -167,6 +183,7 @@ class Sandbox:
 
     def update_store(self, merchant: int, /, **options: Any) -> Store:
         """Change a store's scope, buckets or `order_cancelled_event`, keeping everything else."""
+        _check_options(options, STORE_OPTIONS)
         with self.lock:
             store = self.store(merchant)
             self._configure(store, options)
@@ -212,35 +229,7 @@ class Sandbox:
     def apply(self, store: Store, body: dict[str, Any]) -> None:
         """Apply an accepted `POST /customers/loyalty/points` body."""
         with self.lock:
-            sign = 1 if body["type"] == "plus" else -1
-            reset = body.get("reset_points") is True
-            points = 0 if reset else int(body["points"])
-            targets = body["customers"]
-            if body.get("select_all"):
-                targets = sorted(store.known_customers | set(store.balances))
-            for raw_id in targets:
-                customer = int(raw_id)
-                self.counters.entry_seq += 1
-                if reset:
-                    points = store.balances.get(customer, 0)
-                    sign = -1
-                store.balances[customer] = store.balances.get(customer, 0) + sign * points
-                store.history.setdefault(customer, []).insert(
-                    0,
-                    {
-                        "id": self.counters.entry_seq,
-                        "points": sign * points,
-                        "used_points": 0,
-                        "type": body["type"],
-                        "status": "active",
-                        "notes": body["reason"],
-                        "order_id": None,
-                        "reference_id": None,
-                        "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    },
-                )
-            store.calls.append(body)
-            store.count("applied")
+            loyalty.apply(store, self.counters, body)
         self.changed()
 
     # -- orders -------------------------------------------------------------------------------
@@ -361,6 +350,12 @@ class Sandbox:
                 work = asyncio.run_coroutine_threadsafe(self.outbox.send(prepared.to_send), loop)
                 await asyncio.wrap_future(work)
         return prepared.result()
+
+
+def _check_options(options: Mapping[str, Any], known: frozenset[str]) -> None:
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {sorted(known)}")
 
 
 def create_sandbox_app(sandbox: Sandbox | None = None) -> Starlette:

@@ -23,6 +23,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from service.sandbox.admin_api import admit, error, invalid, page_params, paginated
+from service.sandbox.state import Counters, Store
 
 if TYPE_CHECKING:
     from service.sandbox.app import Sandbox
@@ -41,6 +42,40 @@ def request_schema() -> dict[str, Any]:
     spec = yaml.safe_load(text)
     schema: dict[str, Any] = spec["components"]["schemas"]["add_loyalty_points_request"]
     return {k: v for k, v in schema.items() if not k.startswith("x-")}
+
+
+def apply(store: Store, counters: Counters, body: dict[str, Any]) -> None:
+    """Apply an accepted `POST /customers/loyalty/points` body to the store's balances and
+    points histories (newest first). The caller holds the sandbox's lock."""
+    sign = 1 if body["type"] == "plus" else -1
+    reset = body.get("reset_points") is True
+    points = 0 if reset else int(body["points"])
+    targets = body["customers"]
+    if body.get("select_all"):
+        targets = sorted(store.known_customers | set(store.balances))
+    for raw_id in targets:
+        customer = int(raw_id)
+        counters.entry_seq += 1
+        if reset:
+            points = store.balances.get(customer, 0)
+            sign = -1
+        store.balances[customer] = store.balances.get(customer, 0) + sign * points
+        store.history.setdefault(customer, []).insert(
+            0,
+            {
+                "id": counters.entry_seq,
+                "points": sign * points,
+                "used_points": 0,
+                "type": body["type"],
+                "status": "active",
+                "notes": body["reason"],
+                "order_id": None,
+                "reference_id": None,
+                "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+        )
+    store.calls.append(body)
+    store.count("applied")
 
 
 class _Dropped(Response):
