@@ -63,6 +63,9 @@ async def _stop_worker(worker: Any, task: asyncio.Task[Any]) -> None:
 
 
 async def _install(redis: Redis, box: Sandbox, **options: Any) -> None:
+    if "rate_limit" in options:  # the plan bucket as large: the figures are the customers bucket's
+        options.setdefault("plan_rate_limit", options["rate_limit"])
+        options.setdefault("plan_rate_window_s", options["rate_window_s"])
     store = box.add_store(MERCHANT, **options)
     await tokens.save(
         redis,
@@ -193,7 +196,9 @@ async def fairness(redis_url: str, backlog: int = 10_000, samples: int = 5) -> d
     other = MERCHANT + 1
     with serve_in_thread(create_sandbox_app(box)) as url:
         await _install(redis, box, rate_limit=100_000, rate_window_s=60)
-        store_b = box.add_store(other, rate_limit=100_000, rate_window_s=60)
+        store_b = box.add_store(
+            other, rate_limit=100_000, rate_window_s=60, plan_rate_limit=100_000
+        )
         await tokens.save(
             redis,
             other,

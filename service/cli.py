@@ -115,17 +115,87 @@ def worker(check: bool) -> None:
     default=500,
     show_default=True,
     type=int,
-    help="Requests per window per store (Salla's customers endpoints: 500/10 min).",
+    help="Customers endpoints' requests per window per store (Salla: 500 per 10 min).",
 )
 @click.option("--rate-window", default=600.0, show_default=True, type=float, help="Seconds.")
-def sandbox(host: str, port: int, rate_limit: int, rate_window: float) -> None:
-    """Run the Salla-compatible sandbox API alone."""
+@click.option(
+    "--plan-rate-limit",
+    default=120,
+    show_default=True,
+    type=int,
+    help="Every Admin API call's requests per window per store (Salla's plans: 120/360/720).",
+)
+@click.option("--plan-rate-window", default=60.0, show_default=True, type=float, help="Seconds.")
+@click.option(
+    "--webhook-url",
+    default=None,
+    help="Where the sandbox store sends its order webhooks (none: it sends none).",
+)
+@click.option(
+    "--webhook-secret",
+    envvar="SANDBOX_WEBHOOK_SECRET",
+    default=DEVELOPMENT_WEBHOOK_SECRET,
+    show_default="$SANDBOX_WEBHOOK_SECRET or the development secret",
+    help="Signs the webhooks (prefer the environment variable to the command line).",
+)
+@click.option(
+    "--webhook-resends",
+    default=3,
+    show_default=True,
+    type=click.IntRange(0, 10),
+    help="Re-sends of a failed webhook delivery, as Salla does.",
+)
+@click.option(
+    "--webhook-resend-delay",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds between re-sends (Salla: about 5 minutes).",
+)
+@click.option(
+    "--state-file",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Keep every store, token, order and balance in this JSON file across restarts.",
+)
+def sandbox(
+    host: str,
+    port: int,
+    rate_limit: int,
+    rate_window: float,
+    plan_rate_limit: int,
+    plan_rate_window: float,
+    webhook_url: str | None,
+    webhook_secret: str,
+    webhook_resends: int,
+    webhook_resend_delay: float,
+    state_file: Path | None,
+) -> None:
+    """Run the Salla-compatible sandbox API and store alone (docs/sandbox.md)."""
     import uvicorn
 
     from service.sandbox.app import Sandbox, create_sandbox_app
+    from service.sandbox.state import SandboxStateError
 
-    app = create_sandbox_app(Sandbox(rate_limit=rate_limit, rate_window_s=rate_window))
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    try:
+        box = Sandbox(
+            rate_limit=rate_limit,
+            rate_window_s=rate_window,
+            plan_rate_limit=plan_rate_limit,
+            plan_rate_window_s=plan_rate_window,
+            webhook_url=webhook_url,
+            webhook_secret=webhook_secret,
+            webhook_resends=webhook_resends,
+            webhook_resend_delay_s=webhook_resend_delay,
+            state_file=state_file,
+        )
+    except SandboxStateError as exc:
+        raise click.BadParameter(str(exc), param_hint="--state-file") from None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--webhook-secret") from None
+    uvicorn.run(
+        create_sandbox_app(box), host=host, port=port, log_level="warning", access_log=False
+    )
 
 
 @main.command()
@@ -909,15 +979,20 @@ def run(port: int, sandbox_port: int) -> None:
     # SIGTERM (a process manager, `kill`) stops everything as Ctrl-C does, Redis included.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        sandbox_cmd = [*me, "sandbox", "--port", str(sandbox_port)]
-        children.append(subprocess.Popen(sandbox_cmd, env=child_env))  # noqa: S603
+        # The sandbox store sends its order webhooks to this service, signed with the same
+        # secret (by environment, not argv), and keeps its state under data_dir across runs.
+        webhook_url = f"http://127.0.0.1:{port}/webhooks/salla"
+        sandbox_cmd = [
+            *me, "sandbox", "--port", str(sandbox_port), "--webhook-url", webhook_url,
+            "--state-file", str(settings.data_dir / "sandbox.json"),
+        ]  # fmt: skip
+        sandbox_env = {**child_env, "SANDBOX_WEBHOOK_SECRET": env_secret}
+        children.append(subprocess.Popen(sandbox_cmd, env=sandbox_env))  # noqa: S603
         children.append(subprocess.Popen([*me, "serve", "--port", str(port)], env=child_env))  # noqa: S603
         children.append(subprocess.Popen([*me, "worker"], env=child_env))  # noqa: S603
         _wait_http(f"{sandbox_base}/_sandbox/health")
         _wait_http(f"http://127.0.0.1:{port}/readyz")
-        store = httpx.post(
-            f"{sandbox_base}/_sandbox/stores", json={"merchant": DEMO_MERCHANT}
-        ).json()
+        store = _demo_store(sandbox_base)
         authorize: dict[str, Any] = {
             "event": "app.store.authorize",
             "merchant": DEMO_MERCHANT,
@@ -926,12 +1001,11 @@ def run(port: int, sandbox_port: int) -> None:
                 "access_token": store["access_token"],
                 "refresh_token": store["refresh_token"],
                 "expires": store["expires"],
-                "scope": "customers.read_write offline_access",
+                "scope": store["scope"],
                 "token_type": "bearer",
             },
         }
         body = json.dumps(authorize).encode()
-        webhook_url = f"http://127.0.0.1:{port}/webhooks/salla"
         httpx.post(
             webhook_url, content=body, headers=signed_headers(body, env_secret)
         ).raise_for_status()
@@ -952,6 +1026,20 @@ def run(port: int, sandbox_port: int) -> None:
             except subprocess.TimeoutExpired:
                 child.kill()
         redis.stop()
+
+
+def _demo_store(sandbox_base: str) -> dict[str, Any]:
+    """The demo store's tokens: the ones the sandbox kept from an earlier `run` (the service
+    kept the same ones in its Redis), or a new install. Re-installing would replace the tokens
+    the service holds and forget the store's orders and balances."""
+    kept = httpx.get(f"{sandbox_base}/_sandbox/stores/{DEMO_MERCHANT}")
+    if kept.status_code == 200:
+        store: dict[str, Any] = kept.json()
+        return store
+    created: dict[str, Any] = httpx.post(
+        f"{sandbox_base}/_sandbox/stores", json={"merchant": DEMO_MERCHANT}
+    ).json()
+    return created
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:

@@ -100,7 +100,9 @@ class Cluster:
         self.sent_events += 1
 
     def install(self, rate_limit: int = 1000) -> None:
-        store = self.box.add_store(MERCHANT, rate_limit=rate_limit, rate_window_s=60)
+        # The plan bucket (every Admin API call) as large: the suite sizes the customers bucket.
+        store = self.box.add_store(MERCHANT, rate_limit=rate_limit, rate_window_s=60,
+                                   plan_rate_limit=rate_limit, plan_rate_window_s=60)  # fmt: skip
         doc = fixture_json("app.store.authorize.json")
         doc["merchant"] = MERCHANT
         doc["data"].update(access_token=store.access_token, refresh_token=store.refresh_token,

@@ -1,5 +1,5 @@
-"""A Salla-compatible local Admin API for `run`, tests and benchmarks."""
+"""A Salla-compatible local Admin API and store for `run`, tests and benchmarks."""
 
-from service.sandbox.app import create_sandbox_app
+from service.sandbox.app import Sandbox, create_sandbox_app
 
-__all__ = ["create_sandbox_app"]
+__all__ = ["Sandbox", "create_sandbox_app"]

@@ -1,434 +1,377 @@
-"""The sandbox: behaves like Salla's Admin API for the calls this service makes.
+"""The sandbox: a small Salla store for this service, over real HTTP.
 
-Salla-shaped endpoints:
-    POST /customers/loyalty/points     validated against loyalty-points.openapi.yaml
-    GET  /customers/loyalty/points     ?customer_id=&page= : points history, newest first
-    POST /oauth2/token                 refresh_token grant; refresh tokens are single-use
+It answers the Admin API calls the service makes (the loyalty endpoints, the token endpoint,
+the orders endpoints: `loyalty.py`, `orders_api.py`), keeps orders and sends their webhooks to
+the service as a store does (`webhooks_out.py`), and is driven by control routes under
+`/_sandbox/` (`control.py`). docs/sandbox.md describes every route and switch.
 
-Control endpoints (tests, `run`, benchmarks):
-    POST /_sandbox/stores              {merchant, access_token?, refresh_token?, rate_limit?,
-                                        rate_window_s?, access_ttl_s?} → the store's tokens
-    GET  /_sandbox/stores/{merchant}   balances, histories, received calls, counters
-    POST /_sandbox/stores/{merchant}/expire     expire the current access token
-    POST /_sandbox/faults              {merchant?, statuses: [503, 429, ...], latency_s,
-                                        drop_after_apply: n, drop_before_apply: n,
-                                        invalid_customers: [ids]}
-    POST /_sandbox/reset               forget everything
-    GET  /_sandbox/health              200 once the sandbox is serving
-
-Every answer carries `X-RateLimit-Limit/Remaining/Reset`; over the per-store leaky bucket the
-answer is 429 with `Retry-After`, as Salla does.
+Threads: the HTTP app runs on its server's event loop, and tests call `Sandbox` methods from
+other threads. State changes happen under `Sandbox.lock`; webhooks are always sent from the
+server's loop. `change_order`, `delete_order` and `release_webhooks` hand the sending to that
+loop and wait for it (call them from any thread but the server's own; in a coroutine, await
+the `_async` variants instead). With a webhook URL set, orders can only change while the
+sandbox is being served.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
+import contextlib
 import secrets
+import threading
 import time
-from dataclasses import dataclass, field
-from importlib import resources
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import jsonschema
-import yaml
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
-SUCCESS_MESSAGE = "تم تحديث نقاط الولاء للعملاء بنجاح"
+from service.sandbox import control, loyalty, order_changes, orders, orders_api, state
+from service.sandbox.buckets import Bucket
+from service.sandbox.loyalty import request_schema
+from service.sandbox.order_changes import Prepared
+from service.sandbox.state import DEFAULT_SCOPE, Faults, Store
+from service.sandbox.webhooks_out import Outbox, ReleaseOrder
 
-
-def request_schema() -> dict[str, Any]:
-    """The request body schema of `POST /customers/loyalty/points`, from the spec file."""
-    text = (
-        resources.files("service.sandbox")
-        .joinpath("loyalty-points.openapi.yaml")
-        .read_text("utf-8")
-    )
-    spec = yaml.safe_load(text)
-    schema: dict[str, Any] = spec["components"]["schemas"]["add_loyalty_points_request"]
-    return {k: v for k, v in schema.items() if not k.startswith("x-")}
+__all__ = ["DEFAULT_SCOPE", "Faults", "Sandbox", "Store", "create_sandbox_app", "request_schema"]
 
 
-@dataclass
-class Bucket:
-    """Salla's leaky bucket: `limit` requests per `window_s`, leaking continuously."""
-
-    limit: int
-    window_s: float
-    level: float = 0.0
-    updated: float = field(default_factory=time.monotonic)
-
-    @property
-    def leak_per_s(self) -> float:
-        return self.limit / self.window_s
-
-    def take(self) -> tuple[bool, float]:
-        now = time.monotonic()
-        self.level = max(0.0, self.level - (now - self.updated) * self.leak_per_s)
-        self.updated = now
-        if self.level + 1 > self.limit:
-            return False, (self.level + 1 - self.limit) / self.leak_per_s
-        self.level += 1
-        return True, 0.0
-
-    def headers(self) -> dict[str, str]:
-        remaining = max(0, math.floor(self.limit - self.level))
-        reset = int(time.time() + self.level / self.leak_per_s)
-        return {
-            "X-RateLimit-Limit": str(self.limit),
-            "X-RateLimit-Remaining": str(remaining),
-            "X-RateLimit-Reset": str(reset),
-        }
+#: What `update_store` (and `PATCH /_sandbox/stores/{merchant}`) can change.
+STORE_OPTIONS = frozenset(
+    {
+        "scope",
+        "rate_limit",
+        "rate_window_s",
+        "plan_rate_limit",
+        "plan_rate_window_s",
+        "order_cancelled_event",
+    }
+)
+#: What `add_store` (and `POST /_sandbox/stores`) accepts beside the merchant.
+INSTALL_OPTIONS = STORE_OPTIONS | {"access_token", "refresh_token", "access_ttl_s", "customers"}
 
 
-@dataclass
-class Faults:
-    statuses: list[int] = field(default_factory=list)
-    latency_s: float = 0.0
-    drop_after_apply: int = 0
-    drop_before_apply: int = 0
-    invalid_customers: set[int] = field(default_factory=set)
-
-
-@dataclass
-class Store:
-    merchant: int
-    access_token: str
-    refresh_token: str
-    access_expires_at: float
-    bucket: Bucket
-    faults: Faults = field(default_factory=Faults)
-    balances: dict[int, int] = field(default_factory=dict)
-    history: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
-    calls: list[dict[str, Any]] = field(default_factory=list)
-    counters: dict[str, int] = field(default_factory=dict)
-    used_refresh_tokens: set[str] = field(default_factory=set)
-    #: The store's customers, for `select_all` (those with points are always included).
-    known_customers: set[int] = field(default_factory=set)
-
-    def count(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
+class SandboxNotServing(RuntimeError):
+    """A webhook must be sent, and the sandbox has no server loop to send it from."""
 
 
 class Sandbox:
     """All sandbox state; one per app. Inspectable by tests in-process or over HTTP."""
 
-    def __init__(self, rate_limit: int = 500, rate_window_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        rate_limit: int = 500,
+        rate_window_s: float = 600.0,
+        *,
+        plan_rate_limit: int = 120,
+        plan_rate_window_s: float = 60.0,
+        webhook_url: str | None = None,
+        webhook_secret: str = "",
+        webhook_resends: int = 0,
+        webhook_resend_delay_s: float = 300.0,
+        webhook_timeout_s: float = 30.0,
+        state_file: Path | str | None = None,
+        save_delay_s: float = 0.2,
+    ) -> None:
+        if webhook_url and not webhook_secret:
+            raise ValueError("a webhook URL needs a webhook secret to sign with")
         self.rate_limit = rate_limit
         self.rate_window_s = rate_window_s
-        self.stores: dict[int, Store] = {}
+        self.plan_rate_limit = plan_rate_limit
+        self.plan_rate_window_s = plan_rate_window_s
+        self.state_file = Path(state_file) if state_file is not None else None
+        self.save_delay_s = save_delay_s
+        self.lock = threading.RLock()
+        self.stores, self.counters = (
+            state.load(self.state_file) if self.state_file else ({}, state.Counters())
+        )
         self.validator = jsonschema.Draft202012Validator(request_schema())
         reset_schema = request_schema()
         reset_schema["required"] = [r for r in reset_schema["required"] if r != "points"]
         self.reset_validator = jsonschema.Draft202012Validator(reset_schema)
-        self.entry_seq = 1000
+        self.outbox = Outbox(
+            webhook_url or None,
+            webhook_secret,
+            resends=webhook_resends,
+            resend_delay_s=webhook_resend_delay_s,
+            timeout_s=webhook_timeout_s,
+            sandbox_outage=lambda: self.counters.outage,
+            changed=self.changed,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._save_handle: asyncio.TimerHandle | None = None
+
+    def send_webhooks_to(self, url: str | None, secret: str = "") -> None:
+        """Point the store's webhooks at `url`, signed with `secret` (None: send none). For a
+        sandbox made before the service it talks to, as the tests' fixtures are."""
+        if url and not secret:
+            raise ValueError("a webhook URL needs a webhook secret to sign with")
+        self.outbox.url, self.outbox.secret = url or None, secret
+
+    # -- lifecycle and persistence ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Called by the app's lifespan: webhooks are sent from this loop from now on."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        await self.outbox.start()
+
+    async def stop(self) -> None:
+        """Called by the app's lifespan: ends delayed sends, closes the client, saves."""
+        await self.outbox.close()
+        if self._save_handle is not None:
+            self._save_handle.cancel()
+            self._save_handle = None
+        self._loop = self._loop_thread = None
+        self.save()
+
+    def changed(self) -> None:
+        """Something worth keeping changed: save soon (served) or now (not served)."""
+        if self.state_file is None:
+            return
+        loop = self._loop
+        if loop is None:
+            self.save()
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: stop() saves
+            loop.call_soon_threadsafe(self._arm_save)
+
+    def _arm_save(self) -> None:
+        if self._save_handle is None and self._loop is not None:
+            self._save_handle = self._loop.call_later(self.save_delay_s, self._save_now)
+
+    def _save_now(self) -> None:
+        self._save_handle = None
+        self.save()
+
+    def save(self) -> None:
+        """Write the state file now (nothing without one)."""
+        if self.state_file is None:
+            return
+        with self.lock:
+            content = state.dump(self.stores, self.counters)
+        state.write(self.state_file, content)
+
+    # -- stores -------------------------------------------------------------------------------
+
+    @property
+    def entry_seq(self) -> int:
+        return self.counters.entry_seq
 
     def add_store(self, merchant: int, /, **options: Any) -> Store:
+        """Install (or re-install, forgetting the old one) a store; returns it with its tokens.
+
+        Options: access_token, refresh_token, access_ttl_s, scope, rate_limit, rate_window_s,
+        plan_rate_limit, plan_rate_window_s, customers (ids), order_cancelled_event."""
+        _check_options(options, INSTALL_OPTIONS)
         store = Store(
             merchant=merchant,
             access_token=options.get("access_token") or secrets.token_urlsafe(24),
             refresh_token=options.get("refresh_token") or secrets.token_urlsafe(24),
             access_expires_at=time.time() + float(options.get("access_ttl_s", 14 * 86400)),
-            bucket=Bucket(
-                int(options.get("rate_limit", self.rate_limit)),
-                float(options.get("rate_window_s", self.rate_window_s)),
-            ),
+            bucket=Bucket(self.rate_limit, self.rate_window_s),
+            plan_bucket=Bucket(self.plan_rate_limit, self.plan_rate_window_s),
         )
         store.known_customers = {int(c) for c in options.get("customers", [])}
-        self.stores[merchant] = store
+        self._configure(store, options)
+        with self.lock:
+            self.stores[merchant] = store
+        self.changed()
         return store
 
+    def update_store(self, merchant: int, /, **options: Any) -> Store:
+        """Change a store's scope, buckets or `order_cancelled_event`, keeping everything else."""
+        _check_options(options, STORE_OPTIONS)
+        with self.lock:
+            store = self.store(merchant)
+            self._configure(store, options)
+        self.changed()
+        return store
+
+    @staticmethod
+    def _configure(store: Store, options: Mapping[str, Any]) -> None:
+        scope = options.get("scope")
+        if scope is not None:
+            if not isinstance(scope, str):
+                raise ValueError("'scope' must be a space-separated string")
+            store.scope = " ".join(scope.split())
+        if "rate_limit" in options or "rate_window_s" in options:
+            store.bucket = Bucket(
+                int(options.get("rate_limit", store.bucket.limit)),
+                float(options.get("rate_window_s", store.bucket.window_s)),
+            )
+        if "plan_rate_limit" in options or "plan_rate_window_s" in options:
+            store.plan_bucket = Bucket(
+                int(options.get("plan_rate_limit", store.plan_bucket.limit)),
+                float(options.get("plan_rate_window_s", store.plan_bucket.window_s)),
+            )
+        for bucket in (store.bucket, store.plan_bucket):
+            if bucket.limit < 1 or bucket.window_s <= 0:
+                raise ValueError("rate limits must be at least 1 per a positive window")
+        if "order_cancelled_event" in options:
+            store.order_cancelled_event = bool(options["order_cancelled_event"])
+
+    def store(self, merchant: int) -> Store:
+        """The store, or `LookupError`."""
+        found = self.stores.get(merchant)
+        if found is None:
+            raise LookupError(f"no such store: {merchant}")
+        return found
+
     def by_access_token(self, token: str) -> Store | None:
-        for store in self.stores.values():
+        for store in list(self.stores.values()):
             if token and secrets.compare_digest(store.access_token, token):
                 return store
         return None
 
     def apply(self, store: Store, body: dict[str, Any]) -> None:
-        sign = 1 if body["type"] == "plus" else -1
-        reset = body.get("reset_points") is True
-        points = 0 if reset else int(body["points"])
-        targets = body["customers"]
-        if body.get("select_all"):
-            targets = sorted(store.known_customers | set(store.balances))
-        for raw_id in targets:
-            customer = int(raw_id)
-            self.entry_seq += 1
-            if reset:
-                points = store.balances.get(customer, 0)
-                sign = -1
-            store.balances[customer] = store.balances.get(customer, 0) + sign * points
-            store.history.setdefault(customer, []).insert(
-                0,
-                {
-                    "id": self.entry_seq,
-                    "points": sign * points,
-                    "used_points": 0,
-                    "type": body["type"],
-                    "status": "active",
-                    "notes": body["reason"],
-                    "order_id": None,
-                    "reference_id": None,
-                    "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                },
-            )
+        """Apply an accepted `POST /customers/loyalty/points` body."""
+        with self.lock:
+            loyalty.apply(store, self.counters, body)
+        self.changed()
 
+    # -- orders -------------------------------------------------------------------------------
 
-def _error(
-    status: int,
-    code: str,
-    message: str,
-    headers: dict[str, str] | None = None,
-    fields: dict[str, list[str]] | None = None,
-) -> JSONResponse:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if fields is not None:
-        error["fields"] = fields
-    return JSONResponse({"status": status, "success": False, "error": error}, status, headers)
+    def order(self, merchant: int, order_id: int, *, light: bool = False) -> dict[str, Any] | None:
+        """The order as `GET /orders/{id}` shows it, or None."""
+        with self.lock:
+            found = self.store(merchant).orders.get(order_id)
+            return None if found is None else orders.render(found, light=light)
 
+    def change_order(
+        self, merchant: int, order_id: int | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        """Create or change an order and send its webhooks; waits for the ones sent now.
 
-class _Dropped(Response):
-    """Starts the answer, then breaks the connection: the client never learns the outcome."""
+        `fields` as the body of `POST /_sandbox/orders`: status, total, customer_id,
+        reference_id, payment_method, note, date (new orders), webhook (the switches).
+        Returns `{"order": ..., "webhooks": [log entries]}`; `ValueError` for bad input,
+        `LookupError` for an unknown store."""
+        return self._call(lambda: self._locked(order_changes.change, merchant, order_id, fields))
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 201,
-                "headers": [(b"content-length", b"1000"), (b"content-type", b"application/json")],
-            }
+    async def change_order_async(
+        self, merchant: int, order_id: int | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        return await self._acall(
+            lambda: self._locked(order_changes.change, merchant, order_id, fields)
         )
-        await send({"type": "http.response.body", "body": b'{"status":', "more_body": True})
-        raise ConnectionAbortedError("sandbox fault: connection dropped after applying")
+
+    def delete_order(
+        self, merchant: int, order_id: int, webhook: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Forget the order (Order Details answers 404 from now on) and send `order.deleted`."""
+        return self._call(lambda: self._locked(order_changes.delete, merchant, order_id, webhook))
+
+    async def delete_order_async(
+        self, merchant: int, order_id: int, webhook: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return await self._acall(
+            lambda: self._locked(order_changes.delete, merchant, order_id, webhook)
+        )
+
+    def _locked(
+        self, step: Callable[..., Prepared], merchant: int, order_id: int | None, arg: Any
+    ) -> Prepared:
+        with self.lock:
+            prepared = step(self.store(merchant), self.counters, self.outbox, order_id, arg)
+        self.changed()
+        return prepared
+
+    # -- webhook switches ---------------------------------------------------------------------
+
+    def release_webhooks(
+        self, merchant: int | None = None, order: ReleaseOrder = "as_is", seed: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Send the held webhooks (of one store, or all) in `order`; waits for them."""
+        loop = self._server_loop()
+        work = self.outbox.release(self._take_held(merchant), order, seed)
+        return [dict(e) for e in asyncio.run_coroutine_threadsafe(work, loop).result()]
+
+    async def release_webhooks_async(
+        self, merchant: int | None = None, order: ReleaseOrder = "as_is", seed: int | None = None
+    ) -> list[dict[str, Any]]:
+        loop = self._server_loop(on_loop=True)
+        held = self._take_held(merchant)
+        if loop is asyncio.get_running_loop():
+            released = await self.outbox.release(held, order, seed)
+        else:
+            work = asyncio.run_coroutine_threadsafe(self.outbox.release(held, order, seed), loop)
+            released = await asyncio.wrap_future(work)
+        return [dict(e) for e in released]
+
+    def _take_held(self, merchant: int | None) -> list[tuple[Store, state.Held]]:
+        with self.lock:
+            stores = [self.store(merchant)] if merchant is not None else list(self.stores.values())
+            held = [(store, item) for store in stores for item in store.held]
+            for store in stores:
+                store.held = []
+        self.changed()
+        return held
+
+    def set_outage(self, on: bool, merchant: int | None = None) -> None:
+        """While on, every delivery attempt (of one store, or of all) fails as unreachable."""
+        with self.lock:
+            if merchant is None:
+                self.counters.outage = on
+            else:
+                self.store(merchant).outage = on
+        self.changed()
+
+    # -- sending from the right loop ----------------------------------------------------------
+
+    def _server_loop(self, *, on_loop: bool = False) -> asyncio.AbstractEventLoop:
+        """The loop webhooks are sent from; refuses a blocking call from that loop's thread."""
+        loop = self._loop
+        if loop is None:
+            raise SandboxNotServing(
+                "the sandbox sends webhooks from its server's event loop; serve it first "
+                "(create_sandbox_app + a server)"
+            )
+        if not on_loop and threading.get_ident() == self._loop_thread:
+            raise RuntimeError("on the sandbox's own loop, await the *_async method instead")
+        return loop
+
+    def _call(self, prepare: Callable[[], Prepared]) -> dict[str, Any]:
+        loop = self._server_loop() if self.outbox.url else None
+        prepared = prepare()
+        if prepared.to_send and loop is not None:
+            asyncio.run_coroutine_threadsafe(self.outbox.send(prepared.to_send), loop).result()
+        return prepared.result()
+
+    async def _acall(self, prepare: Callable[[], Prepared]) -> dict[str, Any]:
+        loop = self._server_loop(on_loop=True) if self.outbox.url else None
+        prepared = prepare()
+        if prepared.to_send and loop is not None:
+            if loop is asyncio.get_running_loop():
+                await self.outbox.send(prepared.to_send)
+            else:
+                work = asyncio.run_coroutine_threadsafe(self.outbox.send(prepared.to_send), loop)
+                await asyncio.wrap_future(work)
+        return prepared.result()
 
 
-def _bearer(request: Request) -> str:
-    value = request.headers.get("authorization", "")
-    return value[7:].strip() if value[:7].lower() == "bearer " else ""
+def _check_options(options: Mapping[str, Any], known: frozenset[str]) -> None:
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {sorted(known)}")
 
 
 def create_sandbox_app(sandbox: Sandbox | None = None) -> Starlette:
     box = sandbox or Sandbox()
 
-    async def authorized(request: Request) -> tuple[Store | None, Response | None]:
-        store = box.by_access_token(_bearer(request))
-        if store is None:
-            return None, _error(401, "Unauthorized", "The access token is invalid")
-        if time.time() >= store.access_expires_at:
-            store.count("expired_token")
-            return None, _error(401, "Unauthorized", "The access token has expired")
-        allowed, retry_after = store.bucket.take()
-        if not allowed:
-            store.count("rate_limited")
-            headers = {**store.bucket.headers(), "Retry-After": str(math.ceil(retry_after))}
-            return None, _error(429, "TooManyRequests", "Too many requests", headers)
-        if store.faults.latency_s:
-            await asyncio.sleep(store.faults.latency_s)
-        if store.faults.statuses:
-            status = store.faults.statuses.pop(0)
-            store.count(f"fault_{status}")
-            headers = store.bucket.headers()
-            if status == 429:
-                headers["Retry-After"] = "1"
-            return None, _error(status, "error", f"sandbox fault {status}", headers)
-        return store, None
-
-    async def add_points(request: Request) -> Response:
-        store, refusal = await authorized(request)
-        if refusal is not None or store is None:
-            return refusal or _error(401, "Unauthorized", "unauthorized")
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await box.start()
         try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "error", "body is not JSON", store.bucket.headers())
-        validator = box.validator
-        if isinstance(body, dict) and body.get("reset_points") is True:
-            validator = box.reset_validator  # the spec: points "required unless" resetting
-        errors = sorted(validator.iter_errors(body), key=lambda e: list(e.path))
-        if errors:
-            fields: dict[str, list[str]] = {}
-            for err in errors:
-                name = (
-                    str(err.path[0])
-                    if err.path
-                    else (err.message.split("'")[1] if "'" in err.message else "body")
-                )
-                fields.setdefault(name, []).append(err.message)
-            store.count("invalid_body")
-            return _error(422, "error", "alert.invalid_fields", store.bucket.headers(), fields)
-        invalid = [c for c in body["customers"] if int(c) in store.faults.invalid_customers]
-        if invalid:
-            store.count("invalid_customers")
-            return _error(
-                422,
-                "error",
-                "alert.invalid_fields",
-                store.bucket.headers(),
-                {"customers": [f"حقل customers غير صالح: {c}" for c in invalid]},
-            )
-        if store.faults.drop_before_apply > 0:
-            store.faults.drop_before_apply -= 1
-            store.count("dropped_before_apply")
-            return _Dropped()
-        box.apply(store, body)
-        store.calls.append(body)
-        store.count("applied")
-        if store.faults.drop_after_apply > 0:
-            store.faults.drop_after_apply -= 1
-            store.count("dropped_after_apply")
-            return _Dropped()
-        return JSONResponse(
-            {"status": 201, "success": True, "data": {"code": 201, "message": SUCCESS_MESSAGE}},
-            201,
-            store.bucket.headers(),
-        )
-
-    async def points_history(request: Request) -> Response:
-        store, refusal = await authorized(request)
-        if refusal is not None or store is None:
-            return refusal or _error(401, "Unauthorized", "unauthorized")
-        raw_id = request.query_params.get("customer_id", "")
-        if not raw_id.isdigit():
-            return _error(
-                422,
-                "error",
-                "alert.invalid_fields",
-                store.bucket.headers(),
-                {"customer_id": ["customer_id is required"]},
-            )
-        entries = store.history.get(int(raw_id), [])
-        page = max(1, int(request.query_params.get("page", "1") or 1))
-        per_page = 15
-        chunk = entries[(page - 1) * per_page : page * per_page]
-        total_pages = max(1, math.ceil(len(entries) / per_page))
-        return JSONResponse(
-            {
-                "status": 200,
-                "success": True,
-                "data": chunk,
-                "pagination": {
-                    "count": len(chunk),
-                    "total": len(entries),
-                    "perPage": per_page,
-                    "currentPage": page,
-                    "totalPages": total_pages,
-                    "links": {},
-                },
-            },
-            200,
-            store.bucket.headers(),
-        )
-
-    async def oauth_token(request: Request) -> Response:
-        # Salla's token endpoint takes application/x-www-form-urlencoded.
-        form = {
-            k: v[0] for k, v in parse_qs((await request.body()).decode("utf-8", "replace")).items()
-        }
-        if form.get("grant_type") != "refresh_token":
-            return JSONResponse({"error": "unsupported_grant_type"}, 400)
-        presented = str(form.get("refresh_token", ""))
-        for store in box.stores.values():
-            if presented and secrets.compare_digest(presented, store.refresh_token):
-                store.used_refresh_tokens.add(presented)
-                store.access_token = secrets.token_urlsafe(24)
-                store.refresh_token = secrets.token_urlsafe(24)
-                store.access_expires_at = time.time() + 14 * 86400
-                store.count("refreshed")
-                return JSONResponse(
-                    {
-                        "access_token": store.access_token,
-                        "token_type": "bearer",
-                        "expires_in": 14 * 86400,
-                        "refresh_token": store.refresh_token,
-                        "scope": "customers.read_write offline_access",
-                    }
-                )
-            if presented in store.used_refresh_tokens:
-                # Salla revokes both tokens when a refresh token is used twice.
-                store.access_token = secrets.token_urlsafe(24) + "-revoked"
-                store.refresh_token = secrets.token_urlsafe(24) + "-revoked"
-                store.count("refresh_reuse")
-                return JSONResponse(
-                    {"error": "invalid_grant", "error_description": "refresh token already used"},
-                    400,
-                )
-        return JSONResponse(
-            {"error": "invalid_grant", "error_description": "unknown refresh token"}, 400
-        )
-
-    async def control_add_store(request: Request) -> Response:
-        doc = await request.json()
-        store = box.add_store(int(doc["merchant"]), **doc)
-        return JSONResponse(
-            {
-                "merchant": store.merchant,
-                "access_token": store.access_token,
-                "refresh_token": store.refresh_token,
-                "expires": int(store.access_expires_at),
-            },
-            201,
-        )
-
-    async def control_store(request: Request) -> Response:
-        store = box.stores.get(int(request.path_params["merchant"]))
-        if store is None:
-            return JSONResponse({"error": "no such store"}, 404)
-        return JSONResponse(
-            {
-                "merchant": store.merchant,
-                "balances": {str(k): v for k, v in store.balances.items()},
-                "history": {str(k): v for k, v in store.history.items()},
-                "calls": store.calls,
-                "counters": store.counters,
-            }
-        )
-
-    async def control_expire(request: Request) -> Response:
-        store = box.stores.get(int(request.path_params["merchant"]))
-        if store is None:
-            return JSONResponse({"error": "no such store"}, 404)
-        store.access_expires_at = 0
-        return JSONResponse({"expired": True})
-
-    async def control_faults(request: Request) -> Response:
-        doc = await request.json()
-        targets = (
-            [box.stores[int(doc["merchant"])]] if doc.get("merchant") else list(box.stores.values())
-        )
-        for store in targets:
-            store.faults = Faults(
-                statuses=[int(s) for s in doc.get("statuses", [])],
-                latency_s=float(doc.get("latency_s", 0)),
-                drop_after_apply=int(doc.get("drop_after_apply", 0)),
-                drop_before_apply=int(doc.get("drop_before_apply", 0)),
-                invalid_customers={int(c) for c in doc.get("invalid_customers", [])},
-            )
-        return JSONResponse({"stores": [s.merchant for s in targets]})
-
-    async def control_health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "stores": len(box.stores)})
-
-    async def control_reset(request: Request) -> Response:
-        box.stores.clear()
-        return JSONResponse({"reset": True})
+            yield
+        finally:
+            await box.stop()
 
     app = Starlette(
-        routes=[
-            Route("/customers/loyalty/points", add_points, methods=["POST"]),
-            Route("/customers/loyalty/points", points_history, methods=["GET"]),
-            Route("/oauth2/token", oauth_token, methods=["POST"]),
-            Route("/_sandbox/stores", control_add_store, methods=["POST"]),
-            Route("/_sandbox/stores/{merchant:int}", control_store, methods=["GET"]),
-            Route("/_sandbox/stores/{merchant:int}/expire", control_expire, methods=["POST"]),
-            Route("/_sandbox/faults", control_faults, methods=["POST"]),
-            Route("/_sandbox/reset", control_reset, methods=["POST"]),
-            Route("/_sandbox/health", control_health, methods=["GET"]),
-        ]
+        routes=[*loyalty.routes(box), *orders_api.routes(box), *control.routes(box)],
+        lifespan=lifespan,
     )
     app.state.sandbox = box
     return app
