@@ -7,128 +7,20 @@ The fast scenarios run in `make test`; `make chaos` runs the randomized ones (ma
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from redis import Redis
 
-from service import inbox
 from service.embedded import EmbeddedRedis
-from service.processing import WEBHOOK_STREAM
 from service.sandbox.app import Sandbox, create_sandbox_app
-from service.webhooks import signed_headers
-from tests.conftest import ROOT_DIR, SECRET, fixture_json
-from tests.support.servers import free_port, serve_in_thread, wait_until
+from tests.support.cluster import MERCHANT, Cluster, settled
+from tests.support.servers import free_port, serve_in_thread
 
 # Real processes on 2 cores: a scenario takes 20-60 s, more under load.
 pytestmark = pytest.mark.timeout(240)
-
-MERCHANT = 555000111
-IN_FLIGHT = ("pending", "claimed", "parked", "unknown")
-
-
-class Cluster:
-    """Redis, the sandbox, one web process and N worker processes, all real."""
-
-    def __init__(self, tmp: Path, sandbox_url: str, box: Sandbox, redis: EmbeddedRedis) -> None:
-        self.tmp, self.sandbox_url, self.box, self.redis_server = tmp, sandbox_url, box, redis
-        self.web_port = free_port()
-        self.workers: list[subprocess.Popen[bytes]] = []
-        self.web: subprocess.Popen[bytes] | None = None
-        self.env = {
-            **os.environ, "REDIS_URL": redis.url, "SALLA_WEBHOOK_SECRET": SECRET,
-            "SALLA_API_BASE": sandbox_url, "SALLA_OAUTH_TOKEN_URL": f"{sandbox_url}/oauth2/token",
-            "LOG_FORMAT": "json", "BATCH_WINDOW_S": "0.1", "SALLA_TIMEOUT_S": "1",
-            "CLAIM_TIMEOUT_S": "2", "RECONCILE_AFTER_S": "0.3", "RETRY_BASE_S": "0.1",
-            "RETRY_CAP_S": "1", "JOB_TIMEOUT_S": "8", "MAX_CUSTOMERS_PER_CALL": "5",
-            "WORKER_METRICS_PORT": "0",
-        }  # fmt: skip
-        self.sent_events = 0
-        self.logs: list[Any] = []
-
-    def log(self, name: str) -> Any:
-        handle = (self.tmp / name).open("ab")
-        self.logs.append(handle)
-        return handle
-
-    def start(self, workers: int) -> None:
-        log = self.log("web.log")
-        self.web = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port",
-                                     str(self.web_port)], cwd=ROOT_DIR, env=self.env,
-                                    stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-        for _ in range(workers):
-            self.add_worker()
-        wait_until(lambda: httpx.get(f"http://127.0.0.1:{self.web_port}/readyz").status_code == 200)
-
-    def add_worker(self) -> None:
-        log = self.log(f"worker{len(self.workers)}.log")
-        self.workers.append(subprocess.Popen([sys.executable, "-m", "service", "worker"],
-                                             cwd=ROOT_DIR, env=self.env, stdout=log,
-                                             stderr=subprocess.STDOUT))  # fmt: skip
-
-    def kill_a_worker(self, rng: random.Random) -> None:
-        """SIGKILL one live worker, and start a replacement (as a supervisor would)."""
-        alive = [w for w in self.workers if w.poll() is None]
-        if alive:
-            rng.choice(alive).send_signal(signal.SIGKILL)
-        self.add_worker()
-
-    def restart_dead_workers(self) -> None:
-        """A worker that exited by itself (e.g. arq's poll lost Redis) is started again once, as
-        a supervisor would (SIGKILLed ones were already replaced by `kill_a_worker`)."""
-        dead = [w for w in self.workers if w.poll() is not None and w.returncode != -signal.SIGKILL]
-        for worker in dead:
-            self.workers.remove(worker)
-            self.add_worker()
-
-    def post(self, doc: dict[str, Any]) -> None:
-        body = json.dumps(doc, ensure_ascii=False).encode()
-        answer = httpx.post(f"http://127.0.0.1:{self.web_port}/webhooks/salla", content=body,
-                            headers=signed_headers(body, SECRET), timeout=10)  # fmt: skip
-        assert answer.status_code == 200, answer.text
-        self.sent_events += 1
-
-    def install(self, rate_limit: int = 1000) -> None:
-        # The plan bucket (every Admin API call) as large: the suite sizes the customers bucket.
-        store = self.box.add_store(MERCHANT, rate_limit=rate_limit, rate_window_s=60,
-                                   plan_rate_limit=rate_limit, plan_rate_window_s=60)  # fmt: skip
-        doc = fixture_json("app.store.authorize.json")
-        doc["merchant"] = MERCHANT
-        doc["data"].update(access_token=store.access_token, refresh_token=store.refresh_token,
-                           expires=int(store.access_expires_at))  # fmt: skip
-        self.post(doc)
-
-    def order(self, order_id: int, customer: int, total: int, status: str) -> None:
-        self.post({
-            "event": "order.cancelled" if status == "canceled" else "order.updated",
-            "merchant": MERCHANT, "created_at": dt.datetime.now(dt.UTC).isoformat(),
-            "data": {"id": order_id, "reference_id": order_id, "status": {"slug": status},
-                     "amounts": {"total": {"amount": total}}, "customer": {"id": customer}},
-        })  # fmt: skip
-
-    def stop(self) -> None:
-        for proc in [*self.workers, self.web]:
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-        for proc in [*self.workers, self.web]:
-            if proc is not None:
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        for handle in self.logs:
-            handle.close()
 
 
 @pytest.fixture
@@ -143,49 +35,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         finally:
             group.stop()
             redis.stop()
-
-
-def _inbox_backlog(client: Redis) -> int:
-    pending, unread, _ = client.eval(inbox.BACKLOG_SCRIPT, 1, WEBHOOK_STREAM, inbox.GROUP, "1000")
-    return int(pending) + int(unread)
-
-
-def settled(cluster: Cluster, timeout_s: float = 90) -> dict[str, Any]:
-    """Wait until no grant is in flight; return the ledger's view per customer."""
-    client = Redis.from_url(cluster.redis_server.url, decode_responses=True)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            cluster.restart_dead_workers()
-            accepted = sum(1 for _ in client.scan_iter("sr:seen:*"))
-            unprocessed = _inbox_backlog(client)
-            busy = sum(client.zcard(f"sr:{kind}:{MERCHANT}") for kind in IN_FLIGHT)
-            queued = client.zcard("arq:queue")
-            if accepted >= cluster.sent_events and unprocessed == 0 and busy == 0 and queued <= 4:
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not settled: accepted {accepted}/{cluster.sent_events}, "
-                                     f"unprocessed {unprocessed}, in flight {busy}, "
-                                     f"queued {queued}")  # fmt: skip
-            time.sleep(0.2)
-        sent: dict[int, int] = {}
-        states: dict[str, int] = {}
-        for key in client.scan_iter("sr:grant:*"):
-            grant = client.hgetall(key)
-            states[grant["state"]] = states.get(grant["state"], 0) + 1
-            if grant["state"] == "sent":
-                sign = 1 if grant["type"] == "plus" else -1
-                customer = int(grant["customer"])
-                sent[customer] = sent.get(customer, 0) + sign * int(grant["points"])
-        granted: dict[int, int] = {}
-        for key in client.scan_iter(f"sr:led:{MERCHANT}:order:*"):
-            for name, value in client.hgetall(key).items():
-                if name.startswith("r:"):
-                    for customer, points in json.loads(value)["granted"].items():
-                        granted[int(customer)] = granted.get(int(customer), 0) + points
-        return {"sent": sent, "granted": granted, "states": states}
-    finally:
-        client.close()
 
 
 def assert_books_balance(cluster: Cluster, view: dict[str, Any], deserved: dict[int, int]) -> None:
