@@ -9,7 +9,9 @@ Timing lives here, never in pass/fail tests. Current figures:
 * worker (benchmarks/worker.py): events/s of one worker process from persisted webhook to
   queued grant, its CPU per event and peak RSS, and Redis bytes per webhook kept for replay;
 * delivery (benchmarks/delivery.py): calls against the lower bound, throughput under a backlog,
-  webhook-to-credited latency, fairness between stores.
+  webhook-to-credited latency, fairness between stores;
+* orders (benchmarks/orders.py): orders taken to Salla's orders API per 1,000 orders (clean and
+  tangled traffic), reconciliation's list and details calls against their targets.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from redis.asyncio import Redis
 
 from benchmarks.delivery import bench_delivery
 from benchmarks.ingest import bench_ingest
+from benchmarks.orders import bench_orders
 from benchmarks.worker import bench_worker
 from service import ledger
 from service.embedded import EmbeddedRedis
@@ -123,6 +126,7 @@ async def main() -> None:
         results["ingest"] = await bench_ingest(redis.url)
         results["worker"] = await bench_worker(redis.url)
         results["delivery"] = await bench_delivery(redis.url)
+        results["orders"] = await bench_orders(redis.url)
     out = ROOT / "var" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2))
