@@ -36,7 +36,7 @@ test: install
 	$(BIN)/mypy
 
 chaos: install
-	$(BIN)/pytest -m chaos --timeout 600 tests/test_faults.py
+	$(BIN)/pytest -m chaos --timeout 600 tests/test_faults.py tests/test_order_truth.py
 
 lint: install
 	$(BIN)/ruff check service tests benchmarks

@@ -37,6 +37,9 @@ Keys (all under the `sr:` prefix):
     gidx:{m}:customer:{c}      zset  grant ids of a customer by creation time (admin views)
     grant-log                  zset  every grant id by creation time (export); trimmed with
                                      the grant records, after SETTLED_GRANT_TTL_S
+Elsewhere: rl:{m} and rl-plan:{m} (the customers and plan buckets, delivery/ratelimit.py),
+orders-rec:{m} (a reconciliation's place) and orders-rec-slot:{m} (its period), store:{m}
+(tokens, install time, `order_truth_unavailable`: tokens.py).
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ class Cluster:
                                     stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         for _ in range(workers):
             self.add_worker()
-        wait_until(lambda: httpx.get(f"http://127.0.0.1:{self.web_port}/readyz").status_code == 200)
+        ready = f"http://127.0.0.1:{self.web_port}/readyz"
+        wait_until(lambda: httpx.get(ready).status_code == 200, timeout_s=90)  # a loaded CI box
 
     def add_worker(self) -> None:
         log = self.log(f"worker{len(self.workers)}.log")
