@@ -257,6 +257,7 @@ class OrderRead:
     facts: OrderFacts
     version: str
     linked: frozenset[str]
+    raw: Mapping[str, str]
 
 
 async def read_order(redis: Redis, merchant: int, order_id: int) -> OrderRead:
@@ -265,7 +266,7 @@ async def read_order(redis: Redis, merchant: int, order_id: int) -> OrderRead:
         pipe.execute("HGETALL", entry_key(merchant, f"order:{order_id}")),
         pipe.execute("SMEMBERS", order_index_key(merchant, order_id)),
     )
-    return OrderRead(OrderFacts.from_fields(raw), raw.get("v", ""), frozenset(linked))
+    return OrderRead(OrderFacts.from_fields(raw), raw.get("v", ""), frozenset(linked), raw)
 
 
 async def apply_event(
@@ -320,10 +321,13 @@ async def _apply_once(
         )
     )
     pipe = autopipe.auto(redis)
+    others = [s for s in names if read is None or s != order_scope]  # the order's is read
     raws: list[dict[str, str]] = list(
-        await asyncio.gather(*(pipe.execute("HGETALL", entry_key(merchant, s)) for s in names))
+        await asyncio.gather(*(pipe.execute("HGETALL", entry_key(merchant, s)) for s in others))
     )
-    entries = dict(zip(names, raws, strict=True))
+    entries: dict[str, Mapping[str, str]] = dict(zip(others, raws, strict=True))
+    if read is not None:
+        entries[order_scope] = read.raw
     records = {
         scope: {n[2:]: RuleRecord.decode(v) for n, v in raw.items() if n[:2] == "r:"}
         for scope, raw in entries.items()
@@ -364,8 +368,7 @@ async def _apply_once(
         _report(diffs, merchant, before, settlements)
         return Applied(new_grants, ask_salla=ask)
     writes = _Writes()
-    if read is not None:  # the order's version guards every scope (the judge read its facts)
-        entries[order_scope] = {**entries[order_scope], "v": read.version}
+    # The order's version (as the judge read its facts) guards every scope of the commit.
     for scope in {s for s, _ in moved} | ({order_scope} if order_scope else set()):
         writes.check(entry_key(merchant, scope), "v", entries[scope].get("v"))
         writes.hset(entry_key(merchant, scope), "v", str(int(entries[scope].get("v") or 0) + 1))
