@@ -14,7 +14,7 @@ store's plan bucket only; answers carry that bucket's `X-RateLimit-*` headers.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -108,13 +108,24 @@ def _not_found(headers: dict[str, str]) -> JSONResponse:
     return error(404, "NotFound", "The order was not found", headers)
 
 
+Handler = Callable[[Request, Store, dict[str, str]], Awaitable[Response]]
+
+
 def routes(box: Sandbox) -> list[Route]:
-    async def list_orders(request: Request) -> Response:
-        store = await admit(box, request, customers=False, scope=SCOPE)
-        if isinstance(store, Response):
-            return store
-        store.count("orders_list")
-        headers = store.plan_bucket.headers()
+    def orders_call(counter: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        """Admit the call (token, plan bucket, `orders.read`, faults), count it, and hand the
+        handler the store and the plan bucket's headers."""
+
+        async def endpoint(request: Request) -> Response:
+            store = await admit(box, request, customers=False, scope=SCOPE)
+            if isinstance(store, Response):
+                return store
+            store.count(counter)
+            return await handler(request, store, store.plan_bucket.headers())
+
+        return endpoint
+
+    async def list_orders(request: Request, store: Store, headers: dict[str, str]) -> Response:
         query, problems = parse_list_query(request.query_params.multi_items())
         paging = page_params(request, per_page=LIST_PER_PAGE, max_per_page=LIST_MAX_PER_PAGE)
         if isinstance(paging, dict):
@@ -125,12 +136,7 @@ def routes(box: Sandbox) -> list[Route]:
             items = [orders.list_item(o) for o in select(store.orders.values(), query)]
         return paginated(request, items, *paging, headers)
 
-    async def order_details(request: Request) -> Response:
-        store = await admit(box, request, customers=False, scope=SCOPE)
-        if isinstance(store, Response):
-            return store
-        store.count("orders_get")
-        headers = store.plan_bucket.headers()
+    async def order_details(request: Request, store: Store, headers: dict[str, str]) -> Response:
         light = request.query_params.get("format") == "light"
         with box.lock:
             order = _find(store, request)
@@ -139,12 +145,7 @@ def routes(box: Sandbox) -> list[Route]:
             return _not_found(headers)
         return JSONResponse({"status": 200, "success": True, "data": doc}, 200, headers)
 
-    async def order_histories(request: Request) -> Response:
-        store = await admit(box, request, customers=False, scope=SCOPE)
-        if isinstance(store, Response):
-            return store
-        store.count("orders_histories")
-        headers = store.plan_bucket.headers()
+    async def order_histories(request: Request, store: Store, headers: dict[str, str]) -> Response:
         paging = page_params(request)
         if isinstance(paging, dict):
             return invalid(headers, paging)
@@ -161,7 +162,11 @@ def routes(box: Sandbox) -> list[Route]:
         return paginated(request, entries, *paging, headers)
 
     return [
-        Route("/orders", list_orders, methods=["GET"]),
-        Route("/orders/{order_id}", order_details, methods=["GET"]),
-        Route("/orders/{order_id}/histories", order_histories, methods=["GET"]),
+        Route("/orders", orders_call("orders_list", list_orders), methods=["GET"]),
+        Route("/orders/{order_id}", orders_call("orders_get", order_details), methods=["GET"]),
+        Route(
+            "/orders/{order_id}/histories",
+            orders_call("orders_histories", order_histories),
+            methods=["GET"],
+        ),
     ]
