@@ -98,7 +98,12 @@ async def run_store(
     report = Report(merchant, start.isoformat(), end.isoformat())
     token = await truth.orders_token(deps, merchant)
     if token is None:
-        report.unavailable = "orders cannot be read for this store (see admin store)"
+        record = await redis.hgetall(tokens.store_key(merchant))  # type: ignore[misc]
+        report.unavailable = (
+            f"store {merchant}: {record.get(tokens.ORDER_TRUTH_UNAVAILABLE) or 'no usable token'}"
+            if record
+            else f"store {merchant} is unknown to the service (it never installed the app)"
+        )
         return report
     installed_s = await tokens.installed_at(redis, merchant)
     page = await _resume(deps, merchant, report) if in_job else 1

@@ -253,8 +253,11 @@ async def _refresh(deps: Deps, merchant: int, used: TokenSet) -> TokenSet | None
 
 
 async def mark_unavailable(redis: Redis, merchant: int, why: str) -> None:
-    """Record why Salla cannot be asked about this store's orders; log it the first time."""
+    """Record why Salla cannot be asked about this store's orders; log it the first time.
+    A store the service never heard of gets no record (an operator's typo stays a typo)."""
     key = tokens.store_key(merchant)
+    if not await redis.exists(key):
+        return
     before = await redis.hget(key, UNAVAILABLE_FIELD)  # type: ignore[misc]
     if before == why:
         return
