@@ -187,7 +187,7 @@ class TestRulesCommands:
     def test_check_passes_on_the_examples(self) -> None:
         result = cli("rules", "check")
         assert result.returncode == 0, result.stderr
-        assert result.stdout.startswith("ok: ") and "11 tests" in result.stdout
+        assert result.stdout.startswith("ok: ") and "12 tests" in result.stdout
 
     def test_check_names_file_and_line(self, tmp_path: Path) -> None:
         bad = tmp_path / "bad.yaml"
