@@ -232,6 +232,70 @@ class TestRulesCommands:
         assert "expected grants [('r', 51, 'plus')], got [('r', 50, 'plus')]" in result.stdout
         assert "0 passed, 1 failed" in result.stdout
 
+    def test_a_copied_rule_file_checks_and_its_tests_name_the_missing_event(
+        self, tmp_path: Path
+    ) -> None:
+        """A user copies purchase.yaml as a template: it loads (serving never reads the test
+        events); `rules test` says which event file is missing and where it looked."""
+        (tmp_path / "purchase.yaml").write_bytes((ROOT / "rules/purchase.yaml").read_bytes())
+        check = cli("rules", "check", str(tmp_path))
+        assert check.returncode == 0, check.stderr
+        assert "ok: 1 rules in 1 files" in check.stdout
+        result = cli("rules", "test", str(tmp_path))
+        assert result.returncode == 1
+        missing = tmp_path / "../examples/webhooks/order.status.updated.json"
+        assert (
+            f"the event file {missing} does not exist (a test's event path is relative to its "
+            "rule file)"
+        ) in result.stdout
+        assert "PASS the VIP group earns double" in result.stdout  # inline events still run
+        assert "1 passed, 4 failed" in result.stdout
+
+    def test_rule_test_events_resolve_against_the_rule_file(self, tmp_path: Path) -> None:
+        """`event: ../examples/...` is relative to the rule file, wherever the command runs."""
+        (tmp_path / "rules").mkdir()
+        (tmp_path / "examples").mkdir()
+        (tmp_path / "examples/review.json").write_bytes(
+            (ROOT / "examples/webhooks/review.added.json").read_bytes()
+        )
+        (tmp_path / "rules/r.yaml").write_text(
+            "version: 1\nrules:\n  - {id: r, on: review.added, points: 50, type: plus, reason: x}\n"
+            "tests:\n  - name: relative\n    event: ../examples/review.json\n"
+            "    expect: [{rule: r, points: 50}]\n"
+        )
+        result = cli("rules", "test", str(tmp_path / "rules"))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "PASS relative" in result.stdout and "1 passed, 0 failed" in result.stdout
+
+    def test_serve_starts_with_a_copied_rule_file(self, tmp_path: Path, redis_url: str) -> None:
+        """The rule file's test events are absent; `serve` loads the rules all the same."""
+        (tmp_path / "purchase.yaml").write_bytes((ROOT / "rules/purchase.yaml").read_bytes())
+        port = free_port()
+        env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "SALLA_WEBHOOK_SECRET": SECRET,
+            "RULES_PATH": str(tmp_path),
+            "LOG_FORMAT": "json",
+        }
+        log = tmp_path / "serve.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [*CLI, "serve", "--port", str(port)], cwd=tmp_path, env=env, stdout=out, stderr=out
+            )
+        try:
+            wait_until(
+                lambda: (
+                    proc.poll() is not None
+                    or httpx.get(f"http://127.0.0.1:{port}/readyz").is_success
+                )
+            )
+            assert proc.poll() is None, log.read_text()
+            assert httpx.get(f"http://127.0.0.1:{port}/readyz").json()["rules"] == 1
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+
 
 def start_run(
     tmp_path: Path, port: int, sandbox_port: int, redis_port: int, **env_extra: str

@@ -3,17 +3,39 @@
 from __future__ import annotations
 
 import configparser
+import json
+import os
 import re
 import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
 import yaml
+from redis import Redis
 
 from service.app import create_app
 from service.cli import main
+from service.rules import load_rules
+from service.rules.loader import MERCHANTS_DIR
 from service.settings import Settings
-from tests.conftest import make_settings
+from service.webhooks import signed_headers
+from tests.conftest import ROOT_DIR, SECRET, fixture_bytes, make_settings
+from tests.support.layouts import (
+    Layout,
+    compose_layout,
+    configmap_sources,
+    image_layout,
+    k8s_deployments,
+    k8s_layout,
+)
+from tests.support.servers import free_port, wait_until
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 SETTINGS = {name.upper() for name in Settings.model_fields}
@@ -155,3 +177,147 @@ class TestSystemd:
             assert_cli_command(args[1:])
             assert service["User"] != "root"
             assert service["EnvironmentFile"] == "/etc/salla-rewards/env"
+
+
+def same_rules(layout_rules: Path) -> None:
+    """The rules found in a deploy layout are the repository's rules/, overrides included."""
+    shipped, deployed = load_rules(ROOT_DIR / "rules"), load_rules(layout_rules)
+    assert [r.id for r in deployed.rules] == [r.id for r in shipped.rules]
+    assert set(deployed.overrides) == set(shipped.overrides) != set()
+    # What broke it: the rule files' tests name example files the layout does not hold.
+    named = [t.event for t in deployed.tests if isinstance(t.event, Path)]
+    assert named and not any(path.exists() for path in named)
+
+
+class TestDeployLayoutsHoldTheRules:
+    """Each deploy file's layout gives RULES_PATH the shipped rules, loadable without examples."""
+
+    def test_image(self, tmp_path: Path) -> None:
+        layout, _ = image_layout(tmp_path)
+        assert not (tmp_path / "examples").exists() and not layout.path("/app/examples").exists()
+        same_rules(layout.path(layout.env["RULES_PATH"]))
+
+    @pytest.mark.parametrize("service", ["web", "worker"])
+    def test_compose_mounts_the_rules_where_rules_path_points(
+        self, tmp_path: Path, service: str
+    ) -> None:
+        layout = compose_layout(tmp_path, service)
+        targets = [v.split(":")[1] for v in TestCompose.doc["services"][service]["volumes"]]
+        assert layout.env["RULES_PATH"] in targets
+        same_rules(layout.path(layout.env["RULES_PATH"]))
+
+    @pytest.mark.parametrize("name", sorted(k8s_deployments()))
+    def test_k8s_configmaps_fill_rules_path_and_its_store_overrides(
+        self, tmp_path: Path, name: str
+    ) -> None:
+        deployment = k8s_deployments()[name]
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        rules_path = next(e["value"] for e in container["env"] if e["name"] == "RULES_PATH")
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert {rules_path, f"{rules_path}/{MERCHANTS_DIR}"} <= mounts
+        for volume in deployment["spec"]["template"]["spec"]["volumes"]:
+            # every ConfigMap the pod mounts is one deploy/README.md tells how to create
+            assert volume["configMap"]["name"] in configmap_sources(), volume
+        # The kubelet's layout (hidden `..data` folders) must not double every rule.
+        same_rules(k8s_layout(tmp_path, deployment).path(rules_path))
+
+
+def service_env(layout: Layout, redis_url: str, **extra: str) -> dict[str, str]:
+    """The container's environment (paths moved into the layout) plus what an operator sets;
+    none of this machine's own settings leak in."""
+    settings = {name.upper() for name in Settings.model_fields}
+    inherited = {k: v for k, v in os.environ.items() if k not in settings}
+    return {
+        **inherited,
+        **layout.host_env(),
+        "REDIS_URL": redis_url,
+        "SALLA_WEBHOOK_SECRET": SECRET,
+        "SALLA_CLIENT_ID": "client-id",
+        "SALLA_CLIENT_SECRET": "client-secret",
+        "SALLA_API_BASE": "http://127.0.0.1:9",
+        **extra,
+    }
+
+
+def console_script() -> str:
+    """The installed `salla-rewards` entry point, as the image's ENTRYPOINT runs it."""
+    return str(Path(sys.executable).parent / "salla-rewards")
+
+
+def with_options(args: list[str], **values: str) -> list[str]:
+    """A command with `--name value` options replaced."""
+    args = list(args)
+    for name, value in values.items():
+        args[args.index(f"--{name}") + 1] = value
+    return args
+
+
+@contextmanager
+def started(args: list[str], layout: Layout, env: dict[str, str], log: Path) -> Iterator[Any]:
+    """`salla-rewards ARGS` in the layout's working folder; on exit it must stop on SIGTERM
+    within 30 s and have printed no traceback."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [console_script(), *args], cwd=layout.cwd, env=env, stdout=out, stderr=out
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"{args[0]} did not stop on SIGTERM:\n{log.read_text()}") from None
+    text = log.read_text()
+    # uvicorn finishes its shutdown, then re-raises the SIGTERM it caught (exit status 143).
+    assert code in (0, -signal.SIGTERM), f"{args[0]} exited {code}:\n{text}"
+    assert "Traceback" not in text, text
+
+
+@pytest.mark.slow
+class TestStartsInTheImageLayout:
+    """`serve` and `worker` start from exactly the files the image holds, and stop cleanly."""
+
+    def test_serve_and_worker_come_up_process_a_webhook_and_stop(
+        self, tmp_path: Path, redis_url: str
+    ) -> None:
+        Redis.from_url(redis_url).flushall()
+        layout, stage = image_layout(tmp_path / "image")
+        before = layout.files()
+        port, metrics_port = free_port(), free_port()
+        env = service_env(layout, redis_url, WORKER_METRICS_PORT=str(metrics_port))
+        web_url = f"http://127.0.0.1:{port}"
+        serve_args = with_options(stage.cmd, host="127.0.0.1", port=str(port))
+        with ExitStack() as stack:
+            web = stack.enter_context(started(serve_args, layout, env, tmp_path / "serve.log"))
+            worker_log = tmp_path / "worker.log"
+            stack.enter_context(started(["worker"], layout, env, worker_log))
+            wait_until(lambda: web.poll() is not None or httpx.get(f"{web_url}/readyz").is_success)
+            assert web.poll() is None, (tmp_path / "serve.log").read_text()
+            assert httpx.get(f"{web_url}/healthz").status_code == 200
+
+            def worker_checks_in() -> bool:
+                check = [console_script(), "worker", "--check"]
+                return subprocess.run(check, env=env, capture_output=True).returncode == 0
+
+            wait_until(worker_checks_in)
+            assert httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").status_code == 200
+
+            # The rules the image holds do their work: the sample completed order earns 15.
+            body = fixture_bytes("order.status.updated.json")
+            answer = httpx.post(
+                f"{web_url}/webhooks/salla", content=body, headers=signed_headers(body, SECRET)
+            )
+            assert answer.json()["status"] == "accepted"
+            wait_until(lambda: '"event_processed"' in worker_log.read_text())
+            [line] = [
+                json.loads(line)
+                for line in worker_log.read_text().splitlines()
+                if '"event_processed"' in line
+            ]
+            assert [(g["rule_id"], g["points"]) for g in line["queued"]] == [("purchase", 15)]
+        # Nothing was written into the image's folders (the pods run read-only).
+        assert layout.files() == before

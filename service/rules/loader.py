@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import re
 from collections.abc import Iterable, Mapping
 from decimal import Decimal, InvalidOperation
@@ -471,12 +470,10 @@ def _parse_tests(file: _File, problems: list[str]) -> list[RuleTest]:
             problems.append(f"{file.at(key, item)}: unknown test key {key!r}")
         name = str(item.get("name", f"test at line {item.get('__line__', 0)}"))
         event = item.get("event")
-        if isinstance(event, str):
-            try:
-                event = json.loads((base / event).read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                problems.append(f"{file.at('event', item)}: cannot read event {event!r}: {exc}")
-                continue
+        if isinstance(event, str) and event.strip():
+            # Only `rules test` reads the file (testing.read_event): serving must start where
+            # the examples it names were never copied (the image, a user's own folder).
+            event = base / event
         elif isinstance(event, dict):
             event = strip_lines(event)
         else:
@@ -514,22 +511,36 @@ def _parse_tests(file: _File, problems: list[str]) -> list[RuleTest]:
 
 
 def _rule_files(path: Path) -> list[Path]:
+    """The rule files under a folder, skipping hidden files and folders.
+
+    A Kubernetes ConfigMap volume holds each file twice: `name.yaml`, a link into `..data/`,
+    and the real file under a hidden `..<timestamp>/` folder. Reading both would refuse every
+    rule as a duplicate of itself.
+    """
     if path.is_file():
         return [path]
-    return sorted(
-        p
-        for p in path.rglob("*")
-        if p.suffix in (".yaml", ".yml")
-        and p.is_file()
-        and MERCHANTS_DIR not in p.relative_to(path).parts[:-1]
-    )
+    found = []
+    for file in path.rglob("*"):
+        parts = file.relative_to(path).parts
+        if (
+            file.suffix in (".yaml", ".yml")
+            and not any(part.startswith(".") for part in parts)
+            and MERCHANTS_DIR not in parts[:-1]
+            and file.is_file()
+        ):
+            found.append(file)
+    return sorted(found)
 
 
 def _override_files(path: Path) -> list[Path]:
     folder = path / MERCHANTS_DIR if path.is_dir() else path.parent / MERCHANTS_DIR
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix in (".yaml", ".yml") and not p.name.startswith(".") and p.is_file()
+    )
 
 
 def load_rules(path: Path) -> RuleSet:

@@ -9,6 +9,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -117,11 +118,16 @@ class Rule:
 
 @dataclass(frozen=True, slots=True)
 class RuleTest:
-    """An example in a rule file: an event and the grants it must produce."""
+    """An example in a rule file: an event and the grants it must produce.
+
+    `event` is the event written inline, or the file the test names (resolved against the rule
+    file's folder). That file is read only when the test runs (`salla-rewards rules test`):
+    serving never needs it, and deployments ship `rules/` without the examples it points at.
+    """
 
     name: str
     source: str
-    event: Mapping[str, Any]
+    event: Mapping[str, Any] | Path
     expect: tuple[tuple[str, int, str], ...]  # (rule id, points, type)
     merchant: int | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)

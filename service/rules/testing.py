@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from service.errors import InvalidPayload
@@ -63,13 +64,42 @@ class TestResult:
         return not self.failures
 
 
+def read_event(test: RuleTest) -> Mapping[str, Any]:
+    """The test's event: written inline, or read from the file it names (only here).
+
+    Raises `ValueError` with a sentence naming the test and the file when the file is missing
+    or not a JSON object.
+    """
+    if not isinstance(test.event, Path):
+        return test.event
+    try:
+        doc = json.loads(test.event.read_bytes())
+    except FileNotFoundError:
+        raise ValueError(
+            f"the event file {test.event} does not exist (a test's event path is relative to "
+            "its rule file)"
+        ) from None
+    except OSError as exc:
+        raise ValueError(f"the event file {test.event} cannot be read: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ValueError(f"the event file {test.event} is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"the event file {test.event} must hold a JSON object (a webhook body)")
+    return doc
+
+
 def run_tests(ruleset: RuleSet) -> list[TestResult]:
     results = []
     for test in ruleset.tests:
         failures = []
         try:
+            event = read_event(test)
+        except ValueError as exc:
+            results.append(TestResult(test, (str(exc),)))
+            continue
+        try:
             result = simulate(
-                ruleset, test.event, merchant=test.merchant, settings=test.settings, now=test.now
+                ruleset, event, merchant=test.merchant, settings=test.settings, now=test.now
             )
         except (InvalidPayload, ValueError, TypeError) as exc:  # a broken event fails its test
             results.append(TestResult(test, (f"the event could not be evaluated: {exc}",)))
