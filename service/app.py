@@ -34,6 +34,7 @@ from service import metrics, queue
 from service.admin_http import AdminState
 from service.admin_http import routes as admin_routes
 from service.errors import PayloadTooLarge, RequestTimeout, WebhookError
+from service.ids import parse_digits
 from service.inbox import ensure_group
 from service.logging import configure_logging, get_logger
 from service.processing import APP_HANDLERS, ProcessingDeps, handles
@@ -67,8 +68,8 @@ class _Disconnected(Exception):
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int, timeout_s: float) -> bytes:
-    declared = _header(scope, b"content-length")
-    if declared.isdigit() and int(declared) > limit:
+    declared = parse_digits(_header(scope, b"content-length"))
+    if declared is not None and declared > limit:
         raise PayloadTooLarge(f"body is {declared} bytes; the limit is {limit}")
     chunks: list[bytes] = []
     size = 0
@@ -135,7 +136,9 @@ _counters: dict[tuple[str, str], Any] = {}
 
 
 def _count_webhook(event: str, outcome: str) -> None:
-    """`WEBHOOKS{event, outcome}` += 1, with the labelled child looked up once per pair."""
+    """`WEBHOOKS{event, outcome}` += 1, with the labelled child looked up once per pair (the
+    pairs are bounded: an event name Salla does not document counts as `other`)."""
+    event = metrics.event_label(event)
     child = _counters.get((event, outcome))
     if child is None:
         child = _counters[(event, outcome)] = metrics.WEBHOOKS.labels(event, outcome)
@@ -238,15 +241,29 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    """404/405 and friends, as JSON like every other answer."""
+    """404/405 and friends in the documented error shape, with a sentence."""
     if not isinstance(exc, HTTPException):  # Starlette only routes HTTPException here
         return await _unexpected_error(request, exc)
-    return _answer(exc.status_code, status="rejected", error=str(exc.detail))
+    where = f"{request.method} {_shown_path(request)}"
+    error = {
+        404: f"there is nothing at {where}",
+        405: f"{where}: the method is not allowed here",
+    }.get(exc.status_code, f"{where}: {exc.detail}")
+    return _answer(exc.status_code, status="rejected", error=error)
+
+
+def _shown_path(request: Request) -> str:
+    path = request.url.path
+    return path if len(path) <= 100 else path[:100] + "..."
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected_error", path=request.url.path)
-    return _answer(500, status="error", error="internal error; the event was not accepted")
+    log.exception("unexpected_error", path=_shown_path(request))
+    if request.url.path == "/webhooks/salla":  # Salla will send it again: say nothing was kept
+        error = "internal error; the event was not accepted"
+    else:
+        error = "internal error; the service's log has the details (unexpected_error)"
+    return _answer(500, status="error", error=error)
 
 
 def _ms(started: float) -> float:

@@ -18,10 +18,28 @@ import click
 import httpx
 
 from service.errors import ConfigError, RuleError
+from service.ids import WHAT_AN_ID_IS, parse_id
 from service.rules.model import RuleSet
 from service.settings import DEVELOPMENT_WEBHOOK_SECRET, Settings, load_settings
 
 DEMO_MERCHANT = 193718979  # the merchant of Salla's published order.status.updated sample
+
+
+class _IdType(click.ParamType[int]):
+    """A store, order or customer id, read as service/ids.py reads every id: click's `int`
+    would take "١٢٣" as 123 and answer a 5,000-digit id with a traceback."""
+
+    name = "id"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        parsed = parse_id(value)
+        if parsed is None:
+            shown = str(value) if len(str(value)) <= 24 else str(value)[:24] + "..."
+            self.fail(f"{shown!r} is not an id ({WHAT_AN_ID_IS})", param, ctx)
+        return parsed
+
+
+ID = _IdType()
 
 
 def _settings() -> Settings:
@@ -210,7 +228,7 @@ def sandbox(
 @click.option(
     "--strategy", type=click.Choice(["signature", "token"]), default="signature", show_default=True
 )
-@click.option("--merchant", type=int, default=None, help="Send as this store instead.")
+@click.option("--merchant", type=ID, default=None, help="Send as this store instead.")
 def send(file: Path, url: str, secret: str, strategy: str, merchant: int | None) -> None:
     """Sign FILE and POST it exactly as Salla delivers a webhook."""
     from service.webhooks import signed_headers
@@ -272,7 +290,7 @@ def rules_check(path: Path | None, rules_path: Path) -> None:
 
 @rules.command("simulate")
 @click.argument("event_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--merchant", type=int, default=None, help="Evaluate as this store.")
+@click.option("--merchant", type=ID, default=None, help="Evaluate as this store.")
 @click.option(
     "--settings",
     "settings_file",
@@ -407,7 +425,7 @@ def grants() -> None:
 
 
 @grants.command("failed")
-@click.option("--merchant", type=int, default=None, help="One store only.")
+@click.option("--merchant", type=ID, default=None, help="One store only.")
 @click.option(
     "--state", "kind", type=click.Choice(GRANT_KINDS), default="failed", show_default=True
 )
@@ -443,7 +461,7 @@ def grants_failed(merchant: int | None, kind: str, redis_url: str | None) -> Non
 
 @grants.command("retry")
 @click.argument("grant_ids", nargs=-1)
-@click.option("--merchant", type=int, default=None, help="Every grant of this store in --state.")
+@click.option("--merchant", type=ID, default=None, help="Every grant of this store in --state.")
 @click.option(
     "--state", "kind", type=click.Choice(GRANT_KINDS[:-1]), default="failed", show_default=True
 )
@@ -499,7 +517,7 @@ def grants_retry(
 
 
 @main.command()
-@click.option("--merchant", type=int, required=True)
+@click.option("--merchant", type=ID, required=True)
 @click.option(
     "--points",
     type=click.IntRange(1, 999_999),
@@ -561,13 +579,16 @@ def campaign(
         raise click.UsageError("--channels takes email, sms and mobile")
     ids: list[int] = [0]
     if customers_file:
-        ids = []
-        for line in customers_file.read_text().splitlines():
-            first = line.split(",")[0].strip()
-            if first.isdigit():
-                ids.append(int(first))
+        lines = [line for line in customers_file.read_text().splitlines() if line.strip()]
+        ids = [c for c in (parse_id(line.split(",")[0]) for line in lines) if c is not None]
         if not ids:
             raise click.ClickException(f"{customers_file}: no customer ids found")
+        if len(ids) < len(lines):  # a CSV header, or ids in other digits: say so, go on
+            click.echo(
+                f"{customers_file}: {len(lines) - len(ids)} line(s) without a customer id in "
+                f"the first column ({WHAT_AN_ID_IS}) skipped",
+                err=True,
+            )
     action = "reset" if reset else f"{points}|{grant_type}"
     name = campaign_id or hashlib.sha256(f"{reason}|{action}".encode()).hexdigest()[:12]
     # A reset is recorded as a 1-point "minus" grant (so the ledger sends it exactly once) and
@@ -686,7 +707,7 @@ def _grant_line(g: dict[str, Any]) -> str:
 
 
 @admin.command("store")
-@click.argument("merchant", type=int)
+@click.argument("merchant", type=ID)
 @_json_option
 @_redis_option
 def admin_store(merchant: int, as_json: bool, redis_url: str | None) -> None:
@@ -720,8 +741,8 @@ def admin_store(merchant: int, as_json: bool, redis_url: str | None) -> None:
 
 
 @admin.command("order")
-@click.argument("merchant", type=int)
-@click.argument("order_id", type=int)
+@click.argument("merchant", type=ID)
+@click.argument("order_id", type=ID)
 @_json_option
 @_redis_option
 def admin_order(merchant: int, order_id: int, as_json: bool, redis_url: str | None) -> None:
@@ -750,8 +771,8 @@ def admin_order(merchant: int, order_id: int, as_json: bool, redis_url: str | No
 
 
 @admin.command("customer")
-@click.argument("merchant", type=int)
-@click.argument("customer_id", type=int)
+@click.argument("merchant", type=ID)
+@click.argument("customer_id", type=ID)
 @_json_option
 @_redis_option
 def admin_customer(merchant: int, customer_id: int, as_json: bool, redis_url: str | None) -> None:
@@ -787,7 +808,7 @@ def _range(since: str | None, until: str | None) -> tuple[int, int]:
 @admin.command("export")
 @_since
 @_until
-@click.option("--merchant", type=int, default=None, help="One store only.")
+@click.option("--merchant", type=ID, default=None, help="One store only.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl")
 @click.option(
     "--output",
@@ -848,7 +869,7 @@ def admin_export(
 @admin.command("replay")
 @_since
 @_until
-@click.option("--merchant", type=int, default=None, help="One store only.")
+@click.option("--merchant", type=ID, default=None, help="One store only.")
 @click.option(
     "--apply",
     is_flag=True,
@@ -879,7 +900,7 @@ def admin_replay(
         raise click.ClickException("rules are invalid:\n" + str(exc)) from None
     start, end = _range(since, until)
     url = _admin_url(redis_url)
-    counts = {"webhooks": 0, "changed": 0, "points": 0}
+    counts = {"webhooks": 0, "changed": 0, "points": 0, "skipped": 0}
     last = [""]
 
     async def go(redis: Any) -> bool:
@@ -902,6 +923,12 @@ def admin_replay(
                     bar.update(1)
                     counts["webhooks"] += 1
                     last[0] = line.stream_id
+                    if line.skipped is not None:
+                        counts["skipped"] += 1
+                        click.echo(
+                            f"{line.stream_id}  store {line.merchant}  {line.event}  "
+                            f"skipped: {line.skipped}"
+                        )
                     if not line.diffs:
                         continue
                     counts["changed"] += 1
@@ -927,9 +954,10 @@ def admin_replay(
         )
         sys.exit(130)
     verb = "applied" if apply else "would apply (dry run; --apply sends them)"
+    skipped = f"; {counts['skipped']} skipped (not readable)" if counts["skipped"] else ""
     click.echo(
         f"{counts['webhooks']} webhook(s) replayed; {counts['changed']} differ; "
-        f"{verb} {counts['points']:+d} point(s)",
+        f"{verb} {counts['points']:+d} point(s){skipped}",
         err=True,
     )
 

@@ -3,7 +3,10 @@
 Salla's event shapes differ (`order.status.updated` carries the order at `data.order`, the other
 order events at `data`; `review.added` sends numbers as strings). Everything is parsed here, once,
 so a rule's `order.status` and `order.total` mean the same thing for every event.
-Amounts are `Decimal`; ids are integers (0 when absent).
+Amounts are `Decimal`; ids are integers (0 when absent). In a webhook (`normalise`), an id that
+is present but is not an id (`"١٢٣"`, `"²"`, `-5`, `"abc"`) raises `InvalidPayload`: guessing
+would credit the wrong order or customer, and trying again cannot help, so the worker rejects
+the event (`event_rejected`). In an order read from Salla's API it reads as absent.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from service.webhooks import Envelope, parse_id
+from service.errors import InvalidPayload
+from service.ids import WHAT_AN_ID_IS, parse_id
+from service.webhooks import Envelope
 
 ZERO = Decimal(0)
 
@@ -132,6 +137,21 @@ def to_decimal(value: object) -> Decimal:
     return ZERO
 
 
+def _id(value: object, where: str | None) -> int:
+    """The id at `where` in a webhook's payload: 0 when absent (missing, null, "", 0), else an
+    id, or `InvalidPayload` naming the field. `where` None (an order read from Salla's API, not
+    a webhook): anything that is not an id reads as absent, as it always has there."""
+    if value is None or (not isinstance(value, bool) and value in (0, "", "0")):
+        return 0
+    parsed = parse_id(value)
+    if parsed is None and where is None:
+        return 0
+    if parsed is None:
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:40]}..."
+        raise InvalidPayload(f"{where} is {shown}, not an id ({WHAT_AN_ID_IS})")
+    return parsed
+
+
 def _text(value: object) -> str:
     if isinstance(value, str):
         return value
@@ -156,17 +176,20 @@ def _birthday(raw: object) -> tuple[int, int]:
     return day.month, day.day
 
 
-def parse_customer(raw: object) -> Customer:
+def parse_customer(raw: object, where: str | None = None) -> Customer:
     doc = _mapping(raw)
     birthday_month, birthday_day = _birthday(doc.get("birthday"))
     groups_raw = doc.get("groups")
     groups = tuple(
         g
-        for g in (parse_id(x) for x in (groups_raw if isinstance(groups_raw, list) else []))
-        if g is not None
+        for g in (
+            _id(x, where and f"{where}.groups[]")
+            for x in (groups_raw if isinstance(groups_raw, list) else [])
+        )
+        if g
     )
     return Customer(
-        id=parse_id(doc.get("id")) or 0,
+        id=_id(doc.get("id"), where and f"{where}.id"),
         name=_text(doc.get("name") or doc.get("first_name")),
         email=_text(doc.get("email")),
         groups=groups,
@@ -215,7 +238,7 @@ def order_doc(envelope: Envelope) -> Mapping[str, Any]:
     return _mapping(envelope.data) if envelope.event.startswith("order.") else {}
 
 
-def parse_order(raw: object) -> Order:
+def parse_order(raw: object, where: str | None = None) -> Order:
     doc = _mapping(raw)
     amounts = _mapping(doc.get("amounts"))
     status = doc.get("status")
@@ -227,8 +250,11 @@ def parse_order(raw: object) -> Order:
     items_raw = doc.get("items")
     items = tuple(
         Item(
-            id=parse_id(it.get("id")) or 0,
-            product_id=parse_id(it.get("product_id") or _mapping(it.get("product")).get("id")) or 0,
+            id=_id(it.get("id"), where and f"{where}.items[].id"),
+            product_id=_id(
+                it.get("product_id") or _mapping(it.get("product")).get("id"),
+                where and f"{where}.items[].product.id",
+            ),
             name=_text(it.get("name")),
             sku=_text(it.get("sku")).strip(),
             quantity=to_decimal(it.get("quantity")),
@@ -239,7 +265,7 @@ def parse_order(raw: object) -> Order:
     )
     total_raw = amounts.get("total") if "total" in amounts else doc.get("total")
     return Order(
-        id=parse_id(doc.get("id")) or 0,
+        id=_id(doc.get("id"), where and f"{where}.id"),
         reference_id=_text(doc.get("reference_id")),
         status=slug.strip().lower(),
         payment_method=_text(doc.get("payment_method")),
@@ -273,30 +299,32 @@ def normalise(envelope: Envelope, now: dt.datetime | None = None) -> EventContex
     customer = Customer()
     review = Review()
     if event == "order.status.updated":
-        order = parse_order(data.get("order"))
-        customer = parse_customer(_mapping(data.get("order")).get("customer"))
+        order = parse_order(data.get("order"), "data.order")
+        customer = parse_customer(
+            _mapping(data.get("order")).get("customer"), "data.order.customer"
+        )
     elif event.startswith("order."):
-        order = parse_order(data)
-        customer = parse_customer(data.get("customer"))
+        order = parse_order(data, "data")
+        customer = parse_customer(data.get("customer"), "data.customer")
     elif event.startswith("customer."):
-        customer = parse_customer(data)
+        customer = parse_customer(data, "data")
     elif event.startswith("review."):
-        order_doc = _mapping(data.get("order"))
+        reviewed = _mapping(data.get("order"))
         product = _mapping(data.get("product"))
         review = Review(
-            id=parse_id(data.get("id")) or 0,
+            id=_id(data.get("id"), "data.id"),
             type=_text(data.get("type")),
             rating=to_decimal(data.get("rating")),
             content=_text(data.get("content")),
-            product_id=parse_id(product.get("id")) or 0,
-            order_id=parse_id(order_doc.get("id")) or 0,
+            product_id=_id(product.get("id"), "data.product.id"),
+            order_id=_id(reviewed.get("id"), "data.order.id"),
         )
         order = Order(
             id=review.order_id,
-            reference_id=_text(order_doc.get("reference_id")),
-            total=to_decimal(order_doc.get("total")),
+            reference_id=_text(reviewed.get("reference_id")),
+            total=to_decimal(reviewed.get("total")),
         )
-        customer = parse_customer(data.get("customer"))
+        customer = parse_customer(data.get("customer"), "data.customer")
     return EventContext(
         event=event,
         merchant=envelope.merchant,

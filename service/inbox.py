@@ -31,10 +31,11 @@ from redis.typing import StreamIdT
 from service import metrics, queue
 from service.errors import InvalidPayload
 from service.events import order_doc
+from service.ids import parse_id
 from service.logging import get_logger
 from service.orders import verdicts
 from service.processing import WEBHOOK_STREAM, ProcessingDeps, process_event, store_settings_many
-from service.webhooks import Envelope, parse_envelope, parse_id
+from service.webhooks import Envelope, parse_envelope
 
 log = get_logger("service.inbox")
 

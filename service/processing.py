@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from service import ledger, metrics, queue, tokens
 from service.events import KNOWN_ORDER_STATUSES, normalise, order_doc
+from service.ids import parse_digits
 from service.logging import get_logger
 from service.orders import verdicts
 from service.rules import RuleSet, evaluate
@@ -59,14 +60,18 @@ async def _authorize(deps: ProcessingDeps, env: Envelope) -> dict[str, Any]:
     access, refresh = data.get("access_token"), data.get("refresh_token")
     if not isinstance(access, str) or not access:
         return {"outcome": "ignored", "why": "app.store.authorize without access_token"}
-    expires = data.get("expires")
+    expires_at_s = _expiry(data.get("expires"))
+    if expires_at_s is None:
+        why = f"'expires' must be an epoch time before {LAST_EPOCH_S}; the tokens were not stored"
+        log.error("store_authorize_refused", expires=repr(data.get("expires"))[:40], why=why)
+        return {"outcome": "refused", "why": why}
     await tokens.save(
         deps.redis,
         env.merchant,
         TokenSet(
             access_token=access,
             refresh_token=refresh if isinstance(refresh, str) else "",
-            expires_at_s=int(expires) if isinstance(expires, int | float) else 0,
+            expires_at_s=expires_at_s,
             scope=str(data.get("scope", "")),
         ),
     )
@@ -74,6 +79,28 @@ async def _authorize(deps: ProcessingDeps, env: Envelope) -> dict[str, Any]:
     resumed = await ledger.unpark(deps.redis, env.merchant)
     await queue.enqueue_flush(deps.pool, env.merchant, deps.settings.batch_window_s)
     return {"outcome": "tokens_stored", "resumed_grants": resumed}
+
+
+#: 9999-12-31T23:59:59Z: the last time Python's datetime (and so `admin store`) can show.
+LAST_EPOCH_S = 253_402_300_799
+
+
+def _expiry(value: object) -> int | None:
+    """`expires` of app.store.authorize as epoch seconds: 0 when absent or not a number (the
+    token is used until Salla refuses it); None when it is a number no clock can reach (1e20,
+    negative), which refuses the event."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not (text.isascii() and text.isdigit()):
+            return 0
+        value = parse_digits(text)  # None beyond 19 digits: past any clock
+        if value is None:
+            return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    if not 0 <= value <= LAST_EPOCH_S:
+        return None
+    return int(value)
 
 
 async def _installed(deps: ProcessingDeps, env: Envelope) -> dict[str, Any]:
@@ -370,7 +397,7 @@ async def _result(
     if dry_run:
         return {"outcome": "would_queue" if grants else "no_change", "grants": len(grants)}
     for grant in grants:
-        metrics.GRANTS.labels(grant.rule, "queued").inc()
+        metrics.GRANTS.labels(metrics.rule_label(grant.rule), "queued").inc()
     if grants:
         await queue.enqueue_flush(deps.pool, env.merchant, deps.settings.batch_window_s)
     return {

@@ -25,6 +25,7 @@ from service.errors import (
     SallaUnavailable,
     SallaValidationError,
 )
+from service.ids import parse_digits
 
 LOYALTY_POINTS_PATH = "/customers/loyalty/points"
 ORDERS_PATH = "/orders"
@@ -41,8 +42,7 @@ class RateLimitInfo:
     @classmethod
     def from_headers(cls, headers: httpx.Headers) -> RateLimitInfo:
         def number(name: str) -> int | None:
-            value = headers.get(name, "")
-            return int(value) if value.strip().isdigit() else None
+            return parse_digits(headers.get(name, "").strip())  # ASCII digits only: "٣" is no count
 
         return cls(
             number("x-ratelimit-limit"),

@@ -24,8 +24,56 @@ import msgspec
 import orjson
 
 from service.errors import InvalidPayload, InvalidSignature
+from service.ids import WHAT_AN_ID_IS, parse_id
 
 Strategy = Literal["signature", "token"]
+
+#: Store events Salla documents (FACTS.md section 2): what rules may listen to.
+STORE_EVENTS = frozenset(
+    {
+        "order.created",
+        "order.updated",
+        "order.status.updated",
+        "order.cancelled",
+        "order.refunded",
+        "order.deleted",
+        "order.products.updated",
+        "order.payment.updated",
+        "order.coupon.updated",
+        "order.total.price.updated",
+        "order.shipment.creating",
+        "order.shipment.created",
+        "order.shipment.cancelled",
+        "order.shipment.return.creating",
+        "order.shipment.return.created",
+        "order.shipment.return.cancelled",
+        "order.shipping.address.updated",
+        "customer.created",
+        "customer.updated",
+        "customer.login",
+        "customer.otp.request",
+        "review.added",
+        "invoice.created",
+    }
+)
+#: App events Salla sends every app without a subscription (FACTS.md section 2).
+APP_EVENTS = frozenset(
+    {
+        "app.store.authorize",
+        "app.installed",
+        "app.updated",
+        "app.uninstalled",
+        "app.settings.updated",
+        "app.trial.started",
+        "app.trial.expired",
+        "app.trial.canceled",
+        "app.subscription.started",
+        "app.subscription.expired",
+        "app.subscription.canceled",
+        "app.subscription.renewed",
+        "app.feedback.created",
+    }
+)
 
 STRATEGY_HEADER = "x-salla-security-strategy"
 SIGNATURE_HEADER = "x-salla-signature"
@@ -117,7 +165,7 @@ def parse_envelope(body: bytes) -> Envelope:
         raise InvalidPayload("'event' must be a non-empty string")
     merchant = parse_id(doc["merchant"])
     if merchant is None:
-        raise InvalidPayload("'merchant' must be a positive integer (number or string)")
+        raise InvalidPayload(f"'merchant' must be a store id: {WHAT_AN_ID_IS}")
     data = doc["data"]
     if not isinstance(data, dict):
         raise InvalidPayload("'data' must be a JSON object")
@@ -175,18 +223,6 @@ def read_head(body: bytes) -> Head:
             return Head(event=head.event, merchant=merchant)
     env = parse_envelope(body)  # raises, saying why
     return Head(event=env.event, merchant=env.merchant)
-
-
-def parse_id(value: object) -> int | None:
-    """Salla ids arrive as JSON numbers or digit strings; anything else is not an id."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if 0 < value < 2**63 else None
-    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) < 20:
-        parsed = int(value.strip())
-        return parsed if parsed > 0 else None
-    return None
 
 
 def delivery_id(merchant: int, event: str, body: bytes) -> str:

@@ -173,7 +173,12 @@ class TestReplay:
         await credited_order(admin_web, box, redis_url)
 
         same = httpx.post(f"{admin_web.url}/admin/replay", headers=AUTH).text.splitlines()
-        assert json.loads(same[-1])["summary"] == {"webhooks": 1, "changed": 0, "dry_run": True}
+        assert json.loads(same[-1])["summary"] == {
+            "webhooks": 1,
+            "changed": 0,
+            "skipped": 0,
+            "dry_run": True,
+        }
 
         settings = make_settings(url, admin_token=ADMIN_TOKEN, rules_path=doubled_rules(tmp_path))
         with serve_in_thread(create_app(settings, redis_url)) as new_url:

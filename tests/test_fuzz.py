@@ -44,7 +44,15 @@ json_values = st.recursive(
     ),
     max_leaves=20,
 )
-ids = st.one_of(st.integers(), st.text(max_size=12), st.none(), st.floats(), st.booleans())
+ids = st.one_of(
+    st.integers(),
+    st.text(max_size=12),
+    st.none(),
+    st.floats(),
+    st.booleans(),
+    # Digits int() and str.isdigit() take and an id is not (tests/test_hostile_input.py).
+    st.text(st.sampled_from("0123456789²³¹١٢٣٤٥٦٧٨٩۴९９𝟗"), min_size=1, max_size=25),
+)
 events = st.one_of(
     st.sampled_from(
         [

@@ -510,7 +510,7 @@ async def refresh_expiring_tokens(deps: Deps) -> int:
 
 def _count(grants: Sequence[Grant], state: str) -> None:
     for grant in grants:
-        metrics.GRANTS.labels(grant.rule, state).inc()
+        metrics.GRANTS.labels(metrics.rule_label(grant.rule), state).inc()
 
 
 def _message(exc: SallaError) -> str:

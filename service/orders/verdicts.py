@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from service.events import EventContext, salla_date_ms
+from service.ids import parse_id
 from service.ledger import verdict_of
 from service.order_state import (
     RANK_CREATED,
@@ -26,7 +27,7 @@ from service.order_state import (
 )
 from service.rules import RuleSet, evaluate
 from service.rules.engine import Outcome, revokes
-from service.webhooks import Envelope, event_time, parse_id
+from service.webhooks import Envelope, event_time
 
 #: What rules see as `event` when they judge a state fetched from Salla's orders API.
 FETCHED_EVENT = "order.updated"
