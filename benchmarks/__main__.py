@@ -1,4 +1,9 @@
-"""`make bench`: figures for this machine, printed as a table and saved under var/bench/.
+"""`make bench`: figures for this machine, printed as a table and saved as
+benchmarks/results.json (committed: the one source of the figures README.md and docs/ quote,
+checked by tests/test_docs.py) and var/bench/latest.json.
+
+`BENCH_NOTE="..."` records the conditions of the run (another load on the machine, say) in the
+file's `run` section, next to the date and the commit measured.
 
 Timing lives here, never in pass/fail tests. Current figures:
 
@@ -21,6 +26,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import tempfile
 import time
 from dataclasses import replace
@@ -38,8 +44,10 @@ from service.embedded import EmbeddedRedis
 from service.events import normalise
 from service.rules import evaluate, load_rules, prepare
 from service.webhooks import parse_envelope
+from tests.support.servers import free_port
 
 ROOT = Path(__file__).parent.parent
+RESULTS = ROOT / "benchmarks" / "results.json"
 SAMPLE = (ROOT / "tests" / "fixtures" / "order.status.updated.json").read_bytes()
 SECRET = "bench-webhook-secret"  # noqa: S105 - a local benchmark secret
 
@@ -112,8 +120,30 @@ async def bench_ledger(redis_url: str, events: int = 3000) -> dict[str, Any]:
     }
 
 
+def _commit() -> str:
+    """The commit measured, `+changes` when the work tree differs from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return f"{head}+changes" if dirty else head or "unknown"
+
+
 async def main() -> None:
     results: dict[str, Any] = {
+        "run": {
+            "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "commit": _commit(),
+            "note": os.environ.get("BENCH_NOTE", ""),
+        },
         "machine": {
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
@@ -121,7 +151,7 @@ async def main() -> None:
         },
     }
     results["rules"] = bench_rules()
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp), 16399) as redis:
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp), free_port()) as redis:
         results["ledger"] = await bench_ledger(redis.url)
         results["ingest"] = await bench_ingest(redis.url)
         results["worker"] = await bench_worker(redis.url)
@@ -129,14 +159,16 @@ async def main() -> None:
         results["orders"] = await bench_orders(redis.url)
     out = ROOT / "var" / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.json").write_text(json.dumps(results, indent=2))
+    text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
+    (out / "latest.json").write_text(text)
+    RESULTS.write_text(text)
     print(f"{'benchmark':<10} {'figure':<40} value")
     for section, figures in results.items():
-        if section == "machine":
+        if section in ("run", "machine"):
             continue
         for name, value in figures.items():
             print(f"{section:<10} {name:<40} {value}")
-    print(f"\nsaved: {out / 'latest.json'}")
+    print(f"\nsaved: {RESULTS.relative_to(ROOT)} (commit it; README.md and docs/ quote it)")
 
 
 if __name__ == "__main__":

@@ -990,6 +990,8 @@ def run(port: int, sandbox_port: int) -> None:
     redis = EmbeddedRedis(settings.data_dir / "redis", settings.embedded_redis_port)
     redis_url = settings.redis_url or redis.start()
     sandbox_base = f"http://127.0.0.1:{sandbox_port}"
+    # LOG_FORMAT is left to the children (default auto): console lines on a terminal, JSON when
+    # `make run` is piped or logged to a file, as the README says.
     child_env = {
         **os.environ,
         "APP_ENV": "development",
@@ -999,7 +1001,6 @@ def run(port: int, sandbox_port: int) -> None:
         "SALLA_OAUTH_TOKEN_URL": f"{sandbox_base}/oauth2/token",
         "SALLA_CLIENT_ID": os.environ.get("SALLA_CLIENT_ID", "sandbox-client"),
         "SALLA_CLIENT_SECRET": os.environ.get("SALLA_CLIENT_SECRET", "sandbox-client-secret"),
-        "LOG_FORMAT": os.environ.get("LOG_FORMAT", "console"),
         "ADMIN_TOKEN": admin_token,
     }
     me = [sys.executable, "-m", "service"]

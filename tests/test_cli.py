@@ -112,11 +112,13 @@ class TestRun:
 
     pytestmark = pytest.mark.timeout(240)
 
-    def test_sample_order_becomes_points(self, tmp_path: Path) -> None:
+    def test_sample_order_becomes_points(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         port, sandbox_port = free_port(), free_port()
-        proc, log_path = start_run(
-            tmp_path, port, sandbox_port, free_port(), LOG_FORMAT="json", BATCH_WINDOW_S="0.2"
-        )
+        # No LOG_FORMAT: `run` leaves it at auto, so its children log JSON into this file.
+        monkeypatch.delenv("LOG_FORMAT", raising=False)
+        proc, log_path = start_run(tmp_path, port, sandbox_port, free_port(), BATCH_WINDOW_S="0.2")
         try:
             # Four processes start here; on a loaded 2-core machine that can take a while.
             wait_until(lambda: "Ctrl-C stops everything" in log_path.read_text(), 90)
