@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -122,18 +123,16 @@ async def bench_ledger(redis_url: str, events: int = 3000) -> dict[str, Any]:
 
 def _commit() -> str:
     """The commit measured, `+changes` when the work tree differs from it."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
+    git = shutil.which("git")
+    if git is None:
         return "unknown"
+
+    def out(*args: str) -> str:
+        command = [git, *args]  # fixed arguments, git from PATH
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: S603
+
+    head = out("rev-parse", "--short", "HEAD")
+    dirty = out("status", "--porcelain", "--untracked-files=no")
     return f"{head}+changes" if dirty else head or "unknown"
 
 
