@@ -1,6 +1,7 @@
 """`make bench`: figures for this machine, printed as a table and saved as
-benchmarks/results.json (committed: the one source of the figures README.md and docs/ quote,
-checked by tests/test_docs.py) and var/bench/latest.json.
+benchmarks/results.json (committed: the one source of the figures README.md and docs/ quote;
+the run rewrites those quotes, benchmarks/quotes.py, and tests/test_docs.py checks them) and
+var/bench/latest.json.
 
 `BENCH_NOTE="..."` records the conditions of the run (another load on the machine, say) in the
 file's `run` section, next to the date and the commit measured.
@@ -39,6 +40,7 @@ from redis.asyncio import Redis
 from benchmarks.delivery import bench_delivery
 from benchmarks.ingest import bench_ingest
 from benchmarks.orders import bench_orders
+from benchmarks.quotes import refresh_docs
 from benchmarks.worker import bench_worker
 from service import ledger
 from service.embedded import EmbeddedRedis
@@ -161,6 +163,7 @@ async def main() -> None:
     text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
     (out / "latest.json").write_text(text)
     RESULTS.write_text(text)
+    quoted = refresh_docs(ROOT, results)
     print(f"{'benchmark':<10} {'figure':<40} value")
     for section, figures in results.items():
         if section in ("run", "machine"):
@@ -168,6 +171,8 @@ async def main() -> None:
         for name, value in figures.items():
             print(f"{section:<10} {name:<40} {value}")
     print(f"\nsaved: {RESULTS.relative_to(ROOT)} (commit it; README.md and docs/ quote it)")
+    for path in quoted:
+        print(f"figures quoted in {path.relative_to(ROOT)} rewritten from it")
 
 
 if __name__ == "__main__":
