@@ -162,7 +162,7 @@ async def salla_webhook(scope: Scope, receive: Receive, send: Send) -> None:
     except _Disconnected:
         return
     except WebhookError as exc:
-        _count_webhook("unknown", f"rejected_{exc.status_code}")
+        _count_webhook(metrics.UNREAD_EVENT, f"rejected_{exc.status_code}")
         log.warning(
             "webhook_rejected",
             trace_id=trace_id,

@@ -17,7 +17,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.webhooks import APP_EVENTS, STORE_EVENTS
 
-_EVENT_LABELS = STORE_EVENTS | APP_EVENTS
+#: The event label of a refused delivery, whose body was not read (or not a Salla envelope).
+UNREAD_EVENT = "unknown"
+_EVENT_LABELS = STORE_EVENTS | APP_EVENTS | {UNREAD_EVENT}
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
