@@ -18,28 +18,11 @@ import click
 import httpx
 
 from service.errors import ConfigError, RuleError
-from service.ids import WHAT_AN_ID_IS, parse_id
+from service.ids import ID, WHAT_AN_ID_IS, parse_id
 from service.rules.model import RuleSet
 from service.settings import DEVELOPMENT_WEBHOOK_SECRET, Settings, load_settings
 
 DEMO_MERCHANT = 193718979  # the merchant of Salla's published order.status.updated sample
-
-
-class _IdType(click.ParamType[int]):
-    """A store, order or customer id, read as service/ids.py reads every id: click's `int`
-    would take "١٢٣" as 123 and answer a 5,000-digit id with a traceback."""
-
-    name = "id"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        parsed = parse_id(value)
-        if parsed is None:
-            shown = str(value) if len(str(value)) <= 24 else str(value)[:24] + "..."
-            self.fail(f"{shown!r} is not an id ({WHAT_AN_ID_IS})", param, ctx)
-        return parsed
-
-
-ID = _IdType()
 
 
 def _settings() -> Settings:

@@ -10,6 +10,10 @@ it here. An id fits in a signed 64-bit integer, as Salla's do; anything longer i
 
 from __future__ import annotations
 
+from typing import Any
+
+import click
+
 MAX_ID = 2**63 - 1
 MAX_DIGITS = len(str(MAX_ID))  # 19
 
@@ -38,3 +42,21 @@ def parse_digits(text: str, max_digits: int = MAX_DIGITS) -> int | None:
     if 0 < len(text) <= max_digits and text.isascii() and text.isdigit():
         return int(text)
     return None
+
+
+class _IdParam(click.ParamType[int]):
+    """A store, order or customer id on the command line: click's `int` would take "١٢٣" as
+    123 and answer a 5,000-digit id with a traceback."""
+
+    name = "id"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        parsed = parse_id(value)
+        if parsed is None:
+            shown = str(value) if len(str(value)) <= 24 else str(value)[:24] + "..."
+            self.fail(f"{shown!r} is not an id ({WHAT_AN_ID_IS})", param, ctx)
+        return parsed
+
+
+#: `type=ID` for every id a command takes.
+ID = _IdParam()

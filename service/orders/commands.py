@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from service.delivery.flush import Deps as DeliveryDeps
 from service.errors import RuleError
+from service.ids import ID
 from service.orders import reconcile, truth
 from service.processing import ProcessingDeps
 from service.queue import connect
@@ -41,7 +42,7 @@ def _date(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dt
 
 
 @orders.command("reconcile")
-@click.option("--merchant", type=int, required=True, help="The store id.")
+@click.option("--merchant", type=ID, required=True, help="The store id.")
 @click.option(
     "--since",
     callback=_date,
@@ -56,7 +57,7 @@ def reconcile_command(merchant: int, since: dt.date | None, dry_run: bool) -> No
 
 
 @orders.command("backfill")
-@click.option("--merchant", type=int, required=True, help="The store id.")
+@click.option("--merchant", type=ID, required=True, help="The store id.")
 @click.option("--since", callback=_date, required=True, help="First creation day, e.g. 2026-01-01.")
 @click.option("--apply", "apply_", is_flag=True, help="Grant the points (default: a dry run).")
 def backfill_command(merchant: int, since: dt.date, apply_: bool) -> None:
