@@ -37,12 +37,10 @@ def lookup(results: dict[str, Any], key: str) -> Any:
 
 
 def formatted(value: Any, like: str) -> str:
-    """`value` written as `like` is: the same number of decimals, thousands separated; a text
-    value as it is."""
-    if not NUMBER.fullmatch(like):
+    """A number written as `like` is (the same decimals, thousands separated); a text value
+    (a date, a commit) as it is, even when it happens to be all digits."""
+    if isinstance(value, str) or not NUMBER.fullmatch(like):
         return str(value)
-    if isinstance(value, str):
-        value = float(NUMBER.findall(value)[0].replace(",", ""))
     decimals = len(like.replace(",", "").partition(".")[2])
     return f"{float(value):,.{decimals}f}"
 
