@@ -328,3 +328,25 @@ class TestMetricsLabelsAreBounded:
         assert metrics.event_label("order.created") == "order.created"
         assert metrics.event_label("app.store.authorize") == "app.store.authorize"
         assert metrics.event_label("x" * 100) == "other"
+
+
+class TestSandboxIds:
+    """The sandbox (`salla-rewards sandbox`, `make run`) answers odd numbers as Salla does, with
+    a 422 naming the field, not a 500."""
+
+    @pytest.mark.parametrize(
+        ("path", "field"),
+        [
+            ("/customers/loyalty/points?customer_id=²", "customer_id"),
+            ("/customers/loyalty/points?customer_id=1&page=²", "page"),
+            ("/orders?customer_id=١٢٣", "customer_id"),
+            ("/orders?status=²", "status"),
+            (f"/orders?per_page={HUGE}", "per_page"),
+        ],
+    )
+    def test_odd_numbers_are_422(self, sandbox: tuple[str, Sandbox], path: str, field: str) -> None:
+        url, box = sandbox
+        store = box.add_store(77)
+        answer = httpx.get(url + path, headers={"Authorization": f"Bearer {store.access_token}"})
+        assert answer.status_code == 422, answer.text
+        assert field in answer.json()["error"]["fields"]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from service.ids import parse_digits
 from service.sandbox.buckets import take_all
 from service.sandbox.state import Store
 
@@ -98,13 +99,14 @@ def page_params(
     problems: dict[str, list[str]] = {}
     raw_page = request.query_params.get("page", "1").strip() or "1"
     raw_per_page = request.query_params.get("per_page", str(per_page)).strip() or str(per_page)
-    if not raw_page.isdigit() or int(raw_page) < 1:
+    page, size = parse_digits(raw_page), parse_digits(raw_per_page)  # "²" is no page number
+    if page is None or page < 1:
         problems["page"] = ["page must be a positive number"]
-    if not raw_per_page.isdigit() or not 1 <= int(raw_per_page) <= max_per_page:
+    if size is None or not 1 <= size <= max_per_page:
         problems["per_page"] = [f"per_page must be between 1 and {max_per_page}"]
-    if problems:
+    if problems or page is None or size is None:
         return problems
-    return int(raw_page), int(raw_per_page)
+    return page, size
 
 
 def paginated(

@@ -25,8 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from service.ids import parse_id
 from service.sandbox.state import Faults, Store
-from service.webhooks import parse_id
 
 if TYPE_CHECKING:
     from service.sandbox.app import Sandbox

@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from service.ids import parse_id
 from service.sandbox.admin_api import admit, error, invalid, page_params, paginated
 from service.sandbox.state import Counters, Store
 
@@ -144,13 +145,13 @@ def routes(box: Sandbox) -> list[Route]:
         if isinstance(store, Response):
             return store
         headers = store.bucket.headers()
-        raw_id = request.query_params.get("customer_id", "")
-        if not raw_id.isdigit():
+        customer = parse_id(request.query_params.get("customer_id", ""))
+        if customer is None:
             return invalid(headers, {"customer_id": ["customer_id is required"]})
         paging = page_params(request)
         if isinstance(paging, dict):
             return invalid(headers, paging)
-        entries = store.history.get(int(raw_id), [])
+        entries = store.history.get(customer, [])
         return paginated(request, entries, *paging, headers)
 
     async def oauth_token(request: Request) -> Response:

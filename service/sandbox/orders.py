@@ -21,6 +21,8 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
+from service.ids import parse_id
+
 RIYADH = ZoneInfo("Asia/Riyadh")
 CURRENCY = "SAR"
 #: The customer of Salla's published `order.status.updated` sample: the demo store's default.
@@ -106,10 +108,10 @@ def _positive_int(doc: Mapping[str, Any], key: str) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError(f"'{key}' must be a positive integer")
-    text = str(value).strip()
-    if not text.isdigit() or int(text) <= 0 or int(text) >= 2**63:
+    parsed = parse_id(value)
+    if parsed is None:
         raise ValueError(f"'{key}' must be a positive integer")
-    return int(text)
+    return parsed
 
 
 def parse_total(value: object) -> Decimal:

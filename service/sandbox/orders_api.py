@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from service.ids import parse_id
 from service.sandbox import orders
 from service.sandbox.admin_api import admit, error, invalid, page_params, paginated
 from service.sandbox.state import Store
@@ -63,13 +64,15 @@ def parse_list_query(params: Iterable[tuple[str, str]]) -> tuple[ListQuery, dict
                 problems.setdefault(key, []).append(f"{key} must be a date yyyy-mm-dd")
         elif key in ("status[]", "status"):
             for part in text.split(","):
-                if part.strip().isdigit():
-                    status_ids.add(int(part))
+                status_id = parse_id(part)
+                if status_id is not None:
+                    status_ids.add(status_id)
                 else:
                     problems.setdefault("status", []).append("status must be status ids")
         elif key in ("customer_id", "reference_id"):
-            if text.isdigit():
-                values[key] = int(text)
+            number = parse_id(text)
+            if number is not None:
+                values[key] = number
             else:
                 problems.setdefault(key, []).append(f"{key} must be a number")
         elif key == "sort_by":
