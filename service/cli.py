@@ -92,7 +92,7 @@ def worker(check: bool) -> None:
         sys.exit(1)
     from service.logging import configure_logging
     from service.rules import load_rules
-    from service.worker import create_worker
+    from service.worker import create_worker, run_worker
 
     settings = _settings()
     configure_logging(settings.log_format, settings.log_level)
@@ -104,7 +104,7 @@ def worker(check: bool) -> None:
 
     # uvloop: the worker is mostly Redis round trips, which uvloop's transports make cheaper.
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    create_worker(settings, _redis_url(settings)).run()
+    run_worker(create_worker(settings, _redis_url(settings)))
 
 
 @main.command()
@@ -383,12 +383,18 @@ def _admin_url(redis_url: str | None) -> str:
     from redis import Redis
     from redis.exceptions import RedisError
 
+    from service import redis_url as urls
+
     url = redis_url or f"redis://127.0.0.1:{os.environ.get('EMBEDDED_REDIS_PORT', '6390')}/0"
+    try:
+        url = urls.check(url)
+    except ConfigError as exc:
+        raise click.ClickException(f"REDIS_URL: {exc}") from None
     client = Redis.from_url(url)
     try:
         client.ping()
     except (RedisError, OSError) as exc:
-        raise click.ClickException(f"cannot reach Redis at {url}: {exc}") from None
+        raise click.ClickException(f"cannot reach Redis at {urls.redact(url)}: {exc}") from None
     finally:
         client.close()
     return url
