@@ -39,15 +39,6 @@ def _redis_url(settings: Settings) -> str:
     return ensure_running(settings.data_dir / "redis", settings.embedded_redis_port)
 
 
-#: uvicorn's settings for `serve` (the benchmark's bare Starlette app runs with the same ones).
-SERVER_OPTIONS: dict[str, Any] = {
-    "log_config": None,
-    "access_log": False,
-    "timeout_keep_alive": 5,
-    "h11_max_incomplete_event_size": 64 * 1024,
-}
-
-
 @click.group()
 @click.version_option(package_name="salla-rewards")
 def main() -> None:
@@ -61,6 +52,7 @@ def serve(host: str, port: int) -> None:
     """Run the HTTP service (webhooks, health) with uvicorn."""
     import uvicorn
 
+    from service import server
     from service.app import create_app
     from service.logging import configure_logging
 
@@ -70,7 +62,7 @@ def serve(host: str, port: int) -> None:
         app = create_app(settings, _redis_url(settings))
     except RuleError as exc:
         raise click.ClickException("rules are invalid:\n" + str(exc)) from None
-    uvicorn.run(app, host=host, port=port, **SERVER_OPTIONS)
+    uvicorn.run(app, host=host, port=port, **server.options(settings))
 
 
 @main.command()

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     #: A client that has not sent its whole body by then gets 408 (slow or abusive clients).
     request_body_timeout_s: float = Field(default=10.0, gt=0)
+    #: A connection must complete its request headers this long after it opens, and after
+    #: each answer when kept alive; otherwise it is closed (slow or idle clients hold files).
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    #: Connections the web process holds at most: one more closes the one that has waited
+    #: longest for its headers; with every connection busy, requests get 503.
+    max_connections: int = Field(default=1000, ge=1)
     #: How long a webhook delivery is remembered for deduplication (Salla retries for ~15 min).
     dedupe_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
 
