@@ -180,6 +180,10 @@ class _HeaderDeadline:
         of a request arrived (the client is told why), silently when nothing did."""
         if self.transport.is_closing():
             return
+        # No longer counted against the bound from now on: uvicorn forgets the connection in
+        # `connection_lost`, a loop turn later, after the newcomer's request may have been
+        # checked against `limit_concurrency` (and refused with 503).
+        self.connections.discard(self)
         if self._header_bytes:
             self._answer_and_close(status, why)
         else:
@@ -195,14 +199,13 @@ class _HeaderDeadline:
         self.transport.close()
 
 
-def protocol_class(deadlines: HeaderDeadlines) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol class (httptools', or h11's: what `--http auto` picks), with
-    header deadlines. A class per server: its connections share `deadlines`."""
-    return type(
-        f"Deadline{AutoHTTPProtocol.__name__}",
-        (_HeaderDeadline, AutoHTTPProtocol),
-        {"deadlines": deadlines},
-    )
+def protocol_class(
+    deadlines: HeaderDeadlines, base: type[asyncio.Protocol] = AutoHTTPProtocol
+) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol class (by default the one `--http auto` picks: httptools', or
+    h11's without httptools), with header deadlines. A class per server: its connections
+    share `deadlines`."""
+    return type(f"Deadline{base.__name__}", (_HeaderDeadline, base), {"deadlines": deadlines})
 
 
 def fit_open_files(max_connections: int) -> int:

@@ -17,11 +17,16 @@ from pathlib import Path
 import httpx
 import pytest
 from redis import Redis
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.server import RESERVED_FILES
+from service.server import RESERVED_FILES, SERVER_OPTIONS, HeaderDeadlines, protocol_class
 from service.webhooks import signed_headers
 from tests.conftest import ROOT_DIR, SECRET, fixture_bytes
-from tests.support.servers import free_port, wait_until
+from tests.support.servers import free_port, serve_in_thread, wait_until
 
 HELD = 1000
 OPEN_FILES = 1024  # what systemd gives a unit that does not say LimitNOFILE=
@@ -83,6 +88,98 @@ class Dribbler(threading.Thread):
             for sock in self.socks:
                 with contextlib.suppress(OSError):  # closed by the server
                     sock.send(b"x")
+
+
+async def _hello(request: object) -> PlainTextResponse:
+    return PlainTextResponse("hello")
+
+
+HELLO = Starlette(routes=[Route("/", _hello)])
+REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
+
+
+@pytest.fixture(params=[HttpToolsProtocol, H11Protocol], ids=["httptools", "h11"])
+def guarded_server(request: pytest.FixtureRequest) -> Iterator[tuple[int, HeaderDeadlines]]:
+    """uvicorn with either HTTP parser, a half-second header deadline, three connections."""
+    deadlines = HeaderDeadlines(timeout_s=0.5, max_connections=3)
+    port = free_port()
+    options = {**SERVER_OPTIONS, "log_config": None}
+    options.update(http=protocol_class(deadlines, request.param), limit_concurrency=4)
+    with serve_in_thread(HELLO, port, **options):
+        yield port, deadlines
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+class TestHeaderDeadline:
+    """Both of uvicorn's parsers: headers must arrive in time, on every request of a
+    connection; the connection count is bounded; answered requests are untouched."""
+
+    def test_a_connection_that_sends_nothing_is_closed_without_a_word(
+        self, guarded_server: tuple[int, HeaderDeadlines]
+    ) -> None:
+        port, _ = guarded_server
+        with connect(port) as sock:
+            assert read_to_eof(sock, timeout_s=10) == b""
+
+    def test_headers_that_trickle_past_the_deadline_get_408(
+        self, guarded_server: tuple[int, HeaderDeadlines]
+    ) -> None:
+        port, _ = guarded_server
+        with connect(port) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: te")
+            answer = read_to_eof(sock, timeout_s=10)
+        assert answer is not None and answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+        assert answer.endswith(b'"error":"the request headers did not arrive within 0.5s"}')
+
+    def test_each_request_of_a_kept_alive_connection_has_the_deadline(
+        self, guarded_server: tuple[int, HeaderDeadlines]
+    ) -> None:
+        port, _ = guarded_server
+        with connect(port) as sock:
+            sock.sendall(REQUEST)
+            first = sock.recv(4096)
+            assert first.startswith(b"HTTP/1.1 200") and first.endswith(b"hello")
+            # uvicorn's keep-alive timer stops at the first byte: only the deadline ends this
+            sock.sendall(b"GET / HTTP/1.1\r\n")
+            answer = read_to_eof(sock, timeout_s=10)
+        assert answer is not None and answer.startswith(b"HTTP/1.1 408 ")
+
+    def test_requests_whose_headers_arrive_in_time_are_answered(
+        self, guarded_server: tuple[int, HeaderDeadlines]
+    ) -> None:
+        port, _ = guarded_server
+        with connect(port) as sock:
+            for _ in range(3):  # kept alive, answered each time, pipelined at the end
+                sock.sendall(REQUEST[:10])
+                sock.sendall(REQUEST[10:])
+                assert sock.recv(4096).endswith(b"hello")
+            sock.sendall(REQUEST * 2)
+            wait_until(lambda: sock.recv(4096, socket.MSG_PEEK).count(b"hello") == 2)
+
+    def test_oversized_headers_get_431(self, guarded_server: tuple[int, HeaderDeadlines]) -> None:
+        port, _ = guarded_server
+        with connect(port) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * (70 * 1024))
+            answer = read_to_eof(sock, timeout_s=10)
+        assert answer is not None
+        assert answer.startswith((b"HTTP/1.1 431 ", b"HTTP/1.1 400 "))  # h11 refuses first
+
+    def test_beyond_the_bound_the_longest_waiting_makes_room(
+        self, guarded_server: tuple[int, HeaderDeadlines]
+    ) -> None:
+        port, _ = guarded_server
+        oldest, *others = [connect(port) for _ in range(3)]
+        try:
+            with connect(port) as newcomer:
+                newcomer.sendall(REQUEST)
+                assert newcomer.recv(4096).endswith(b"hello")
+            assert read_to_eof(oldest, timeout_s=0.3) == b""  # closed at once, not at 0.5 s
+        finally:
+            for sock in [oldest, *others]:
+                sock.close()
 
 
 @pytest.mark.slow
