@@ -93,13 +93,16 @@ def decode_job(data: bytes) -> dict[str, Any]:
 
 def redis_settings(url: str, *, ride_out_outages: bool = False) -> RedisSettings:
     """arq's connection settings for `url` (see service/redis_url.py). `ride_out_outages` (the
-    worker): a command that meets a lost connection is retried with backoff for about 3 s, so
-    a Redis restart costs in-flight jobs a pause rather than a failure; longer outages are
-    ridden out by `worker.run_worker` (its loop waits for Redis, then carries on)."""
+    worker): a command that meets a lost or refused connection is retried with backoff (for
+    0.7 s to about 3 s), so a Redis blip costs in-flight jobs a pause rather than a failure.
+    OSError is named because redis-py retries connecting only for the errors named here, and
+    a refused connect is a plain `ConnectionRefusedError`; a command retries its connect too,
+    so the two budgets multiply: both are kept small. Longer outages end arq's loop;
+    `worker.run_worker` waits for Redis and starts it again."""
     settings = redis_url.arq_settings(url)
     if ride_out_outages:
-        settings.retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6)
-        settings.retry_on_error = [RedisConnectionError, RedisTimeoutError]
+        settings.retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3)
+        settings.retry_on_error = [RedisConnectionError, RedisTimeoutError, OSError]
         settings.conn_retries = 30  # arq's start-up: Redis may come up after the worker
     return settings
 

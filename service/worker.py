@@ -271,9 +271,11 @@ async def _wait_for_redis(pool: ArqRedis) -> None:
     while True:
         await asyncio.sleep(wait_s)
         try:
-            await pool.ping()
-        except _REDIS_TRANSIENT:
-            wait_s = min(wait_s * 2, 5.0)
+            # Bounded: arq's pool has no read timeout, and a reply may never come on a
+            # connection made while Redis was going down.
+            await asyncio.wait_for(pool.ping(), timeout=5.0)
+        except (*_REDIS_TRANSIENT, TimeoutError):
+            wait_s = min(wait_s * 2, 2.0)
             continue
         log.info("worker_redis_back")
         return
