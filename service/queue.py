@@ -322,18 +322,16 @@ async def enqueue_order_truth(
     """Ask Salla about one order: one job per order at a time (`order_truth:<store>:<order>`).
     False when one is already queued or running (it reads the order's entry again before it
     commits, so it also covers the event that asked now)."""
-    job = await pool.enqueue_job(
+    return await enqueue(
+        pool,
         ORDER_TRUTH,
         merchant,
         order_id,
-        _job_id=f"{ORDER_TRUTH}:{merchant}:{order_id}",
-        _defer_by=max(0.0, defer_s),
+        job_id=f"{ORDER_TRUTH}:{merchant}:{order_id}",
+        defer_s=defer_s,
     )
-    return job is not None
 
 
 async def enqueue_orders_reconcile(pool: ArqRedis, merchant: int, *, slot: int) -> None:
     """One reconciliation run of a store per period (`slot`: the period's number)."""
-    await pool.enqueue_job(
-        ORDERS_RECONCILE, merchant, _job_id=f"{ORDERS_RECONCILE}:{merchant}:{slot}"
-    )
+    await enqueue(pool, ORDERS_RECONCILE, merchant, job_id=f"{ORDERS_RECONCILE}:{merchant}:{slot}")
