@@ -18,34 +18,17 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import httpx
 from redis.asyncio import Redis
 
-from benchmarks.ingest import aof_compaction_deferred, run_wrk, signed_bodies
+from benchmarks.ingest import aof_compaction_deferred, run_wrk, signed_bodies, start_server
 from service.embedded import EmbeddedRedis
 from service.processing import WEBHOOK_STREAM
 
 ROOT = Path(__file__).parent.parent
-
-
-def start(argv: list[str], cwd: Path, env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            httpx.post(f"http://127.0.0.1:{port}/webhooks/salla", content=b"{}", timeout=1)
-            return server
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    server.kill()
-    raise RuntimeError(f"{argv} did not start on port {port}")
 
 
 def checkout(rev: str, into: Path) -> Path:
@@ -70,9 +53,9 @@ async def ab(rev: str, rounds: int, seconds: int = 8, connections: int = 32) -> 
         serve = [sys.executable, "-m", "service", "serve", "--port"]
         ports = {"A": 18601, "B": 18602, "bare": 18603}
         servers = {
-            "A": start([*serve, "18601"], other, env, ports["A"]),
-            "B": start([*serve, "18602"], ROOT, env, ports["B"]),
-            "bare": start([sys.executable, "-m", "benchmarks.bare", "18603"], ROOT, env, 18603),
+            "A": start_server([*serve, "18601"], env, ports["A"], cwd=other),
+            "B": start_server([*serve, "18602"], env, ports["B"]),
+            "bare": start_server([sys.executable, "-m", "benchmarks.bare", "18603"], env, 18603),
         }
         redis = Redis.from_url(db.url)
         rates: dict[str, list[int]] = {name: [] for name in ports}
