@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.cli import SERVER_OPTIONS
+from service.server import SERVER_OPTIONS
 
 
 async def webhook(request: Request) -> JSONResponse:

@@ -74,11 +74,13 @@ def signed_bodies(count: int, secret: str, start: int = 0) -> list[tuple[str, by
     return out
 
 
-def start_server(argv: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+def start_server(
+    argv: list[str], env: dict[str, str], port: int, cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
     server = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60  # a process's start costs seconds on a busy machine
     while time.monotonic() < deadline:
         try:
             httpx.post(f"http://127.0.0.1:{port}/webhooks/salla", content=b"{}", timeout=1)

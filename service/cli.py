@@ -40,15 +40,6 @@ def _redis_url(settings: Settings) -> str:
     return ensure_running(settings.data_dir / "redis", settings.embedded_redis_port)
 
 
-#: uvicorn's settings for `serve` (the benchmark's bare Starlette app runs with the same ones).
-SERVER_OPTIONS: dict[str, Any] = {
-    "log_config": None,
-    "access_log": False,
-    "timeout_keep_alive": 5,
-    "h11_max_incomplete_event_size": 64 * 1024,
-}
-
-
 @click.group()
 @click.version_option(package_name="salla-rewards")
 def main() -> None:
@@ -62,6 +53,7 @@ def serve(host: str, port: int) -> None:
     """Run the HTTP service (webhooks, health) with uvicorn."""
     import uvicorn
 
+    from service import server
     from service.app import create_app
     from service.logging import configure_logging
 
@@ -71,7 +63,7 @@ def serve(host: str, port: int) -> None:
         app = create_app(settings, _redis_url(settings))
     except RuleError as exc:
         raise click.ClickException("rules are invalid:\n" + str(exc)) from None
-    uvicorn.run(app, host=host, port=port, **SERVER_OPTIONS)
+    uvicorn.run(app, host=host, port=port, **server.options(settings))
 
 
 @main.command()
@@ -93,7 +85,7 @@ def worker(check: bool) -> None:
         sys.exit(1)
     from service.logging import configure_logging
     from service.rules import load_rules
-    from service.worker import create_worker
+    from service.worker import create_worker, run_worker
 
     settings = _settings()
     configure_logging(settings.log_format, settings.log_level)
@@ -105,7 +97,7 @@ def worker(check: bool) -> None:
 
     # uvloop: the worker is mostly Redis round trips, which uvloop's transports make cheaper.
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    create_worker(settings, _redis_url(settings)).run()
+    run_worker(create_worker(settings, _redis_url(settings)))
 
 
 @main.command()
@@ -384,12 +376,18 @@ def _admin_url(redis_url: str | None) -> str:
     from redis import Redis
     from redis.exceptions import RedisError
 
+    from service import redis_url as urls
+
     url = redis_url or f"redis://127.0.0.1:{os.environ.get('EMBEDDED_REDIS_PORT', '6390')}/0"
+    try:
+        url = urls.check(url)
+    except ConfigError as exc:
+        raise click.ClickException(f"REDIS_URL: {exc}") from None
     client = Redis.from_url(url)
     try:
         client.ping()
     except (RedisError, OSError) as exc:
-        raise click.ClickException(f"cannot reach Redis at {url}: {exc}") from None
+        raise click.ClickException(f"cannot reach Redis at {urls.redact(url)}: {exc}") from None
     finally:
         client.close()
     return url

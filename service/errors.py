@@ -7,6 +7,7 @@ ServiceError
 │   ├── PayloadTooLarge      413: body over the configured limit
 │   └── InvalidPayload       400: not JSON, or not a Salla envelope
 ├── RuleError            a rule file that does not load (file, line and a sentence)
+├── JobRefused           job data read from Redis that is not this service's format: never run
 └── SallaError           the Admin API answered with an error (status and body attached)
     ├── SallaAuthError       401/403: token invalid, expired or revoked (or a missing scope)
     ├── SallaNotFound        404: the store has no such order (any more)
@@ -50,6 +51,10 @@ class RequestTimeout(WebhookError):
 
 class InvalidPayload(WebhookError):
     status_code = 400
+
+
+class JobRefused(ServiceError):
+    """Job data in Redis that is not this service's msgpack (a pickle, say): it is not run."""
 
 
 class RuleError(ServiceError):

@@ -29,6 +29,13 @@ WEBHOOKS = Counter(
     ["salla_event", "outcome"],
     registry=REGISTRY,
 )
+CONNECTIONS_CLOSED = Counter(
+    "salla_rewards_connections_closed_total",
+    "Connections the web process closed before their request headers arrived, by reason "
+    "(header_timeout; evicted: at MAX_CONNECTIONS, the longest-waiting made room).",
+    ["reason"],
+    registry=REGISTRY,
+)
 EVENTS = Counter(
     "salla_rewards_events_processed_total",
     "Events processed by the worker, by outcome.",

@@ -1,27 +1,37 @@
-"""The thin layer over arq: job names, job ids and enqueueing. Nothing else imports arq's API.
+"""The thin layer over arq: job names, job ids, the job format and enqueueing. Nothing else
+imports arq's API.
 
 arq runs every job at least once; job ids (`evt:<delivery>`, `flush:<store>:<window>`) avoid
 needless duplicates, and the ledger makes the rest harmless.
+
+Jobs are msgpack, never pickle (arq's default): a job is data read from Redis, and unpickling
+it would run whatever callable it names, so anyone able to write to Redis could run commands
+as the worker. msgpack decodes to plain values only (no extension types are accepted); a job
+that does not decode is refused, logged (`job_refused`) and dropped, never run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import math
 import time
+from decimal import Decimal
 from typing import Any
 
+import msgspec
 import orjson
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import job_key_prefix, result_key_prefix
-from arq.jobs import serialize_job
-from arq.utils import timestamp_ms
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import autopipe, ledger
+from service import autopipe, ledger, redis_url
+from service.errors import JobRefused
+from service.logging import get_logger
+
+log = get_logger("service.queue")
 
 PROCESS_EVENT = "process_event"
 #: `<prefix><delivery>`: set once a delivery is accepted (inbox) or processed (app event).
@@ -38,31 +48,94 @@ ORDER_TRUTH = "order_truth"
 ORDERS_RECONCILE = "orders_reconcile"
 
 
+def _plain(value: Any) -> Any:
+    """What msgpack has no type for. arq records a failed job's exception as its result: it
+    is kept as text. A job's arguments are only ever plain values: anything else fails the
+    enqueue loudly instead of reaching the worker as something else."""
+    if isinstance(value, BaseException):
+        return repr(value)
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"a job cannot carry {type(value).__name__}: use str, int, bytes, list, dict")
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_plain)
+_decoder = msgspec.msgpack.Decoder()  # plain values only: msgpack extension types are refused
+
+
+def encode_job(job: dict[str, Any]) -> bytes:
+    """arq's `job_serializer`: a job (or a job's result) as msgpack."""
+    return _encoder.encode(job)
+
+
+def decode_job(data: bytes) -> dict[str, Any]:
+    """arq's `job_deserializer`. Data that is not a msgpack map is refused, with a line that
+    says what it looked like; arq then logs the job id with this error and drops the job."""
+    try:
+        job = _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        # Pickles from protocol 2 on start with 0x80 (PROTO): arq's own default format, so an
+        # earlier version of this service, or someone who can write to Redis.
+        kind = "a pickle" if data[:1] == b"\x80" else "not msgpack"
+        why = (
+            f"job data is {kind} ({len(data)} bytes), not this service's msgpack; it was not "
+            "run: jobs are never unpickled (written by an earlier version, or by someone with "
+            "write access to Redis)"
+        )
+        log.error("job_refused", why=why, error=str(exc))
+        raise JobRefused(why) from None
+    if not isinstance(job, dict):
+        why = f"job data is msgpack but not a job (a {type(job).__name__}); it was not run"
+        log.error("job_refused", why=why)
+        raise JobRefused(why)
+    return job
+
+
 def redis_settings(url: str, *, ride_out_outages: bool = False) -> RedisSettings:
-    """arq's connection settings. `ride_out_outages` (the worker): every command is retried
-    with backoff for about 15 s, so a Redis restart or failover pauses the worker instead of
-    ending its main loop (arq lets a failed poll stop the worker)."""
-    settings = RedisSettings.from_dsn(url)
+    """arq's connection settings for `url` (see service/redis_url.py). `ride_out_outages` (the
+    worker): a command that meets a lost or refused connection is retried with backoff (for
+    0.7 s to about 3 s), so a Redis blip costs in-flight jobs a pause rather than a failure.
+    OSError is named because redis-py retries connecting only for the errors named here, and
+    a refused connect is a plain `ConnectionRefusedError`; a command retries its connect too,
+    so the two budgets multiply: both are kept small. Longer outages end arq's loop;
+    `worker.run_worker` waits for Redis and starts it again."""
+    settings = redis_url.arq_settings(url)
     if ride_out_outages:
-        settings.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=12)
-        settings.retry_on_error = [RedisConnectionError, RedisTimeoutError]
-        settings.conn_retries = 30
+        settings.retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3)
+        settings.retry_on_error = [RedisConnectionError, RedisTimeoutError, OSError]
+        settings.conn_retries = 30  # arq's start-up: Redis may come up after the worker
     return settings
 
 
 async def connect(url: str) -> ArqRedis:
-    return await create_pool(redis_settings(url))
+    """An arq pool that writes and reads jobs as msgpack (every process that enqueues)."""
+    return await create_pool(
+        redis_settings(url),
+        job_serializer=encode_job,
+        job_deserializer=decode_job,
+    )
 
 
-# KEYS: the delivery's "seen" key, job key, result key, queue; ARGV: job, expires ms, score, id.
-# What arq's enqueue_job does (job key with expiry + queue entry, refused if the job exists),
-# plus the "already processed" check, in one atomic round trip: the webhook's whole Redis cost.
-_ENQUEUE_EVENT = """
-if redis.call('EXISTS', KEYS[1], KEYS[2], KEYS[3]) > 0 then return 0 end
-redis.call('PSETEX', KEYS[2], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])
-return 1
-"""
+async def enqueue(
+    pool: ArqRedis,
+    job: str,
+    *args: Any,
+    job_id: str,
+    defer_s: float = 0.0,
+    defer_until: dt.datetime | None = None,
+) -> bool:
+    """Queue `job(*args)` under `job_id`, through arq's public `enqueue_job`, to run after
+    `defer_s` seconds (zero or less: now) or at `defer_until` (which wins). False when a job
+    with this id is already queued or running. Arguments must be plain values (str, int,
+    float, bytes, lists, dicts): they travel as msgpack."""
+    queued = await pool.enqueue_job(
+        job,
+        *args,
+        _job_id=job_id,
+        _defer_by=None if defer_until is not None or defer_s <= 0 else defer_s,
+        _defer_until=defer_until,
+    )
+    return queued is not None
 
 
 # KEYS: the inbox stream, then each delivery's "seen" key; ARGV: seen TTL s, MINID ("" = keep
@@ -101,25 +174,6 @@ return out
 
 #: Deliveries per `ACCEPT_WEBHOOKS` call at most: more waiting go in the next call.
 ACCEPT_BATCH = 256
-
-
-def _event_job(delivery: str, body: bytes, trace_id: str, pool: ArqRedis) -> list[Any]:
-    """`_ENQUEUE_EVENT` with its KEYS and ARGV, for one delivery."""
-    job_id = f"evt:{delivery}"
-    now = timestamp_ms()
-    job = serialize_job(PROCESS_EVENT, (body, delivery, trace_id), {}, None, now)
-    return [
-        _ENQUEUE_EVENT,
-        4,
-        SEEN_PREFIX + delivery,
-        job_key_prefix + job_id,
-        result_key_prefix + job_id,
-        pool.default_queue_name,
-        job,
-        str(pool.expires_extra_ms),
-        str(now),
-        job_id,
-    ]
 
 
 def _settle(batch: list[tuple[str, list[Any], asyncio.Future[Any]]], results: list[Any]) -> None:
@@ -214,9 +268,21 @@ class EventWriter:
 
     async def enqueue(self, delivery: str, body: bytes, trace_id: str) -> bool:
         """Persist one delivery as its own arq job (app lifecycle events); False when it is
-        queued or was processed already (the worker marks it seen once it is processed)."""
-        call = _event_job(delivery, body, trace_id, self.pool)
-        return bool(await autopipe.auto(self.pool).execute("EVAL", *call))
+        queued or was processed already (the worker marks it seen once it is processed).
+
+        Through arq's public `enqueue_job` (about four round trips: the "seen" check, then
+        arq's WATCH, EXISTS and MULTI/EXEC) rather than a script writing arq's job format by
+        hand in one: that format is arq's private business and changes with it. The cost is
+        paid by app lifecycle events only (a handful per store's lifetime); every webhook for
+        the rules still costs its share of one group-committed script call (`accept`). The
+        check and the enqueue are two steps: a duplicate that lands between them runs the job
+        a second time, which lifecycle handlers (upserts, ordered by event time) allow.
+        """
+        if await autopipe.auto(self.pool).execute("EXISTS", SEEN_PREFIX + delivery):
+            return False
+        return await enqueue(
+            self.pool, PROCESS_EVENT, body, delivery, trace_id, job_id=f"evt:{delivery}"
+        )
 
 
 #: The flush job this process last enqueued per store. Asking arq again for the same window is
@@ -239,16 +305,14 @@ async def enqueue_flush(
     else:
         run_at = at
         job_id = f"flush:{merchant}:{int(at * 1000)}"
-    await pool.enqueue_job(
-        FLUSH, merchant, _job_id=job_id, _defer_by=max(0.0, run_at - time.time())
-    )
+    await enqueue(pool, FLUSH, merchant, job_id=job_id, defer_s=run_at - time.time())
 
 
 async def enqueue_reconcile(pool: ArqRedis, merchant: int, delay_s: float = 0.0) -> None:
     """One reconcile job per store per 10 seconds (the sweep cron is the backstop)."""
     at = time.time() + delay_s
-    await pool.enqueue_job(
-        RECONCILE, merchant, _job_id=f"reconcile:{merchant}:{int(at // 10)}", _defer_by=delay_s
+    await enqueue(
+        pool, RECONCILE, merchant, job_id=f"reconcile:{merchant}:{int(at // 10)}", defer_s=delay_s
     )
 
 
@@ -258,18 +322,16 @@ async def enqueue_order_truth(
     """Ask Salla about one order: one job per order at a time (`order_truth:<store>:<order>`).
     False when one is already queued or running (it reads the order's entry again before it
     commits, so it also covers the event that asked now)."""
-    job = await pool.enqueue_job(
+    return await enqueue(
+        pool,
         ORDER_TRUTH,
         merchant,
         order_id,
-        _job_id=f"{ORDER_TRUTH}:{merchant}:{order_id}",
-        _defer_by=max(0.0, defer_s),
+        job_id=f"{ORDER_TRUTH}:{merchant}:{order_id}",
+        defer_s=defer_s,
     )
-    return job is not None
 
 
 async def enqueue_orders_reconcile(pool: ArqRedis, merchant: int, *, slot: int) -> None:
     """One reconciliation run of a store per period (`slot`: the period's number)."""
-    await pool.enqueue_job(
-        ORDERS_RECONCILE, merchant, _job_id=f"{ORDERS_RECONCILE}:{merchant}:{slot}"
-    )
+    await enqueue(pool, ORDERS_RECONCILE, merchant, job_id=f"{ORDERS_RECONCILE}:{merchant}:{slot}")

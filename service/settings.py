@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.errors import ConfigError
+from service.redis_url import check as check_redis_url
+from service.redis_url import password as redis_password
 
 #: Secrets that mean "nobody set this"; refused outside development.
 PLACEHOLDER_SECRETS = frozenset(
@@ -51,6 +53,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     #: A client that has not sent its whole body by then gets 408 (slow or abusive clients).
     request_body_timeout_s: float = Field(default=10.0, gt=0)
+    #: A connection must complete its request headers this long after it opens, and after
+    #: each answer when kept alive; otherwise it is closed (slow or idle clients hold files).
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    #: Connections the web process holds at most: one more closes the one that has waited
+    #: longest for its headers; with every connection busy, requests get 503.
+    max_connections: int = Field(default=1000, ge=1)
     #: How long a webhook delivery is remembered for deduplication (Salla retries for ~15 min).
     dedupe_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
 
@@ -116,6 +124,16 @@ class Settings(BaseSettings):
     #: Webhooks the rules saw are kept this long for `replay`; 0 keeps none.
     webhook_retention_days: int = Field(default=7, ge=0, le=365)
 
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, url: str | None) -> str | None:
+        if not url:
+            return None
+        try:
+            return check_redis_url(url)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> Settings:
         secret = self.salla_webhook_secret.get_secret_value().strip().lower()
@@ -124,6 +142,13 @@ class Settings(BaseSettings):
                 "SALLA_WEBHOOK_SECRET is empty or a placeholder; set it to the webhook secret "
                 "from the Salla Partner Portal (or APP_ENV=development for local work)"
             )
+        if self.app_env != "development" and self.redis_url:
+            redis_secret = redis_password(self.redis_url)
+            if redis_secret.lower() in PLACEHOLDER_SECRETS - {""} or redis_secret.startswith("<"):
+                raise ValueError(
+                    "REDIS_URL's password is a placeholder; put Redis's real password in it "
+                    "(the deploy files read it from REDIS_PASSWORD)"
+                )
         admin = self.admin_token.get_secret_value()
         if admin and self.app_env != "development" and len(admin) < MIN_ADMIN_TOKEN_LENGTH:
             raise ValueError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import signal
 from typing import Any
 
 import httpx
@@ -131,6 +132,9 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
     """The keyword arguments of `arq.Worker` for this service (also used by tests)."""
 
     async def startup(ctx: dict[str, Any]) -> None:
+        if "processing" in ctx:  # `run` started arq's loop again after a Redis outage
+            log.info("worker_resumed")
+            return
         configure_logging(settings.log_format, settings.log_level)
         redis = Redis.from_url(redis_url, decode_responses=True)
         pool: ArqRedis = ctx["redis"]
@@ -207,6 +211,8 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
             cron(schedule_orders_reconcile, second=45, unique=True, run_at_startup=True),
         ],
         "redis_settings": queue.redis_settings(redis_url, ride_out_outages=True),
+        "job_serializer": queue.encode_job,
+        "job_deserializer": queue.decode_job,
         "on_startup": startup,
         "on_shutdown": shutdown,
         "job_timeout": settings.job_timeout_s,
@@ -221,21 +227,58 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
     }
 
 
-class _Worker(Worker):
-    """arq's worker, kept alive through a Redis outage: redis-py retries commands but not the
-    connection checkout, so a poll while Redis restarts would end arq's main loop (and the
-    process). Such a poll is skipped instead; the next one reconnects."""
-
-    async def _poll_iteration(self) -> None:
-        try:
-            await super()._poll_iteration()
-        except _REDIS_TRANSIENT as exc:
-            log.warning("worker_redis_unavailable", error=repr(exc))
-            await asyncio.sleep(1.0)
-
-
 def create_worker(settings: Settings, redis_url: str, **overrides: Any) -> Worker:
-    return _Worker(**{**build_worker_settings(settings, redis_url), **overrides})
+    return Worker(**{**build_worker_settings(settings, redis_url), **overrides})
+
+
+def run_worker(worker: Worker) -> None:
+    """`Worker.run`, kept alive through a Redis outage of any length: when arq's loop ends on
+    a lost connection (its poll, or a job's bookkeeping, failed after redis-py's retries),
+    wait for Redis and start the loop again (`Worker.async_run`) in the same process, with
+    the same resources (`startup` runs once) and the jobs in flight left running. A signal
+    (SIGTERM, Ctrl-C) stops it as it stops arq, waiting or not."""
+    supervisor = worker.loop.create_task(_ride_out_outages(worker))
+
+    def stop(_signal: signal.Signals) -> None:  # arq's own stop has cancelled its loop
+        supervisor.cancel()
+
+    worker.on_stop = stop
+    try:
+        worker.loop.run_until_complete(supervisor)
+    except asyncio.CancelledError:  # stopped by a signal
+        pass
+    finally:
+        try:
+            worker.loop.run_until_complete(worker.close())
+        except _REDIS_TRANSIENT as exc:  # stopping while Redis is away: nothing left to tidy
+            log.warning("worker_stopped_without_redis", error=repr(exc))
+
+
+async def _ride_out_outages(worker: Worker) -> None:
+    while True:
+        try:
+            await worker.async_run()
+            return
+        except _REDIS_TRANSIENT as exc:
+            if worker.pool is None:  # Redis was never reached: a start-up failure, not an outage
+                raise
+            log.warning("worker_redis_unavailable", error=repr(exc))
+        await _wait_for_redis(worker.pool)
+
+
+async def _wait_for_redis(pool: ArqRedis) -> None:
+    wait_s = 0.5
+    while True:
+        await asyncio.sleep(wait_s)
+        try:
+            # Bounded: arq's pool has no read timeout, and a reply may never come on a
+            # connection made while Redis was going down.
+            await asyncio.wait_for(pool.ping(), timeout=5.0)
+        except (*_REDIS_TRANSIENT, TimeoutError):
+            wait_s = min(wait_s * 2, 2.0)
+            continue
+        log.info("worker_redis_back")
+        return
 
 
 async def worker_alive(redis_url: str) -> bool:

@@ -22,8 +22,10 @@ from redis import Redis
 
 from service.app import create_app
 from service.cli import main
+from service.redis_url import check as check_redis_url
 from service.rules import load_rules
 from service.rules.loader import MERCHANTS_DIR
+from service.server import RESERVED_FILES
 from service.settings import Settings
 from service.webhooks import signed_headers
 from tests.conftest import ROOT_DIR, SECRET, fixture_bytes, make_settings
@@ -93,7 +95,7 @@ class TestCompose:
     def test_services(self) -> None:
         services = self.doc["services"]
         assert set(services) == {"redis", "web", "worker"}
-        assert "--appendonly" in services["redis"]["command"]
+        assert "--appendonly" in " ".join(services["redis"]["command"])
         assert services["redis"]["healthcheck"]["test"]
 
     def test_required_secrets_and_known_settings(self) -> None:
@@ -321,3 +323,38 @@ class TestStartsInTheImageLayout:
             assert [(g["rule_id"], g["points"]) for g in line["queued"]] == [("purchase", 15)]
         # Nothing was written into the image's folders (the pods run read-only).
         assert layout.files() == before
+
+
+#: Open files `serve` needs at the default MAX_CONNECTIONS.
+OPEN_FILES_NEEDED = Settings.model_fields["max_connections"].default + RESERVED_FILES
+
+
+class TestRedisPasswordAndOpenFiles:
+    """Every file sets a Redis password and gives the web process the open files it needs."""
+
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+    def test_compose_starts_redis_with_a_required_password_the_services_use(self) -> None:
+        redis = self.compose["services"]["redis"]
+        required = r"\$\{REDIS_PASSWORD:\?.+\}"
+        assert re.fullmatch(required, redis["environment"]["REDIS_PASSWORD"])
+        assert 'requirepass "%s"' in " ".join(redis["command"])
+        assert "REDISCLI_AUTH" in " ".join(redis["healthcheck"]["test"])
+        for name in ("web", "worker"):
+            url = self.compose["services"][name]["environment"]["REDIS_URL"]
+            assert re.fullmatch(r"redis://:" + required + r"@redis:6379/0", url), url
+            filled = re.sub(required, "0123abcd" * 4, url)
+            assert make_settings(redis_url=filled).redis_url == check_redis_url(filled)
+
+    def test_the_kubernetes_secret_example_is_refused_until_filled_in(self) -> None:
+        [secret] = [d for d in k8s_docs() if d["kind"] == "Secret"]
+        example = secret["stringData"]["REDIS_URL"]
+        with pytest.raises(ValueError, match="password is a placeholder"):
+            make_settings(redis_url=example)
+
+    def test_web_gets_enough_open_files(self) -> None:
+        nofile = self.compose["services"]["web"]["ulimits"]["nofile"]
+        assert min(nofile["soft"], nofile["hard"]) >= OPEN_FILES_NEEDED
+        unit = configparser.ConfigParser(interpolation=None, strict=False)
+        unit.read_string((DEPLOY / "systemd" / "salla-rewards-web.service").read_text())
+        assert int(unit["Service"]["LimitNOFILE"]) >= OPEN_FILES_NEEDED

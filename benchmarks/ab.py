@@ -1,0 +1,98 @@
+"""Interleaved A/B of the webhook ingest: another revision's `serve` (A) against this checkout's
+(B), with bare Starlette (this checkout's `benchmarks.bare`) for the ratio `make bench` reports.
+
+    .venv/bin/python -m benchmarks.ab REV [ROUNDS]
+
+Each round runs wrk against A, B and bare in turn (the order rotates from round to round), each
+from an empty Redis, so all three see the same phases of a noisy machine; per-round ratios and
+their medians are printed as JSON. A is `git archive REV`, run with this checkout's virtualenv.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from benchmarks.ingest import aof_compaction_deferred, run_wrk, signed_bodies, start_server
+from service.embedded import EmbeddedRedis
+from service.processing import WEBHOOK_STREAM
+
+ROOT = Path(__file__).parent.parent
+
+
+def checkout(rev: str, into: Path) -> Path:
+    git = ["git", "archive", rev]  # git from PATH, as a developer runs it
+    archive = subprocess.run(git, cwd=ROOT, capture_output=True, check=True).stdout  # noqa: S603
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+async def ab(rev: str, rounds: int, seconds: int = 8, connections: int = 32) -> dict[str, Any]:
+    secret = "bench-webhook-secret"  # noqa: S105 - a local benchmark secret
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis", 16398) as db:
+        other = checkout(rev, Path(tmp) / "other")
+        env = {**os.environ, "REDIS_URL": db.url, "SALLA_WEBHOOK_SECRET": secret,
+               "LOG_LEVEL": "INFO", "LOG_FORMAT": "json"}  # fmt: skip
+        requests_file = Path(tmp) / "requests.tsv"
+        bodies = signed_bodies(60_000, secret)
+        with requests_file.open("wb") as out:
+            for signature, body in bodies:
+                out.write(signature.encode() + b"\t" + body + b"\n")
+        serve = [sys.executable, "-m", "service", "serve", "--port"]
+        ports = {"A": 18601, "B": 18602, "bare": 18603}
+        servers = {
+            "A": start_server([*serve, "18601"], env, ports["A"], cwd=other),
+            "B": start_server([*serve, "18602"], env, ports["B"]),
+            "bare": start_server([sys.executable, "-m", "benchmarks.bare", "18603"], env, 18603),
+        }
+        redis = Redis.from_url(db.url)
+        rates: dict[str, list[int]] = {name: [] for name in ports}
+        try:
+            async with aof_compaction_deferred(redis):
+                order = ["A", "B", "bare"]
+                for n in range(rounds):
+                    for name in order[n % 3 :] + order[: n % 3]:
+                        await redis.flushall()
+                        await redis.bgrewriteaof()
+                        await asyncio.sleep(1)
+                        result = run_wrk(ports[name], requests_file, seconds, connections)
+                        if name != "bare":
+                            persisted = await redis.xlen(WEBHOOK_STREAM)
+                            if result["non_2xx"] or persisted < min(result["requests"], 60_000):
+                                raise RuntimeError(f"{name}: not all persisted: {result}")
+                        rates[name].append(result["requests_per_s"])
+        finally:
+            await redis.aclose()
+            for server in servers.values():
+                server.terminate()
+                server.wait(timeout=15)
+    per_round = {
+        f"{a}/{b}": [round(x / y, 3) for x, y in zip(rates[a], rates[b], strict=True)]
+        for a, b in (("A", "bare"), ("B", "bare"), ("B", "A"))
+    }
+    return {
+        "A": rev,
+        "B": "this checkout",
+        "requests_per_s": rates,
+        "ratio_per_round": per_round,
+        "ratio_median": {key: statistics.median(values) for key, values in per_round.items()},
+        "load_generator": f"wrk -t1 -c{connections} -d{seconds}s, {rounds} rounds, order rotated",
+    }
+
+
+if __name__ == "__main__":
+    revision = sys.argv[1]
+    count = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    print(json.dumps(asyncio.run(ab(revision, count)), indent=2))
