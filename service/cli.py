@@ -1,46 +1,99 @@
-"""The `salla-rewards` command line."""
+"""The `salla-rewards` command line: it parses arguments; the work lives in the modules.
+
+A configuration mistake (a bad setting, a busy port, an unreachable Redis, invalid rules) is a
+`ConfigError`: every command prints it as one line, a sentence and a hint (a JSON line when
+`LOG_FORMAT=json`), and exits 2; never a traceback.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import os
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
-import httpx
 
 from service.errors import ConfigError, RuleError
 from service.ids import ID, WHAT_AN_ID_IS, parse_id
-from service.rules.model import RuleSet
-from service.settings import DEVELOPMENT_WEBHOOK_SECRET, Settings, load_settings
+from service.settings import (
+    DEVELOPMENT_WEBHOOK_SECRET,
+    Settings,
+    load_settings,
+    requested_log_format,
+)
 
-DEMO_MERCHANT = 193718979  # the merchant of Salla's published order.status.updated sample
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+if TYPE_CHECKING:  # the rule engine takes a second to import: not for a refusal
+    from service.rules.model import RuleSet
 
 
-def _redis_url(settings: Settings) -> str:
+class Refused(click.ClickException):
+    """A `ConfigError` as the command line shows it: one line, exit 2."""
+
+    exit_code = 2
+
+    def __init__(self, error: ConfigError, **fields: Any) -> None:
+        super().__init__(error.message)
+        self.hint = error.hint
+        self.fields = fields
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        from service.logging import configure_logging, get_logger, use_json_lines
+
+        if use_json_lines(requested_log_format()):
+            configure_logging("json", "INFO")
+            get_logger("service.cli").error(
+                "config_error", error=self.message, hint=self.hint, **self.fields
+            )
+            return
+        hint = f" Hint: {self.hint}." if self.hint else ""
+        click.echo(f"Error: {self.message.rstrip('.')}.{hint}", err=True)
+        for problem in self.fields.get("problems", ()):
+            click.echo(f"  {problem}", err=True)
+
+
+class _Commands(click.Group):
+    """The top-level group: a `ConfigError` from any command becomes a `Refused`."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            raise Refused(exc) from None
+        except RuleError as exc:  # loading rules to serve them (`rules check` has its own)
+            raise Refused(
+                ConfigError("rules are invalid", hint="salla-rewards rules check"),
+                problems=exc.problems,
+            ) from None
+
+
+def _start_logging(settings: Settings) -> None:
+    """Logging for a long-running command: every line in the configured format."""
+    from service.logging import configure_logging, log_everything
+
+    configure_logging(settings.log_format, settings.log_level)
+    log_everything()
+
+
+@contextlib.contextmanager
+def _redis_for(settings: Settings) -> Iterator[str]:
+    """`REDIS_URL` once it answers; unset, the embedded Redis (started here, and stopped on
+    the way out, unless another process of ours already runs it)."""
+    from service import preflight
+    from service.embedded import embedded_redis
+
     if settings.redis_url:
-        return settings.redis_url
-    from service.embedded import ensure_running
+        yield preflight.redis_reachable(settings.redis_url)
+        return
+    with embedded_redis(settings.data_dir / "redis", settings.embedded_redis_port) as url:
+        yield url
 
-    return ensure_running(settings.data_dir / "redis", settings.embedded_redis_port)
 
-
-@click.group()
+@click.group(cls=_Commands)
 @click.version_option(package_name="salla-rewards")
 def main() -> None:
     """salla-rewards: Salla webhooks in, loyalty points out."""
@@ -53,17 +106,27 @@ def serve(host: str, port: int) -> None:
     """Run the HTTP service (webhooks, health) with uvicorn."""
     import uvicorn
 
-    from service import server
+    from service import preflight, server
     from service.app import create_app
-    from service.logging import configure_logging
+    from service.children import signals_end_the_process
+    from service.logging import get_logger
 
-    settings = _settings()
-    configure_logging(settings.log_format, settings.log_level)
-    try:
-        app = create_app(settings, _redis_url(settings))
-    except RuleError as exc:
-        raise click.ClickException("rules are invalid:\n" + str(exc)) from None
-    uvicorn.run(app, host=host, port=port, **server.options(settings))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the rules' reload handler is in
+    settings = load_settings()
+    _start_logging(settings)
+    with signals_end_the_process():
+        # The port is bound here and handed to uvicorn: a busy port is refused before Redis
+        # starts, and nothing can take it between the check and the server's start.
+        sock = preflight.bind(host, port, "--port")
+        with sock, _redis_for(settings) as redis_url:
+            app = create_app(settings, redis_url)
+            config = uvicorn.Config(app, host=host, port=port, **server.options(settings))
+            uvicorn_server = uvicorn.Server(config)
+            # uvicorn names its address only for sockets it binds itself.
+            get_logger("service.web").info("web_listening", url=f"http://{host}:{port}")
+            uvicorn_server.run(sockets=[sock])
+            if not uvicorn_server.started:  # the application's start-up failed (logged above)
+                sys.exit(3)
 
 
 @main.command()
@@ -77,27 +140,30 @@ def worker(check: bool) -> None:
     if check:
         from service.worker import worker_alive
 
-        url = _admin_url(os.environ.get("REDIS_URL"))
+        try:
+            url = _admin_url(None)
+        except ConfigError as exc:  # a health check says 1 (2 is reserved in Docker's)
+            click.echo(f"{exc.message} ({exc.hint})", err=True)
+            sys.exit(1)
         if asyncio.run(worker_alive(url)):
             click.echo("ok: a worker reported in recently")
             return
         click.echo("no worker has reported in recently", err=True)
         sys.exit(1)
-    from service.logging import configure_logging
+    from service.children import signals_end_the_process
     from service.rules import load_rules
     from service.worker import create_worker, run_worker
 
-    settings = _settings()
-    configure_logging(settings.log_format, settings.log_level)
-    try:
-        load_rules(settings.rules_path)
-    except RuleError as exc:
-        raise click.ClickException("rules are invalid:\n" + str(exc)) from None
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the rules' reload handler is in
+    settings = load_settings()
+    _start_logging(settings)
+    load_rules(settings.rules_path)
     import uvloop
 
     # uvloop: the worker is mostly Redis round trips, which uvloop's transports make cheaper.
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    run_worker(create_worker(settings, _redis_url(settings)))
+    with signals_end_the_process(), _redis_for(settings) as redis_url:
+        run_worker(create_worker(settings, redis_url))
 
 
 @main.command()
@@ -167,9 +233,15 @@ def sandbox(
     """Run the Salla-compatible sandbox API and store alone (docs/sandbox.md)."""
     import uvicorn
 
+    from service import preflight
+    from service.children import signals_end_the_process
+    from service.logging import configure_logging, log_everything
     from service.sandbox.app import Sandbox, create_sandbox_app
     from service.sandbox.state import SandboxStateError
 
+    # The sandbox needs no settings, only the log format (warnings and errors only).
+    configure_logging(requested_log_format(), "WARNING")
+    log_everything()
     try:
         box = Sandbox(
             rate_limit=rate_limit,
@@ -186,9 +258,16 @@ def sandbox(
         raise click.BadParameter(str(exc), param_hint="--state-file") from None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--webhook-secret") from None
-    uvicorn.run(
-        create_sandbox_app(box), host=host, port=port, log_level="warning", access_log=False
-    )
+    with signals_end_the_process(), preflight.bind(host, port, "--port") as sock:
+        config = uvicorn.Config(
+            create_sandbox_app(box),
+            host=host,
+            port=port,
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+        )
+        uvicorn.Server(config).run(sockets=[sock])
 
 
 @main.command()
@@ -206,6 +285,8 @@ def sandbox(
 @click.option("--merchant", type=ID, default=None, help="Send as this store instead.")
 def send(file: Path, url: str, secret: str, strategy: str, merchant: int | None) -> None:
     """Sign FILE and POST it exactly as Salla delivers a webhook."""
+    import httpx
+
     from service.webhooks import signed_headers
 
     body = file.read_bytes()
@@ -373,24 +454,21 @@ _redis_option = click.option(
 
 def _admin_url(redis_url: str | None) -> str:
     """The service's Redis for operator commands (no webhook secret needed); fails clearly."""
-    from redis import Redis
-    from redis.exceptions import RedisError
+    return _redis_url(_operator_settings(), redis_url)
 
-    from service import redis_url as urls
 
-    url = redis_url or f"redis://127.0.0.1:{os.environ.get('EMBEDDED_REDIS_PORT', '6390')}/0"
-    try:
-        url = urls.check(url)
-    except ConfigError as exc:
-        raise click.ClickException(f"REDIS_URL: {exc}") from None
-    client = Redis.from_url(url)
-    try:
-        client.ping()
-    except (RedisError, OSError) as exc:
-        raise click.ClickException(f"cannot reach Redis at {urls.redact(url)}: {exc}") from None
-    finally:
-        client.close()
-    return url
+def _settings() -> Settings:
+    """The service's settings for an operator command that needs all of them (`orders`)."""
+    return load_settings()
+
+
+def _redis_url(settings: Settings, redis_url: str | None = None) -> str:
+    """The running service's Redis, which must answer: `--redis-url`, else `REDIS_URL`, else
+    the embedded one's port. Operator commands never start a Redis of their own."""
+    from service import preflight
+
+    url = redis_url or settings.redis_url or f"redis://127.0.0.1:{settings.embedded_redis_port}/0"
+    return preflight.redis_reachable(url)
 
 
 def _run_async(coro: Any) -> Any:
@@ -645,10 +723,7 @@ def _interruptible() -> Iterator[asyncio.Event]:
 
 def _operator_settings() -> Settings:
     """Settings for operator commands: the service's environment, no webhook secret needed."""
-    try:
-        return load_settings(app_env="development")
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    return load_settings(app_env="development")
 
 
 @main.group()
@@ -657,7 +732,7 @@ def admin() -> None:
     from service.logging import configure_logging
 
     # Only warnings, on stderr: stdout carries the command's own output.
-    configure_logging(os.environ.get("LOG_FORMAT", "auto"), "WARNING")
+    configure_logging(requested_log_format(), "WARNING")
 
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -943,141 +1018,21 @@ def admin_replay(
     )
 
 
-def _wait_http(url: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise click.ClickException(f"{url} did not become ready in {timeout_s:g}s")
-
-
 @main.command()
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--sandbox-port", default=8081, show_default=True, type=int)
 def run(port: int, sandbox_port: int) -> None:
-    """Development: embedded Redis + sandbox + serve + worker in one command."""
-    import secrets
+    """Development: embedded Redis + sandbox + serve + worker in one command.
 
-    from service.embedded import EmbeddedRedis
-    from service.webhooks import signed_headers
+    Ctrl-C or SIGTERM stops everything; SIGHUP reloads the rules of serve and worker.
+    """
+    from service import supervisor
+    from service.logging import use_json_lines
 
-    env_secret = os.environ.get("SALLA_WEBHOOK_SECRET") or DEVELOPMENT_WEBHOOK_SECRET
-    admin_token = os.environ.get("ADMIN_TOKEN") or secrets.token_urlsafe(24)
-    settings = load_settings(app_env="development", salla_webhook_secret=env_secret)
-    redis = EmbeddedRedis(settings.data_dir / "redis", settings.embedded_redis_port)
-    redis_url = settings.redis_url or redis.start()
-    sandbox_base = f"http://127.0.0.1:{sandbox_port}"
-    # LOG_FORMAT is left to the children (default auto): console lines on a terminal, JSON when
-    # `make run` is piped or logged to a file, as the README says.
-    child_env = {
-        **os.environ,
-        "APP_ENV": "development",
-        "SALLA_WEBHOOK_SECRET": env_secret,
-        "REDIS_URL": redis_url,
-        "SALLA_API_BASE": sandbox_base,
-        "SALLA_OAUTH_TOKEN_URL": f"{sandbox_base}/oauth2/token",
-        "SALLA_CLIENT_ID": os.environ.get("SALLA_CLIENT_ID", "sandbox-client"),
-        "SALLA_CLIENT_SECRET": os.environ.get("SALLA_CLIENT_SECRET", "sandbox-client-secret"),
-        "ADMIN_TOKEN": admin_token,
-    }
-    me = [sys.executable, "-m", "service"]
-    children: list[subprocess.Popen[bytes]] = []
-    # SIGTERM (a process manager, `kill`) stops everything as Ctrl-C does, Redis included.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
-        # The sandbox store sends its order webhooks to this service, signed with the same
-        # secret (by environment, not argv), and keeps its state under data_dir across runs.
-        webhook_url = f"http://127.0.0.1:{port}/webhooks/salla"
-        sandbox_cmd = [
-            *me, "sandbox", "--port", str(sandbox_port), "--webhook-url", webhook_url,
-            "--state-file", str(settings.data_dir / "sandbox.json"),
-        ]  # fmt: skip
-        sandbox_env = {**child_env, "SANDBOX_WEBHOOK_SECRET": env_secret}
-        children.append(subprocess.Popen(sandbox_cmd, env=sandbox_env))  # noqa: S603
-        children.append(subprocess.Popen([*me, "serve", "--port", str(port)], env=child_env))  # noqa: S603
-        children.append(subprocess.Popen([*me, "worker"], env=child_env))  # noqa: S603
-        _wait_http(f"{sandbox_base}/_sandbox/health")
-        _wait_http(f"http://127.0.0.1:{port}/readyz")
-        store = _demo_store(sandbox_base)
-        authorize: dict[str, Any] = {
-            "event": "app.store.authorize",
-            "merchant": DEMO_MERCHANT,
-            "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "data": {
-                "access_token": store["access_token"],
-                "refresh_token": store["refresh_token"],
-                "expires": store["expires"],
-                "scope": store["scope"],
-                "token_type": "bearer",
-            },
-        }
-        body = json.dumps(authorize).encode()
-        httpx.post(
-            webhook_url, content=body, headers=signed_headers(body, env_secret)
-        ).raise_for_status()
-        banner = _banner(webhook_url, env_secret, sandbox_base, store["access_token"], admin_token)
-        click.echo(banner, err=True)
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
-        raise click.ClickException("a child process stopped; see the log above")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for child in children:  # SIGTERM: a child started in the background ignores SIGINT
-            if child.poll() is None:
-                child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        redis.stop()
-
-
-def _demo_store(sandbox_base: str) -> dict[str, Any]:
-    """The demo store's tokens: the ones the sandbox kept from an earlier `run` (the service
-    kept the same ones in its Redis), or a new install. Re-installing would replace the tokens
-    the service holds and forget the store's orders and balances."""
-    kept = httpx.get(f"{sandbox_base}/_sandbox/stores/{DEMO_MERCHANT}")
-    if kept.status_code == 200:
-        store: dict[str, Any] = kept.json()
-        return store
-    created: dict[str, Any] = httpx.post(
-        f"{sandbox_base}/_sandbox/stores", json={"merchant": DEMO_MERCHANT}
-    ).json()
-    return created
-
-
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def _banner(webhook_url: str, secret: str, sandbox_base: str, token: str, admin: str) -> str:
-    service = webhook_url.removesuffix("/webhooks/salla")
-    return f"""
-  salla-rewards is running (development)
-
-  webhook URL      {webhook_url}
-  webhook secret   {secret}     (strategy: signature)
-  Salla sandbox    {sandbox_base}   demo store {DEMO_MERCHANT} is installed
-
-  Send Salla's sample "order completed" webhook:
-    .venv/bin/salla-rewards send examples/webhooks/order.status.updated.json --url {webhook_url}
-
-  Then see the customer's points in the sandbox:
-    curl -s -H 'Authorization: Bearer {token}' \\
-      '{sandbox_base}/customers/loyalty/points?customer_id=1779795066'
-
-  And what the service knows (admin token {admin}):
-    curl -s -H 'Authorization: Bearer {admin}' {service}/admin/stores/{DEMO_MERCHANT}
-    .venv/bin/salla-rewards admin customer {DEMO_MERCHANT} 1779795066
-
-  Ctrl-C stops everything.
-"""
+    settings = load_settings(app_env="development")
+    _start_logging(settings)
+    use_json = use_json_lines(settings.log_format)
+    sys.exit(supervisor.run(settings, port=port, sandbox_port=sandbox_port, use_json=use_json))
 
 
 def _register_orders() -> None:

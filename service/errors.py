@@ -1,7 +1,7 @@
 """The service's exception tree.
 
 ServiceError
-├── ConfigError          settings or environment refused at start-up
+├── ConfigError          settings, a busy port or an unreachable Redis at start-up
 ├── WebhookError         a webhook request that must be refused (carries its HTTP status)
 │   ├── InvalidSignature     401: missing or wrong signature/token, wrong strategy
 │   ├── PayloadTooLarge      413: body over the configured limit
@@ -26,7 +26,13 @@ class ServiceError(Exception):
 
 
 class ConfigError(ServiceError):
-    """The settings cannot be used; the message says which one and why."""
+    """The settings or the machine cannot be used: the message says which and why (one
+    sentence), `hint` what to do about it. The command line prints both and exits 2."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
 
 
 class WebhookError(ServiceError):

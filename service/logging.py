@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 import re
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Mapping, MutableMapping
@@ -118,9 +119,74 @@ def _dumps(value: Any, **kwargs: Any) -> bytes:
     return orjson.dumps(value, default=kwargs.get("default"), option=orjson.OPT_NON_STR_KEYS)
 
 
+def _dumps_text(value: Any, **kwargs: Any) -> str:
+    """The same JSON as text: `ProcessorFormatter` hands a `str` to the logging handler."""
+    return _dumps(value, **kwargs).decode()
+
+
+#: The `LogRecord` attribute whose dict a library's line adds as fields (see `service.arq_log`).
+RECORD_FIELDS = "log_fields"
+
+
+def _record_fields(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    fields = getattr(event_dict.get("_record"), RECORD_FIELDS, None)
+    if fields:
+        event_dict.update(fields)
+    return event_dict
+
+
+class _BridgeHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The root handler `configure_logging` installs (and replaces when called again)."""
+
+
+def _bridge_stdlib(use_json: bool, level: int) -> None:
+    """Route the standard library's records (uvicorn, arq, asyncio, watchfiles...) through
+    structlog's `ProcessorFormatter`: the same level, timestamp, redaction and renderer as our
+    own lines, plus `logger` (the library's logger name). Our own lines stay on structlog's
+    direct path: the webhook's line must not pay for a `LogRecord`."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer(serializer=_dumps_text)
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_logger_name,
+            _record_fields,
+            _UtcStamper(),  # and the level, named as ours are (from the record's level)
+            redact,
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _format_exc_info,
+            renderer,
+        ],
+    )
+    handler = _BridgeHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    # On the handler too: a library line a filter lowers to DEBUG (arq's routine cron runs)
+    # was already past the logger's level check.
+    handler.setLevel(level)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _BridgeHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def use_json_lines(log_format: str) -> bool:
+    """`json`, or `auto` when stderr is not a terminal."""
+    return log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+
+
 def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
-    """Configure structlog once per process; safe to call again (tests do)."""
-    use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    """Configure structlog, and the standard library's logging under it, once per process;
+    safe to call again (tests do)."""
+    use_json = use_json_lines(log_format)
     # JSON lines go out as bytes (structlog's documented fast path: BytesLogger + orjson).
     renderer: Any
     factory: Any
@@ -130,6 +196,7 @@ def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         factory = structlog.PrintLoggerFactory(file=sys.stderr)
+    level_number = logging.getLevelName(level.upper())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -138,15 +205,38 @@ def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
             _format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        wrapper_class=structlog.make_filtering_bound_logger(level_number),
         logger_factory=factory,
         cache_logger_on_first_use=False,
     )
     for logger in list(_loggers):
         logger._forget()
-    # Libraries that log through the standard library (uvicorn, arq) go to stderr as plain lines.
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    _bridge_stdlib(use_json, level_number)
+
+
+def log_everything() -> None:
+    """For the service's own processes (`serve`, `worker`, `run`, `sandbox`): Python warnings
+    and uncaught exceptions become log lines too, so no line escapes the format. Not done by
+    `configure_logging`, which tests call inside pytest (it owns those hooks there)."""
+    logging.captureWarnings(True)
+    crash_log = logging.getLogger("service.crash")
+
+    def uncaught(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            sys.__excepthook__(kind, value, tb)
+            return
+        crash_log.critical("uncaught_exception", exc_info=(kind, value, tb))
+
+    def uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None and not isinstance(args.exc_value, SystemExit):
+            crash_log.critical(
+                "uncaught_exception",
+                exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+                extra={RECORD_FIELDS: {"thread": getattr(args.thread, "name", None)}},
+            )
+
+    sys.excepthook = uncaught
+    threading.excepthook = uncaught_in_thread
 
 
 #: Every module-level logger, so `configure_logging` can make each re-resolve its methods.

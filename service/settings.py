@@ -1,15 +1,17 @@
 """The typed settings object, built once from the environment.
 
 Nothing else in the service reads `os.environ`: `Settings()` is built at start-up and passed
-explicitly to `create_app(settings)` and into the worker's context.
+explicitly to `create_app(settings)` and into the worker's context. `load_settings` also reads a
+`.env` file in the working directory when there is one; the environment wins over it.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.errors import ConfigError
@@ -24,6 +26,11 @@ PLACEHOLDER_SECRETS = frozenset(
 MIN_ADMIN_TOKEN_LENGTH = 24
 
 DEVELOPMENT_WEBHOOK_SECRET = "dev-webhook-secret"  # noqa: S105 - development only, printed by `run`
+
+#: Names the dotenv file `load_settings` reads (default `.env`, relative to the working
+#: directory); empty reads none. The test suite empties it, so a developer's `.env` in the
+#: checkout never leaks into the tests.
+ENV_FILE_VARIABLE = "SALLA_REWARDS_ENV_FILE"
 
 
 class Settings(BaseSettings):
@@ -134,6 +141,20 @@ class Settings(BaseSettings):
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_any_case(cls, value: Any) -> Any:
+        """`debug` as uvicorn and most tools take it; `warn` as the stdlib's alias."""
+        if isinstance(value, str):
+            upper = value.strip().upper()
+            return "WARNING" if upper == "WARN" else upper
+        return value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _format_in_any_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> Settings:
         secret = self.salla_webhook_secret.get_secret_value().strip().lower()
@@ -170,15 +191,44 @@ class Settings(BaseSettings):
         return secret
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Build `Settings` from the environment, turning validation errors into one `ConfigError`."""
-    from pydantic import ValidationError
+def env_file() -> Path | None:
+    """The dotenv file to read (it need not exist), or None when it is turned off."""
+    name = os.environ.get(ENV_FILE_VARIABLE, ".env")
+    return Path(name) if name else None
 
+
+def load_settings(**overrides: object) -> Settings:
+    """Build `Settings` from the environment and `.env`, turning validation errors into one
+    `ConfigError` (one sentence naming each variable, and a hint)."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(_env_file=env_file(), **overrides)  # type: ignore[call-arg,arg-type]
     except ValidationError as exc:
-        lines = []
+        problems = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]).upper() or "settings"
-            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
-        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
+            where = ".".join(str(p) for p in err["loc"]).upper()
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message}" if where else message)
+        raise ConfigError(
+            "invalid settings: " + "; ".join(problems),
+            hint="set them in the environment or in .env (.env.example lists every setting)",
+        ) from None
+
+
+class _LogChoice(BaseSettings):
+    """Only `LOG_FORMAT`, read leniently: how to print an error when the settings themselves
+    cannot be loaded."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+
+    log_format: str = "auto"
+
+
+def requested_log_format() -> Literal["json", "console", "auto"]:
+    """`LOG_FORMAT` from the environment or `.env`, whatever else is wrong with the settings."""
+    try:
+        chosen = _LogChoice(_env_file=env_file()).log_format.strip().lower()  # type: ignore[call-arg]
+    except ValidationError:
+        return "auto"
+    if chosen == "json":
+        return "json"
+    return "console" if chosen == "console" else "auto"

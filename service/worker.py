@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import inbox, ledger, metrics, queue, tokens
+from service import arq_log, inbox, ledger, metrics, queue, tokens
 from service.delivery.flush import Deps, flush, reconcile, refresh_expiring_tokens
 from service.logging import configure_logging, get_logger
 from service.orders import reconcile as orders_reconcile
@@ -130,6 +130,7 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
 
 def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
     """The keyword arguments of `arq.Worker` for this service (also used by tests)."""
+    arq_log.install()  # arq's job lines: named events, no job arguments, cron runs at DEBUG
 
     async def startup(ctx: dict[str, Any]) -> None:
         if "processing" in ctx:  # `run` started arq's loop again after a Redis outage
@@ -217,6 +218,8 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
         "on_shutdown": shutdown,
         "job_timeout": settings.job_timeout_s,
         "keep_result": 0,
+        # A job's result can hold what its arguments held (tokens); arq's line for it is off.
+        "log_results": False,
         # arq starts at most max_jobs per poll and polls every poll_delay: the product bounds a
         # worker's events/s (20 / 0.5 s would be 40/s). 50 every 20 ms costs an idle worker
         # 50 cheap Redis calls a second.

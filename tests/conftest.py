@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,14 @@ from service.app import create_app
 from service.embedded import EmbeddedRedis
 from service.logging import configure_logging
 from service.sandbox.app import Sandbox, create_sandbox_app
-from service.settings import Settings
+from service.settings import ENV_FILE_VARIABLE, Settings
 from service.webhooks import signed_headers
 from service.worker import create_worker
 from tests.support.servers import free_port, serve_in_thread
+
+# A developer's `.env` in the checkout (tests run from its root) must change nothing the tests
+# see, nor what the commands they start see: those inherit this.
+os.environ[ENV_FILE_VARIABLE] = ""
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT_DIR = Path(__file__).parent.parent

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +12,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.webhooks import signed_headers
 from tests.conftest import FIXTURES, SECRET, Service
+from tests.support.processes import run_session, wait_session_empty
 from tests.support.servers import free_port, wait_until
 
 CLI = [sys.executable, "-m", "service"]
 ROOT = Path(__file__).parent.parent
+#: structlog's ISO 8601 in UTC, as our own lines write it.
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 
 
 def cli(
@@ -108,79 +110,107 @@ class TestRefusesToStart:
 
 
 class TestRun:
-    """`salla-rewards run`: one command, and a sample order ends as points in the sandbox."""
+    """`salla-rewards run`: one command, and a sample order ends as points in the sandbox;
+    with `LOG_FORMAT=json` every line it prints is a JSON object and none holds a secret."""
 
     pytestmark = pytest.mark.timeout(240)
 
-    def test_sample_order_becomes_points(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        port, sandbox_port = free_port(), free_port()
-        # No LOG_FORMAT: `run` leaves it at auto, so its children log JSON into this file.
-        monkeypatch.delenv("LOG_FORMAT", raising=False)
-        proc, log_path = start_run(tmp_path, port, sandbox_port, free_port(), BATCH_WINDOW_S="0.2")
-        try:
-            # Four processes start here; on a loaded 2-core machine that can take a while.
-            wait_until(lambda: "Ctrl-C stops everything" in log_path.read_text(), 90)
-            banner = log_path.read_text()
-            assert f"http://127.0.0.1:{port}/webhooks/salla" in banner
+    def test_sample_order_becomes_points_in_json_lines_only(self, tmp_path: Path) -> None:
+        # `debug` in lower case, as uvicorn takes it: every process starts with it, and the
+        # libraries' debug lines must be JSON too.
+        with run_session(tmp_path, CLI, ROOT, BATCH_WINDOW_S="0.2", LOG_LEVEL="debug") as session:
+            session.wait_ready()
+            credentials = session.credentials()
             result = cli(
-                "send",
-                "examples/webhooks/order.status.updated.json",
-                "--url",
-                f"http://127.0.0.1:{port}/webhooks/salla",
+                "send", "examples/webhooks/order.status.updated.json", "--url", session.webhook_url
             )
             assert result.stdout.startswith("200 "), result
-            token = re.search(r"Bearer ([\w-]+)", banner)
-            assert token is not None
+            # A store whose token arq would have printed: `data` first in the job's body.
+            known_token = "AT-" + "z" * 40 + "-known-access-token"
+            authorize = json.dumps(
+                {
+                    "data": {
+                        "access_token": known_token,
+                        "refresh_token": "RT-known-refresh",
+                        "expires": 4102444800,
+                        "scope": "customers.read_write offline_access",
+                        "token_type": "bearer",
+                    },
+                    "event": "app.store.authorize",
+                    "merchant": 77001,
+                    "created_at": "2026-11-20 10:00:00",
+                }
+            ).encode()
+            answer = httpx.post(
+                session.webhook_url,
+                content=authorize,
+                headers=signed_headers(authorize, credentials["webhook_secret"]),
+            )
+            assert answer.json()["status"] == "accepted"
 
             def credited() -> bool:
                 answer = httpx.get(
-                    f"http://127.0.0.1:{sandbox_port}/customers/loyalty/points",
+                    f"{session.sandbox_url}/customers/loyalty/points",
                     params={"customer_id": 1779795066},
-                    headers={"Authorization": f"Bearer {token.group(1)}"},
+                    headers={"Authorization": f"Bearer {credentials['access_token']}"},
                 ).json()
                 return bool(answer["data"]) and answer["data"][0]["points"] == 15
 
-            wait_until(credited, 20)
-            wait_until(lambda: '"batch_sent"' in log_path.read_text(), 5)
-            story = [
-                json.loads(line) for line in log_path.read_text().splitlines() if line[:1] == "{"
-            ]
-            events = {line["event"] for line in story}
-            for step in ("webhook_received", "event_processed", "batch_sent"):
-                assert step in events, step
-            (order,) = [
-                line
-                for line in story
-                if line["event"] == "event_processed" and line["salla_event"].startswith("order.")
-            ]
-            # One line says why: each rule's verdict, and the grant it queued.
-            verdicts = {rule["rule_id"]: rule["verdict"] for rule in order["rules"]}
-            assert verdicts["purchase"] == "grant"
-            (grant,) = order["queued"]
-            assert (grant["rule_id"], grant["points"]) == ("purchase", 15)
-            (sent,) = [line for line in story if line["event"] == "batch_sent"]
-            assert sent["status"] == 201 and sent["grant_ids"] == [grant["grant_id"]]
-        finally:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=30)
-        assert (tmp_path / "redis" / "appendonly.aof").exists()
+            wait_until(credited, 30)
+            wait_until(lambda: '"batch_sent"' in session.output(), 10)
+            wait_until(lambda: '"merchant":77001' in session.output(), 10)
+            session.proc.terminate()  # SIGTERM, as a process manager stops it
+            assert session.proc.wait(timeout=60) == 0
+            assert wait_session_empty(session.proc.pid) == []  # Redis and every child stopped
 
-    def test_sigterm_stops_everything(self, tmp_path: Path) -> None:
-        """`run` under a process manager (or `kill`): every child and the embedded Redis stop."""
-        ports = free_port(), free_port(), free_port()
-        proc, log_path = start_run(tmp_path, *ports)
-        try:
-            wait_until(lambda: "Ctrl-C stops everything" in log_path.read_text(), 90)
-            proc.terminate()
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        for listening in ports:
-            with socket.socket() as probe:
-                assert probe.connect_ex(("127.0.0.1", listening)) != 0, listening
+        lines = session.output().splitlines()
+        story = [json.loads(line) for line in lines]  # every line, stdout and stderr: JSON
+        assert all(isinstance(line, dict) for line in story)
+        for line in story:
+            assert {"event", "level", "timestamp"} <= line.keys(), line
+            assert TIMESTAMP.fullmatch(line["timestamp"]), line
+        loggers = {line.get("logger") for line in story}
+        assert {"uvicorn.error", "arq.worker"} <= loggers  # libraries' lines, in our format
+        events = {line["event"] for line in story}
+        for step in ("run_ready", "webhook_received", "event_processed", "batch_sent"):
+            assert step in events, step
+        # No secret anywhere: the banner says where they are instead.
+        text = "\n".join(lines)
+        for secret in (
+            credentials["access_token"],
+            credentials["admin_token"],
+            credentials["webhook_secret"],
+            known_token[:12],
+            "z" * 12,
+            "RT-known-refresh",
+        ):
+            assert secret not in text, secret
+        (banner,) = [line for line in story if line["event"] == "run_ready"]
+        assert banner["credentials_file"] == str(session.data_dir / "run.json")
+        # arq's job lines are named events without arguments; routine cron runs are DEBUG.
+        jobs = [line for line in story if line["event"] == "job_started"]
+        assert any(j.get("job_id", "").startswith("evt:77001:app.store.authorize") for j in jobs)
+        sweeps = [j for j in jobs if j["function"] == "cron:sweep"]
+        assert sweeps and all(j["level"] == "debug" for j in sweeps)
+        # The embedded Redis wrote its own output to its file, not into this stream.
+        assert "Redis is starting" not in text
+        redis_log = (session.data_dir / "redis" / "redis-server.log").read_text()
+        assert "Redis is starting" in redis_log
+        order = [
+            line
+            for line in story
+            if line["event"] == "event_processed" and line["salla_event"].startswith("order.")
+        ]
+        (order_line,) = order
+        # One line says why: each rule's verdict, and the grant it queued.
+        verdicts = {rule["rule_id"]: rule["verdict"] for rule in order_line["rules"]}
+        assert verdicts["purchase"] == "grant"
+        (grant,) = order_line["queued"]
+        assert (grant["rule_id"], grant["points"]) == ("purchase", 15)
+        (sent,) = [line for line in story if line["event"] == "batch_sent"]
+        assert sent["status"] == 201 and sent["grant_ids"] == [grant["grant_id"]]
+        assert (session.data_dir / "redis" / "appendonly.aof").exists()
+        assert not (session.data_dir / "run.json").exists()  # the tokens died with the sandbox
 
 
 class TestRulesCommands:
@@ -304,22 +334,3 @@ class TestRulesCommands:
         finally:
             proc.terminate()
             proc.wait(timeout=20)
-
-
-def start_run(
-    tmp_path: Path, port: int, sandbox_port: int, redis_port: int, **env_extra: str
-) -> tuple[subprocess.Popen[bytes], Path]:
-    """`salla-rewards run` in its own session (signals reach it alone), logging to a file."""
-    env = {**os.environ, "DATA_DIR": str(tmp_path), "EMBEDDED_REDIS_PORT": str(redis_port)}
-    env.pop("REDIS_URL", None)
-    log_path = tmp_path / "run.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [*CLI, "run", "--port", str(port), "--sandbox-port", str(sandbox_port)],
-            cwd=ROOT,
-            env={**env, **env_extra},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return proc, log_path
