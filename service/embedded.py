@@ -7,6 +7,7 @@ The process that starts it stops it; nothing is left running in the background.
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import subprocess
 import time
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from service.children import spawn, stop
 from service.errors import ConfigError
+
+_LOG_PREFIX = re.compile(r"^\d+:[A-Z] \d+ \w+ \d+ [\d:.]+ [#*.-] ")
 
 
 def redis_server_binary() -> str:
@@ -94,7 +97,7 @@ class EmbeddedRedis:
             if self.process.poll() is not None:
                 raise ConfigError(
                     f"the embedded redis-server exited with status {self.process.returncode}"
-                    f" ({self._last_log_line()})",
+                    f" ({self._why_it_exited()})",
                     hint=f"see {self.log_path}",
                 )
             if time.monotonic() > deadline:
@@ -106,12 +109,14 @@ class EmbeddedRedis:
             time.sleep(0.02)
         return self.url
 
-    def _last_log_line(self) -> str:
+    def _why_it_exited(self) -> str:
+        """redis-server's last two log lines: the reason, then "aborting"."""
         try:
             lines = self.log_path.read_text(errors="replace").strip().splitlines()
         except OSError:
             return "no log"
-        return lines[-1].split(" # ", 1)[-1] if lines else "no log"
+        # "pid:role date time # message": only the message
+        return "; ".join(_LOG_PREFIX.sub("", line) for line in lines[-2:]) or "no log"
 
     def stop(self) -> None:
         if self.process is not None:

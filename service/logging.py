@@ -138,7 +138,16 @@ def _record_fields(
 
 
 class _BridgeHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """The root handler `configure_logging` installs (and replaces when called again)."""
+    """The root handler `configure_logging` installs (and replaces when called again). Like
+    the standard library's last-resort handler, it writes to whatever `sys.stderr` is when a
+    line is written, not to the one there was when it was made (tests swap it)."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
 
 
 def _bridge_stdlib(use_json: bool, level: int) -> None:
@@ -165,7 +174,7 @@ def _bridge_stdlib(use_json: bool, level: int) -> None:
             renderer,
         ],
     )
-    handler = _BridgeHandler(sys.stderr)
+    handler = _BridgeHandler()
     handler.setFormatter(formatter)
     # On the handler too: a library line a filter lowers to DEBUG (arq's routine cron runs)
     # was already past the logger's level check.

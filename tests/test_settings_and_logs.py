@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -12,7 +13,7 @@ from redis.asyncio import Redis
 from service.embedded import EmbeddedRedis
 from service.errors import ConfigError
 from service.logging import configure_logging, get_logger
-from service.settings import DEVELOPMENT_WEBHOOK_SECRET, load_settings
+from service.settings import DEVELOPMENT_WEBHOOK_SECRET, ENV_FILE_VARIABLE, load_settings
 from tests.support.servers import free_port, serve_in_thread
 
 
@@ -41,6 +42,54 @@ class TestSettings:
         monkeypatch.setenv("SALLA_WEBHOOK_STRATEGY", "md5")
         with pytest.raises(ConfigError, match="SALLA_WEBHOOK_STRATEGY"):
             load_settings(salla_webhook_secret="x-real-secret")
+
+    @pytest.mark.parametrize(
+        ("given", "level"), [("debug", "DEBUG"), ("Info", "INFO"), ("warn", "WARNING")]
+    )
+    def test_log_level_in_any_case(
+        self, monkeypatch: pytest.MonkeyPatch, given: str, level: str
+    ) -> None:
+        """As uvicorn and most tools take it."""
+        monkeypatch.setenv("LOG_LEVEL", given)
+        monkeypatch.setenv("LOG_FORMAT", "JSON")
+        settings = load_settings(salla_webhook_secret="x-real-secret")
+        assert (settings.log_level, settings.log_format) == (level, "json")
+
+    def test_a_refusal_is_one_sentence_and_a_hint(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("LOG_LEVEL", "verbose")
+        with pytest.raises(ConfigError) as refused:
+            load_settings(salla_webhook_secret="x-real-secret")
+        assert "\n" not in refused.value.message
+        assert refused.value.message.startswith("invalid settings: LOG_LEVEL: ")
+        assert ".env" in refused.value.hint
+
+
+class TestDotenv:
+    """`load_settings` reads `.env` in the working directory; the environment wins."""
+
+    def test_read_when_present_and_the_environment_wins(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        (tmp_path / ".env").write_text(
+            "# a comment\nBATCH_WINDOW_S=7\nLOG_LEVEL=debug\nSALLA_WEBHOOK_SECRET=dotenv-secret\n"
+            "NOT_A_SETTING=ignored\n"
+        )
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.delenv(ENV_FILE_VARIABLE)  # the suite turns .env off; a user has it on
+        for name in ("BATCH_WINDOW_S", "SALLA_WEBHOOK_SECRET"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("LOG_LEVEL", "error")
+        settings = load_settings()
+        assert settings.batch_window_s == 7
+        assert settings.webhook_secret == "dotenv-secret"
+        assert settings.log_level == "ERROR"  # the environment's, not the file's
+
+    def test_the_suite_reads_none(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Tests run from the checkout's root, where a developer may keep a `.env`."""
+        (tmp_path / ".env").write_text("BATCH_WINDOW_S=7\n")
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.delenv("BATCH_WINDOW_S", raising=False)
+        assert load_settings(salla_webhook_secret="x-real-secret").batch_window_s == 2.0
 
 
 class TestRedaction:
@@ -186,9 +235,15 @@ class TestLogEventsAreDocumented:
         root = Path(__file__).parent.parent
         doc = (root / "docs" / "logging.md").read_text()
         names: set[str] = set()
-        pattern = re.compile(r"\.(?:info|warning|error|exception)\(\s*\"([a-z_]+)\"")
+        pattern = re.compile(r"\.(?:info|warning|error|exception|critical)\(\s*\"([a-z_]+)\"")
+        # `run`'s lines (`_say("info", "run_ready", ...)`), and arq's job lines as renamed.
+        said = re.compile(r"_say\(\s*\"[a-z]+\",\s*\"([a-z_]+)\"")
+        renamed = re.compile(r"(?:return |_timed\()\"([a-z_]+)\"")
         for path in (root / "service").rglob("*.py"):
-            names |= set(pattern.findall(path.read_text()))
+            text = path.read_text()
+            names |= set(pattern.findall(text)) | set(said.findall(text))
+            if path.name == "arq_log.py":
+                names |= set(renamed.findall(text))
         assert len(names) > 20
         missing = sorted(n for n in names if f"`{n}`" not in doc)
         assert not missing, f"undocumented log events: {missing}"
