@@ -58,9 +58,11 @@ def spawn(
     )
 
 
-def stop(child: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
-    """SIGTERM, wait, then SIGKILL to the child's whole process group."""
-    if child.poll() is None:
+def stop(
+    child: subprocess.Popen[bytes], timeout_s: float = 10.0, *, terminate: bool = True
+) -> None:
+    """SIGTERM (unless the caller sent it), wait, then SIGKILL to the child's process group."""
+    if terminate and child.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             child.terminate()
     try:

@@ -89,25 +89,32 @@ class EmbeddedRedis:
         argv = server_args(self.data_dir, self.port)
         with self.log_path.open("ab") as log:
             if self.owned_by_cli:
-                self.process = spawn(argv, stdout=log, stderr=subprocess.STDOUT)
+                process = spawn(argv, stdout=log, stderr=subprocess.STDOUT)
             else:
-                self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
+                process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
+        self.process = process
+        try:
+            self._wait_answering(process, timeout_s)
+        except BaseException:  # SystemExit from a signal too: never leave it running
+            self.stop()
+            raise
+        return self.url
+
+    def _wait_answering(self, process: subprocess.Popen[bytes], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while not _pings(self.port):
-            if self.process.poll() is not None:
+            if process.poll() is not None:
                 raise ConfigError(
-                    f"the embedded redis-server exited with status {self.process.returncode}"
+                    f"the embedded redis-server exited with status {process.returncode}"
                     f" ({self._why_it_exited()})",
                     hint=f"see {self.log_path}",
                 )
             if time.monotonic() > deadline:
-                self.stop()
                 raise ConfigError(
                     "the embedded redis-server did not answer PING in time",
                     hint=f"see {self.log_path}",
                 )
             time.sleep(0.02)
-        return self.url
 
     def _why_it_exited(self) -> str:
         """redis-server's last two log lines: the reason, then "aborting"."""

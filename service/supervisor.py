@@ -184,8 +184,8 @@ class Supervisor:
             if child.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     child.terminate()
-        for child in self.children.values():
-            stop(child, STOP_TIMEOUT_S)
+        for child in self.children.values():  # a second SIGTERM would be logged twice
+            stop(child, STOP_TIMEOUT_S, terminate=False)
         if self.redis is not None:
             self.redis.stop()
 
