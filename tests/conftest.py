@@ -38,6 +38,24 @@ def fixture_bytes(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
 
 
+def authorize_data_first(merchant: int, access_token: str, refresh_token: str) -> bytes:
+    """An `app.store.authorize` body whose `data` (the tokens) comes first: what arq's job
+    line used to print the first 80 characters of."""
+    doc = {
+        "data": {
+            "access_token": access_token,
+            "refresh_token": refresh_token,
+            "expires": 4102444800,
+            "scope": "customers.read_write offline_access",
+            "token_type": "bearer",
+        },
+        "event": "app.store.authorize",
+        "merchant": merchant,
+        "created_at": "2026-11-20 10:00:00",
+    }
+    return json.dumps(doc).encode()
+
+
 def fixture_json(name: str) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(fixture_bytes(name))
     return doc

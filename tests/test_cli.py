@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from service.webhooks import signed_headers
-from tests.conftest import FIXTURES, SECRET, Service
+from tests.conftest import FIXTURES, SECRET, Service, authorize_data_first
 from tests.support.processes import run_session, wait_session_empty
 from tests.support.servers import free_port, wait_until
 
@@ -127,20 +127,7 @@ class TestRun:
             assert result.stdout.startswith("200 "), result
             # A store whose token arq would have printed: `data` first in the job's body.
             known_token = "AT-" + "z" * 40 + "-known-access-token"
-            authorize = json.dumps(
-                {
-                    "data": {
-                        "access_token": known_token,
-                        "refresh_token": "RT-known-refresh",
-                        "expires": 4102444800,
-                        "scope": "customers.read_write offline_access",
-                        "token_type": "bearer",
-                    },
-                    "event": "app.store.authorize",
-                    "merchant": 77001,
-                    "created_at": "2026-11-20 10:00:00",
-                }
-            ).encode()
+            authorize = authorize_data_first(77001, known_token, "RT-known-refresh")
             answer = httpx.post(
                 session.webhook_url,
                 content=authorize,

@@ -14,7 +14,13 @@ from redis.asyncio import Redis
 from service import tokens
 from service.logging import configure_logging, get_logger
 from service.sandbox.app import Sandbox
-from tests.conftest import Service, eventually, make_settings, running_worker
+from tests.conftest import (
+    Service,
+    authorize_data_first,
+    eventually,
+    make_settings,
+    running_worker,
+)
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 
@@ -76,20 +82,7 @@ class TestArqJobLines:
     ) -> None:
         # `data` first in the body: arq's start line printed its first 80 characters.
         access_token = "AT-" + "q" * 40 + "-known"
-        body = json.dumps(
-            {
-                "data": {
-                    "access_token": access_token,
-                    "refresh_token": "RT-known-refresh",
-                    "expires": 4102444800,
-                    "scope": "customers.read_write offline_access",
-                    "token_type": "bearer",
-                },
-                "event": "app.store.authorize",
-                "merchant": 5150,
-                "created_at": "2026-11-20 10:00:00",
-            }
-        ).encode()
+        body = authorize_data_first(5150, access_token, "RT-known-refresh")
         settings = make_settings(sandbox[0], log_level="DEBUG")
         async with running_worker(settings, redis_url):
             assert web.post_webhook(body).json()["status"] == "accepted"
