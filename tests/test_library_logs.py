@@ -30,17 +30,19 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 
 
 class TestLibraryLines:
-    """A standard-library record is a line like ours: same fields, same formats."""
+    """A standard-library record is a line like ours: same fields, same formats. (A library
+    of its own name here: in-process uvicorn servers of other tests set up uvicorn's loggers;
+    `tests/test_cli.py` checks uvicorn's and arq's lines in a real `run`.)"""
 
     def test_same_level_timestamp_and_event_as_ours(
         self, capsys: pytest.CaptureFixture[str]
     ) -> None:
         configure_logging("json", "INFO")
-        logging.getLogger("uvicorn.error").info("Started server process [%d]", 42)
+        logging.getLogger("a.library").info("Started server process [%d]", 42)
         get_logger("service.t").info("ours")
         theirs, ours = json_lines(capsys.readouterr().err)
         assert theirs["event"] == "Started server process [42]"
-        assert theirs["logger"] == "uvicorn.error"
+        assert theirs["logger"] == "a.library"
         assert theirs["level"] == ours["level"] == "info"
         assert TIMESTAMP.fullmatch(theirs["timestamp"]) and TIMESTAMP.fullmatch(ours["timestamp"])
 
@@ -64,8 +66,8 @@ class TestLibraryLines:
         self, capsys: pytest.CaptureFixture[str]
     ) -> None:
         configure_logging("json", "WARNING")
-        logging.getLogger("uvicorn.error").info("not shown")
-        logging.getLogger("uvicorn.error").warning("shown")
+        logging.getLogger("a.library").info("not shown")
+        logging.getLogger("a.library").warning("shown")
         assert [line["event"] for line in json_lines(capsys.readouterr().err)] == ["shown"]
 
 
