@@ -56,8 +56,26 @@ class Refused(click.ClickException):
             click.echo(f"  {problem}", err=True)
 
 
+#: Commands imported only when they run: their modules load the ledger and the rule engine
+#: (seconds on a busy machine), which a refusal, `serve` or `--help` must not wait for.
+_LAZY_COMMANDS = {"orders": ("service.orders.commands", "orders")}
+
+
 class _Commands(click.Group):
-    """The top-level group: a `ConfigError` from any command becomes a `Refused`."""
+    """The top-level group: a `ConfigError` from any command becomes a `Refused`; some
+    commands are imported on first use (`_LAZY_COMMANDS`)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *_LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY_COMMANDS:
+            import importlib
+
+            module, name = _LAZY_COMMANDS[cmd_name]
+            command: click.Command = getattr(importlib.import_module(module), name)
+            return command
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -1033,12 +1051,3 @@ def run(port: int, sandbox_port: int) -> None:
     _start_logging(settings)
     use_json = use_json_lines(settings.log_format)
     sys.exit(supervisor.run(settings, port=port, sandbox_port=sandbox_port, use_json=use_json))
-
-
-def _register_orders() -> None:
-    from service.orders.commands import orders
-
-    main.add_command(orders)
-
-
-_register_orders()

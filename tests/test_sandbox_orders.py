@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import random
 import re
-import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +27,10 @@ from service.sandbox.app import Sandbox, SandboxNotServing, create_sandbox_app
 from service.sandbox.orders import STATUSES
 from service.sandbox.state import SandboxStateError
 from service.webhooks import verify
-from tests.conftest import SECRET, Service
+from tests.conftest import ROOT_DIR, SECRET, Service
 from tests.support.servers import free_port, serve_in_thread, wait_until
+
+CLI = [sys.executable, "-m", "service"]
 
 MERCHANT = 193718979
 CUSTOMER = 1779795066
@@ -648,8 +648,8 @@ class TestRunTwice:
     pytestmark = pytest.mark.timeout(300)
 
     def test_an_order_driven_by_hand_across_two_runs(self, tmp_path: Path) -> None:
-        from service.cli import DEMO_MERCHANT
-        from tests.test_cli import start_run
+        from service.supervisor import DEMO_MERCHANT
+        from tests.support.processes import run_session
 
         ports = free_port(), free_port(), free_port()
         sandbox = f"http://127.0.0.1:{ports[1]}"
@@ -667,16 +667,14 @@ class TestRunTwice:
             assert [w["fate"] for w in result["webhooks"]] == ["sent"], result["webhooks"]
             return result
 
-        def banner_printed(path: Path) -> bool:
-            return "Ctrl-C stops everything" in path.read_text()
-
         first: dict[str, Any] = {}
-        for session in (1, 2):
-            proc, log_path = start_run(tmp_path, *ports, BATCH_WINDOW_S="0.2")
-            try:
-                wait_until(partial(banner_printed, log_path), 120)
+        for number in (1, 2):
+            with run_session(
+                tmp_path, CLI, ROOT_DIR, ports=ports, name=f"run{number}", BATCH_WINDOW_S="0.2"
+            ) as session:
+                session.wait_ready()
                 view = httpx.get(f"{sandbox}/_sandbox/stores/{DEMO_MERCHANT}").json()
-                if session == 1:
+                if number == 1:
                     first = view
                     order_id = drive(total="154.00", customer_id=CUSTOMER)["order"]["id"]
                     drive(order_id=order_id, status="completed")
@@ -688,7 +686,6 @@ class TestRunTwice:
                     assert balance() == 15
                     drive(order_id=view["orders"][0]["id"], status="canceled")
                     wait_until(lambda: balance() == 0, 60)
-            finally:
-                proc.send_signal(signal.SIGINT)
-                proc.wait(timeout=30)
-        assert (tmp_path / "sandbox.json").exists()
+                session.proc.terminate()
+                assert session.proc.wait(timeout=60) == 0
+        assert (tmp_path / "var" / "sandbox.json").exists()

@@ -122,15 +122,23 @@ def run_env(data_dir: Path, redis_port: int, **extra: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def run_session(
-    tmp_path: Path, argv_prefix: list[str], cwd: Path, **env_extra: str
+    tmp_path: Path,
+    argv_prefix: list[str],
+    cwd: Path,
+    *,
+    ports: tuple[int, int, int] | None = None,
+    name: str = "run",
+    **env_extra: str,
 ) -> Iterator[RunSession]:
-    """`salla-rewards run` in a session of its own, stdout and stderr in two files; whatever
-    the test does, every process of the session is killed at the end."""
+    """`salla-rewards run` in a session of its own, stdout and stderr in two files
+    (`<name>.stdout`, `<name>.stderr`), its data in `tmp_path/var`; whatever the test does,
+    every process of the session is killed at the end. `ports` (web, sandbox, Redis) lets a
+    second session find what a first one left."""
     from tests.support.servers import free_port
 
-    port, sandbox_port, redis_port = free_port(), free_port(), free_port()
+    port, sandbox_port, redis_port = ports or (free_port(), free_port(), free_port())
     data_dir = tmp_path / "var"
-    out, err = tmp_path / "run.stdout", tmp_path / "run.stderr"
+    out, err = tmp_path / f"{name}.stdout", tmp_path / f"{name}.stderr"
     argv = [*argv_prefix, "run", "--port", str(port), "--sandbox-port", str(sandbox_port)]
     with out.open("wb") as stdout, err.open("wb") as stderr:
         starting = in_own_session(
