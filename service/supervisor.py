@@ -239,6 +239,9 @@ def _sandbox_command(
 
 
 def _child_env(settings: Settings, redis_url: str, sandbox_url: str, admin: str) -> dict[str, str]:
+    """What the children need to be run's development service. The log format and level are
+    left to them: they read the same environment and `.env` (default `auto`: console lines on
+    a terminal, JSON when `make run` is piped or logged to a file)."""
     return {
         **os.environ,
         "APP_ENV": "development",
@@ -249,8 +252,6 @@ def _child_env(settings: Settings, redis_url: str, sandbox_url: str, admin: str)
         "SALLA_CLIENT_ID": settings.salla_client_id or "sandbox-client",
         "SALLA_CLIENT_SECRET": settings.salla_client_secret.get_secret_value()
         or "sandbox-client-secret",
-        "LOG_FORMAT": settings.log_format,
-        "LOG_LEVEL": settings.log_level,
         "ADMIN_TOKEN": admin,
     }
 

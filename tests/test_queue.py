@@ -327,7 +327,7 @@ class TestPasswordAndTls:
     ) -> None:
         wrong = service_url(kind, guarded, tls).replace(quote(PASSWORD, safe=""), "not-it-xyz")
         result = cli({**os.environ, "REDIS_URL": wrong}, "admin", "store", "7")
-        assert result.returncode == 1
+        assert result.returncode == 2  # a configuration mistake, as in serve, worker and run
         assert "cannot reach Redis at " in result.stderr and ":***@127.0.0.1" in result.stderr
         assert "not-it-xyz" not in result.stderr and "Traceback" not in result.stderr
 
