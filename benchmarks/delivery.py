@@ -47,6 +47,11 @@ def _settings(sandbox_url: str, **overrides: Any) -> Settings:
         "batch_window_s": 0.25,
     }
     values.update(overrides)
+    # Our plan bucket as large as the customers bucket under test: these figures are about the
+    # customers bucket (loyalty calls take from both).
+    if "rate_limit_requests" in values:
+        values.setdefault("orders_rate_limit_requests", values["rate_limit_requests"])
+        values.setdefault("orders_rate_limit_window_s", values.get("rate_limit_window_s", 600))
     return Settings(**values)
 
 
