@@ -122,12 +122,8 @@ def main() -> None:
 @click.option("--port", default=8000, show_default=True, type=int)
 def serve(host: str, port: int) -> None:
     """Run the HTTP service (webhooks, health) with uvicorn."""
-    import uvicorn
-
-    from service import preflight, server
-    from service.app import create_app
+    from service import preflight
     from service.children import signals_end_the_process
-    from service.logging import get_logger
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the rules' reload handler is in
     settings = load_settings()
@@ -137,6 +133,14 @@ def serve(host: str, port: int) -> None:
         # starts, and nothing can take it between the check and the server's start.
         sock = preflight.bind(host, port, "--port")
         with sock, _redis_for(settings) as redis_url:
+            # Imported after the quick checks: the app and its rule engine take seconds to
+            # import on a busy machine, which a refusal should not wait for.
+            import uvicorn
+
+            from service import server
+            from service.app import create_app
+            from service.logging import get_logger
+
             app = create_app(settings, redis_url)
             config = uvicorn.Config(app, host=host, port=port, **server.options(settings))
             uvicorn_server = uvicorn.Server(config)
@@ -169,18 +173,20 @@ def worker(check: bool) -> None:
         click.echo("no worker has reported in recently", err=True)
         sys.exit(1)
     from service.children import signals_end_the_process
-    from service.rules import load_rules
-    from service.worker import create_worker, run_worker
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the rules' reload handler is in
     settings = load_settings()
     _start_logging(settings)
-    load_rules(settings.rules_path)
-    import uvloop
-
-    # uvloop: the worker is mostly Redis round trips, which uvloop's transports make cheaper.
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     with signals_end_the_process(), _redis_for(settings) as redis_url:
+        # Imported after the quick checks (see `serve`).
+        import uvloop
+
+        from service.rules import load_rules
+        from service.worker import create_worker, run_worker
+
+        load_rules(settings.rules_path)
+        # uvloop: the worker is mostly Redis round trips, which uvloop's transports make cheaper.
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         run_worker(create_worker(settings, redis_url))
 
 

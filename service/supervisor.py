@@ -209,15 +209,16 @@ class Credentials:
 
 
 def _check(settings: Settings, port: int, sandbox_port: int) -> None:
-    """Everything that can be refused before anything starts."""
-    from service.rules import load_rules
-
+    """Everything that can be refused before anything starts, the quick checks first (the
+    rule engine takes a second or two to import on a busy machine)."""
     preflight.port_free(LOOPBACK, port, "--port")
     preflight.port_free(LOOPBACK, sandbox_port, "--sandbox-port")
     if settings.redis_url:
         preflight.redis_reachable(settings.redis_url)
     else:
         preflight.port_free(LOOPBACK, settings.embedded_redis_port, "EMBEDDED_REDIS_PORT")
+    from service.rules import load_rules
+
     try:
         load_rules(settings.rules_path)
     except RuleError as exc:
