@@ -234,14 +234,23 @@ def log_everything() -> None:
         if issubclass(kind, KeyboardInterrupt):
             sys.__excepthook__(kind, value, tb)
             return
-        crash_log.critical("uncaught_exception", exc_info=(kind, value, tb))
+        crash_log.critical(
+            "uncaught_exception",
+            exc_info=(kind, value, tb),
+            extra={RECORD_FIELDS: {"error": repr(value)}},  # even if the traceback cannot be
+        )
 
     def uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
         if args.exc_value is not None and not isinstance(args.exc_value, SystemExit):
             crash_log.critical(
                 "uncaught_exception",
                 exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
-                extra={RECORD_FIELDS: {"thread": getattr(args.thread, "name", None)}},
+                extra={
+                    RECORD_FIELDS: {
+                        "thread": getattr(args.thread, "name", None),
+                        "error": repr(args.exc_value),
+                    }
+                },
             )
 
     sys.excepthook = uncaught

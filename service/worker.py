@@ -251,10 +251,23 @@ def run_worker(worker: Worker) -> None:
     except asyncio.CancelledError:  # stopped by a signal
         pass
     finally:
+        worker.loop.run_until_complete(_settle_cancelled_jobs(worker))
         try:
             worker.loop.run_until_complete(worker.close())
         except _REDIS_TRANSIENT as exc:  # stopping while Redis is away: nothing left to tidy
             log.warning("worker_stopped_without_redis", error=repr(exc))
+
+
+async def _settle_cancelled_jobs(worker: Worker) -> None:
+    """Let the jobs a signal cancelled finish cancelling, and forget those that ended
+    cancelled: arq's `close()` gathers its tasks without `return_exceptions`, so one job
+    cancelled outside arq's own try (reading its data, say: a SIGTERM just after start-up)
+    re-raised `CancelledError` there, skipped the shutdown (inbox, HTTP client, pool) and
+    ended the process with status 1. They run again: arq re-queues what it did not finish."""
+    await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+    for job_id, task in list(worker.tasks.items()):
+        if task.cancelled():
+            del worker.tasks[job_id]
 
 
 async def _ride_out_outages(worker: Worker) -> None:

@@ -101,6 +101,27 @@ class TestServeAndWorkerStopTheirRedis:
         assert listening(port)
 
 
+class TestAWorkerStoppedEarly:
+    """SIGTERM just after a worker starts, while its first jobs run (the sweep runs at
+    start-up): it stops cleanly, exit 0, instead of an uncaught `CancelledError` (arq's
+    `close()` re-raised the cancelled jobs' error and skipped the shutdown)."""
+
+    def test_exits_0(self, tmp_path: Path, redis_url: str) -> None:
+        env = service_env(tmp_path, free_port(), REDIS_URL=redis_url)
+        for attempt in range(5):  # the window is narrow: a few tries make a miss unlikely
+            log = tmp_path / f"worker{attempt}.log"
+            with (
+                log.open("wb") as out,
+                in_own_session(
+                    [*CLI, "worker"], cwd=ROOT_DIR, env=env, stdout=out, stderr=subprocess.STDOUT
+                ) as proc,
+            ):
+                wait_until(lambda log=log: STARTED["worker"] in log.read_text(), 90)
+                proc.terminate()
+                assert proc.wait(timeout=60) == 0, log.read_text()
+            assert "uncaught_exception" not in log.read_text()
+
+
 class TestRunSignals:
     """`run` stops every child and Redis on a signal, passes HUP on, and dies with its
     terminal."""
