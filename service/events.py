@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from service.errors import InvalidPayload
 from service.ids import WHAT_AN_ID_IS, parse_id
@@ -208,8 +209,8 @@ _SALLA_ZONES: dict[str, dt.tzinfo] = {}
 def salla_date_ms(raw: object) -> int:
     """Epoch ms of a Salla date object (or plain "YYYY-mm-dd HH:MM:SS" text, read as Riyadh
     time, the stores' zone); 0 when absent or unreadable."""
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
+    if not raw:
+        return 0
     doc = _mapping(raw)
     text = _text(doc.get("date") if isinstance(raw, Mapping) else raw).strip()
     if len(text) < 19:

@@ -50,10 +50,20 @@ def _redact_value(key: str, value: Any) -> Any:
     if type(value) in _PLAIN:  # most fields: nothing nested to walk
         return value
     if isinstance(value, Mapping):
+        if _flat_and_known(value):  # our own nested fields (an event's rules): kept as they are
+            return value
         return {k: _redact_value(str(k), v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_redact_value(key, v) for v in value]
     return value
+
+
+def _flat_and_known(value: Mapping[Any, Any]) -> bool:
+    known = _KEY_IS_SECRET
+    for k, v in value.items():  # noqa: SIM110 - a loop: cheaper than all() over a generator
+        if type(v) not in _PLAIN or known.get(k) is not False:
+            return False
+    return True
 
 
 def redact(

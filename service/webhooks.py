@@ -265,8 +265,12 @@ def _js_date(text: str) -> float | None:
     return moment.timestamp()
 
 
+@functools.lru_cache(maxsize=4096)
 def event_time(created_at: str) -> float | None:
     """Epoch seconds of an envelope's `created_at`, or None when it cannot be read.
+
+    Cached: events of one busy second share their stamp, and each order event reads it twice
+    (its key and the rules' `now`); a bounded cache, since stamps come from the outside.
 
     Salla uses several formats: "Sun Jun 26 2022 12:21:48 GMT+0300" (store events),
     "2022-12-31 12:31:25" (app events, read as UTC) and ISO 8601. The time only orders events

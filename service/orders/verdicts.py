@@ -80,11 +80,12 @@ def judge_order(
     """
 
     def judge(facts: OrderFacts) -> EventVerdicts:
-        order = ctx.order
+        order, local = ctx.order, ctx
         if facts.completed and not order.completed_once:
             order = dataclasses.replace(order, completed_once=True)
-        local = dataclasses.replace(ctx, order=order)
-        outcomes = [] if gone else _outcomes(ruleset, local, delivery, rules_for)
+            local = dataclasses.replace(ctx, order=order)
+        revoked = revokes(ruleset, local)
+        outcomes = [] if gone else _outcomes(ruleset, local, delivery, rules_for, revoked)
         if seen is not None:
             seen[:] = outcomes
         verdicts = [
@@ -101,21 +102,23 @@ def judge_order(
             total=str(order.total),
             customer=local.customer.id,
         )
-        return EventVerdicts(verdicts, revoke=gone or revokes(ruleset, local), snapshot=snapshot)
+        return EventVerdicts(verdicts, revoke=gone or revoked, snapshot=snapshot)
 
     return judge
 
 
 def _outcomes(
-    ruleset: RuleSet, ctx: EventContext, delivery: str, rules_for: str | None
+    ruleset: RuleSet, ctx: EventContext, delivery: str, rules_for: str | None, revoked: bool
 ) -> list[Outcome]:
     if rules_for is None:
-        return evaluate(ruleset, ctx, delivery)
+        return evaluate(ruleset, ctx, delivery, revoked=revoked)
     # A fetched state: every rule that listens to any order event judges it.
     seen: set[str] = set()
     outcomes: list[Outcome] = []
     for event in sorted(e for e in ruleset.by_event if e.startswith("order.")):
-        for outcome in evaluate(ruleset, dataclasses.replace(ctx, event=event), delivery):
+        # `revokes` reads no more of the event than that it is about an order: one answer.
+        at = dataclasses.replace(ctx, event=event)
+        for outcome in evaluate(ruleset, at, delivery, revoked=revoked):
             if outcome.rule_id not in seen:
                 seen.add(outcome.rule_id)
                 outcomes.append(outcome)

@@ -158,13 +158,16 @@ def _evaluate_rule(
     return outcome("grant", sign * rounded, why, render_template(rule.reason, ctx))
 
 
-def evaluate(ruleset: RuleSet, ctx: EventContext, delivery: str = "") -> list[Outcome]:
+def evaluate(
+    ruleset: RuleSet, ctx: EventContext, delivery: str = "", *, revoked: bool | None = None
+) -> list[Outcome]:
     """One outcome per rule listening to `ctx.event`, in priority order.
 
     `ctx` should come from `prepare()` (settings and local time). A rule with `stop: true` that
-    grants ends the evaluation: lower-priority rules get the verdict `stopped`.
+    grants ends the evaluation: lower-priority rules get the verdict `stopped`. `revoked`:
+    `revokes(ruleset, ctx)` when the caller already has it (it is a rule evaluation too).
     """
-    default_revoke = revokes(ruleset, ctx)
+    default_revoke = revokes(ruleset, ctx) if revoked is None else revoked
     outcomes: list[Outcome] = []
     stopped_by = ""
     for rule in ruleset.for_event(ctx.event):
