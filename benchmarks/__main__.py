@@ -42,7 +42,7 @@ from benchmarks.ingest import bench_ingest
 from benchmarks.orders import bench_orders
 from benchmarks.quotes import refresh_docs
 from benchmarks.worker import bench_worker
-from service import ledger
+from service import keys, ledger
 from service.embedded import EmbeddedRedis
 from service.events import normalise
 from service.rules import evaluate, load_rules, prepare
@@ -112,7 +112,7 @@ async def bench_ledger(redis_url: str, events: int = 3000) -> dict[str, Any]:
         await ledger.apply_outcomes(redis, 1, outcomes, customer=ctx.customer.id, order_id=n)
     elapsed = time.perf_counter() - started
     info = await redis.info("memory")
-    pending = await redis.zcard("sr:pending:1")
+    pending = await redis.zcard(keys.grant_set("pending", 1))
     await redis.aclose()
     if pending != events:  # a benchmark that wrote nothing must not report a figure
         raise RuntimeError(f"ledger benchmark created {pending} grants, expected {events}")

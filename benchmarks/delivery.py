@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 from redis.asyncio import Redis
 
-from service import ledger, tokens
+from service import keys, ledger, tokens
 from service.app import create_app
 from service.rules.engine import Outcome
 from service.salla import TokenSet
@@ -212,7 +212,7 @@ async def fairness(redis_url: str, backlog: int = 10_000, samples: int = 5) -> d
         async with redis.pipeline(transaction=False) as pipe:
             for n in range(backlog):  # distinct points: every grant its own call
                 grant = ledger.Grant(
-                    id=f"a{n}",
+                    id=f"{MERCHANT}-a{n}",
                     merchant=MERCHANT,
                     customer=500000 + n,
                     points=1 + n % 999,
@@ -224,9 +224,9 @@ async def fairness(redis_url: str, backlog: int = 10_000, samples: int = 5) -> d
                     due_ms=ledger.now_ms(),
                     created_ms=ledger.now_ms(),
                 )
-                pipe.hset(ledger.grant_key(grant.id), mapping=grant.to_redis())
-                pipe.zadd(f"sr:pending:{MERCHANT}", {grant.id: grant.due_ms})
-            pipe.sadd(ledger.STORES_PENDING, str(MERCHANT))
+                pipe.hset(keys.grant(grant.id), mapping=grant.to_redis())
+                pipe.zadd(keys.grant_set("pending", MERCHANT), {grant.id: grant.due_ms})
+            pipe.sadd(keys.STORES_PENDING, str(MERCHANT))
             await pipe.execute()
         settings = _settings(url, rate_limit_requests=100_000, rate_limit_window_s=60)
         worker, task = await _run_worker(settings, redis_url)
@@ -245,7 +245,7 @@ async def fairness(redis_url: str, backlog: int = 10_000, samples: int = 5) -> d
             while not store_b.balances.get(600000 + n):
                 await asyncio.sleep(0.002)
             latencies.append(time.monotonic() - started)
-        remaining = await redis.zcard(f"sr:pending:{MERCHANT}")
+        remaining = await redis.zcard(keys.grant_set("pending", MERCHANT))
         await pool.aclose()
         await _stop_worker(worker, task)
     await redis.aclose()

@@ -21,7 +21,7 @@ from arq.worker import func
 from redis.asyncio import Redis
 
 from benchmarks.ingest import ROOT, SAMPLE, peak_rss_mib
-from service import queue
+from service import keys, queue
 from service.inbox import ensure_group
 from service.processing import WEBHOOK_STREAM
 from service.webhooks import delivery_id, read_head
@@ -162,7 +162,7 @@ async def bench_worker(redis_url: str, events: int = 6000, stores: int = 20) -> 
 
             async with redis.pipeline(transaction=False) as pipe:
                 for merchant in merchants:
-                    pipe.zcard(f"sr:pending:{merchant}")
+                    pipe.zcard(keys.grant_set("pending", merchant))
                 pending = sum(await pipe.execute())
             if pending >= events:
                 break

@@ -18,11 +18,12 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from service import ledger, order_state, tokens
+from service import keys, ledger, tokens
 from service.delivery.flush import plan_bucket
 from service.delivery.ratelimit import RateLimiter
 from service.errors import WebhookError
-from service.order_state import OrderFacts, RuleRecord
+from service.ledger import order_state
+from service.ledger.order_state import OrderFacts, RuleRecord
 from service.processing import WEBHOOK_STREAM, ProcessingDeps, replay_event
 from service.settings import Settings
 
@@ -124,7 +125,7 @@ def grant_view(doc: dict[str, str]) -> dict[str, Any]:
 async def _grant_docs(redis: Redis, ids: Iterable[str]) -> list[dict[str, str]]:
     async with redis.pipeline(transaction=False) as pipe:
         for grant_id in ids:
-            pipe.hgetall(ledger.grant_key(grant_id))
+            pipe.hgetall(keys.grant(grant_id))
         docs: list[dict[str, str]] = await pipe.execute()
     return [doc for doc in docs if doc]  # settled grants expire after SETTLED_GRANT_TTL_S
 
@@ -137,10 +138,10 @@ async def store_state(redis: Redis, settings: Settings, merchant: int) -> dict[s
     gauges = await ledger.store_gauges(redis, merchant)
     async with redis.pipeline(transaction=False) as pipe:
         for kind in ("claimed", "unknown"):
-            pipe.zcard(f"{ledger.PREFIX}{kind}:{merchant}")
-        pipe.zcount(f"{ledger.PREFIX}pending:{merchant}", "-inf", ledger.now_ms())
+            pipe.zcard(keys.grant_set(kind, merchant))
+        pipe.zcount(keys.grant_set("pending", merchant), "-inf", ledger.now_ms())
         claimed, unknown, due = await pipe.execute()
-    failed_ids: list[str] = await redis.zrange(f"{ledger.PREFIX}failed:{merchant}", 0, 99)
+    failed_ids: list[str] = await redis.zrange(keys.grant_set("failed", merchant), 0, 99)
     bucket = RateLimiter(redis, settings.rate_limit_requests, settings.rate_limit_window_s)
     return {
         "merchant": merchant,
@@ -182,7 +183,7 @@ async def store_state(redis: Redis, settings: Settings, merchant: int) -> dict[s
 
 
 async def _scope_view(redis: Redis, merchant: int, scope: str) -> dict[str, Any]:
-    raw: dict[str, str] = await redis.hgetall(ledger.entry_key(merchant, scope))  # type: ignore[misc]
+    raw: dict[str, str] = await redis.hgetall(keys.entry(merchant, scope))  # type: ignore[misc]
     rules = {}
     for name, value in raw.items():
         if name.startswith("r:"):
@@ -200,7 +201,7 @@ async def _scope_view(redis: Redis, merchant: int, scope: str) -> dict[str, Any]
                 "reason": record.reason,
                 "rule_version": record.version,
             }
-    ids: list[str] = await redis.zrange(ledger.scope_grants_key(merchant, scope), 0, -1)
+    ids: list[str] = await redis.zrange(keys.scope_grants(merchant, scope), 0, -1)
     facts = OrderFacts.from_fields(raw)
     return {
         "scope": scope,
@@ -220,7 +221,7 @@ async def _scope_view(redis: Redis, merchant: int, scope: str) -> dict[str, Any]
 
 async def order_ledger(redis: Redis, merchant: int, order_id: int) -> dict[str, Any]:
     """Everything the ledger holds because of one order: per rule, and each grant."""
-    others: set[str] = await redis.smembers(ledger.order_index_key(merchant, order_id))  # type: ignore[misc]
+    others: set[str] = await redis.smembers(keys.order_index(merchant, order_id))  # type: ignore[misc]
     scopes = [f"order:{order_id}", *sorted(others)]
     views = [await _scope_view(redis, merchant, scope) for scope in scopes]
     views = [v for v in views if v["rules"] or v["grants"]]
@@ -237,9 +238,7 @@ async def customer_ledger(
     redis: Redis, merchant: int, customer: int, limit: int = 1000
 ) -> dict[str, Any]:
     """A customer's grants, newest first, with totals by state."""
-    ids: list[str] = await redis.zrevrange(
-        ledger.customer_grants_key(merchant, customer), 0, limit - 1
-    )
+    ids: list[str] = await redis.zrevrange(keys.customer_grants(merchant, customer), 0, limit - 1)
     grants = [grant_view(d) for d in await _grant_docs(redis, ids)]
     totals: dict[str, int] = {}
     for grant in grants:
@@ -253,7 +252,7 @@ async def customer_ledger(
 
 
 async def count_grants(redis: Redis, start_ms: int, end_ms: int) -> int:
-    return int(await redis.zcount(ledger.GRANT_LOG, start_ms, f"({end_ms}"))
+    return int(await redis.zcount(keys.GRANT_LOG, start_ms, f"({end_ms}"))
 
 
 async def export_grants(
@@ -263,7 +262,7 @@ async def export_grants(
     offset = 0
     while True:
         ids: list[str] = await redis.zrangebyscore(
-            ledger.GRANT_LOG, start_ms, f"({end_ms}", start=offset, num=PAGE
+            keys.GRANT_LOG, start_ms, f"({end_ms}", start=offset, num=PAGE
         )
         if not ids:
             return

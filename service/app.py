@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import metrics, queue
+from service import metrics, process_state, queue
 from service.admin_http import AdminState
 from service.admin_http import routes as admin_routes
 from service.errors import PayloadTooLarge, RequestTimeout, WebhookError
@@ -132,16 +132,15 @@ async def _send_json(send: Send, http_status: int, body: dict[str, object]) -> N
     await send({"type": "http.response.body", "body": payload})
 
 
-_counters: dict[tuple[str, str], Any] = {}
-
-
 def _count_webhook(event: str, outcome: str) -> None:
     """`WEBHOOKS{event, outcome}` += 1, with the labelled child looked up once per pair (the
     pairs are bounded: an event name Salla does not document counts as `other`)."""
     event = metrics.event_label(event)
-    child = _counters.get((event, outcome))
+    child = process_state.metric_children.get((event, outcome))
     if child is None:
-        child = _counters[(event, outcome)] = metrics.WEBHOOKS.labels(event, outcome)
+        child = process_state.metric_children[(event, outcome)] = metrics.WEBHOOKS.labels(
+            event, outcome
+        )
     child.inc()
 
 

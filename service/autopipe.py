@@ -10,10 +10,11 @@ its own exception.
 from __future__ import annotations
 
 import asyncio
-import weakref
 from typing import Any
 
 from redis.asyncio import Redis
+
+from service import process_state
 
 
 class AutoPipeline:
@@ -54,12 +55,9 @@ class AutoPipeline:
                 future.set_result(result)
 
 
-_pipes: weakref.WeakKeyDictionary[Redis, AutoPipeline] = weakref.WeakKeyDictionary()
-
-
 def auto(redis: Redis) -> AutoPipeline:
     """The auto-pipeline of a client (one per client, made on first use)."""
-    pipe = _pipes.get(redis)
+    pipe: AutoPipeline | None = process_state.auto_pipes.get(redis)
     if pipe is None:
-        pipe = _pipes[redis] = AutoPipeline(redis)
+        pipe = process_state.auto_pipes[redis] = AutoPipeline(redis)
     return pipe

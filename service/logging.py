@@ -14,10 +14,11 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 REDACTED = "[redacted]"
 _SECRET_KEY = re.compile(
@@ -298,5 +299,7 @@ class _Logger:
         self._name = name
 
 
-def get_logger(name: str) -> Any:
-    return _Logger(name)
+def get_logger(name: str) -> FilteringBoundLogger:
+    """A module's logger. Typed as what it hands every call to (structlog's filtering bound
+    logger), so mypy checks each log line; `_Logger` only caches the lookup."""
+    return cast(FilteringBoundLogger, _Logger(name))

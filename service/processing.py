@@ -8,7 +8,6 @@ through the rules.
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,7 @@ import structlog
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
-from service import ledger, metrics, queue, tokens
+from service import keys, ledger, metrics, process_state, queue, tokens
 from service.events import KNOWN_ORDER_STATUSES, normalise, order_doc
 from service.ids import parse_digits
 from service.logging import get_logger
@@ -264,7 +263,7 @@ async def replay_event(
 
 
 def _settings_key(merchant: int) -> str:
-    return f"{ledger.PREFIX}settings:{merchant}"
+    return keys.settings(merchant)
 
 
 def _settings_value(raw: str | bytes | None) -> dict[str, Any]:
@@ -361,13 +360,10 @@ async def _apply_rules(
     return result
 
 
-_arrivals = itertools.count()
-
-
 def _local_arrival(received: dt.datetime) -> tuple[int, int]:
     """An arrival for an event that did not come through the inbox (tools, tests): when it was
     received, then the order this process saw them in."""
-    return int(received.timestamp() * 1000), next(_arrivals)
+    return int(received.timestamp() * 1000), next(process_state.arrivals)
 
 
 async def _result(

@@ -27,7 +27,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import autopipe, ledger, redis_url
+from service import autopipe, keys, process_state, redis_url
 from service.errors import JobRefused
 from service.logging import get_logger
 
@@ -35,9 +35,9 @@ log = get_logger("service.queue")
 
 PROCESS_EVENT = "process_event"
 #: `<prefix><delivery>`: set once a delivery is accepted (inbox) or processed (app event).
-SEEN_PREFIX = f"{ledger.PREFIX}seen:"
+SEEN_PREFIX = keys.SEEN_PREFIX
 #: The inbox (service/inbox.py): webhooks accepted for the rules, also kept for replay.
-WEBHOOK_STREAM = f"{ledger.PREFIX}webhooks"
+WEBHOOK_STREAM = keys.WEBHOOK_STREAM
 #: The consumer group the workers read the inbox as.
 INBOX_GROUP = "workers"
 FLUSH = "flush"
@@ -285,11 +285,6 @@ class EventWriter:
         )
 
 
-#: The flush job this process last enqueued per store. Asking arq again for the same window is
-#: a no-op (the job id exists) that costs four round trips; events of a busy store ask often.
-_last_flush: dict[int, str] = {}
-
-
 async def enqueue_flush(
     pool: ArqRedis, merchant: int, window_s: float, *, delay_s: float = 0.0
 ) -> None:
@@ -299,13 +294,16 @@ async def enqueue_flush(
         window = math.ceil(at / window_s)
         run_at = window * window_s
         job_id = f"flush:{merchant}:{window}"
-        if _last_flush.get(merchant) == job_id:  # this process already asked for this window
+        # Asking arq again for the same window is a no-op that costs four round trips, and
+        # events of a busy store ask often: once per window per process.
+        if process_state.last_flush.get(merchant) == job_id:
             return
-        _last_flush[merchant] = job_id
     else:
         run_at = at
         job_id = f"flush:{merchant}:{int(at * 1000)}"
     await enqueue(pool, FLUSH, merchant, job_id=job_id, defer_s=run_at - time.time())
+    if window_s > 0:  # remembered once queued: a failed enqueue is tried again next time
+        process_state.last_flush[merchant] = job_id
 
 
 async def enqueue_reconcile(pool: ArqRedis, merchant: int, delay_s: float = 0.0) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from arq.connections import RedisSettings
+from redis.asyncio import Redis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
 from service.errors import ConfigError
@@ -117,3 +118,15 @@ def arq_settings(url: str) -> RedisSettings:
     if "max_connections" in options:
         settings.max_connections = int(options.pop("max_connections"))
     return settings
+
+
+def text_client(url: str) -> Redis:
+    """A client whose replies are `str` (UTF-8): the ledger, tokens, settings, admin."""
+    client: Redis = Redis.from_url(url, decode_responses=True)
+    return client
+
+
+def bytes_client(url: str) -> Redis:
+    """A client whose replies are `bytes`: webhook bodies, signed byte for byte, stay bytes."""
+    client: Redis = Redis.from_url(url)
+    return client

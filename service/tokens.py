@@ -13,16 +13,16 @@ import uuid
 
 from redis.asyncio import Redis
 
+from service import keys
 from service.errors import SallaAuthError
-from service.ledger import PREFIX
 from service.salla import SallaClient, TokenSet
 
 
 def store_key(merchant: int) -> str:
-    return f"{PREFIX}store:{merchant}"
+    return keys.store(merchant)
 
 
-STORES_AUTHORIZED = f"{PREFIX}stores:authorized"
+STORES_AUTHORIZED = keys.STORES_AUTHORIZED
 #: The store record's field saying why Salla cannot be asked about the store's orders
 #: (service/orders/truth.py); new tokens clear it.
 ORDER_TRUTH_UNAVAILABLE = "order_truth_unavailable"
@@ -120,7 +120,7 @@ async def refresh(
     Raises `SallaAuthError` when the store cannot be refreshed (no refresh token, or Salla
     refused it); the caller parks the store's grants until it authorizes again.
     """
-    lock_key = f"{PREFIX}lock:refresh:{merchant}"
+    lock_key = keys.refresh_lock(merchant)
     owner = uuid.uuid4().hex
     deadline = time.monotonic() + lock_timeout_s
     while not await redis.set(lock_key, owner, nx=True, px=int(lock_timeout_s * 1000)):

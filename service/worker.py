@@ -7,24 +7,21 @@ import gc
 import signal
 from typing import Any
 
-import httpx
 from arq import cron
 from arq.connections import ArqRedis
 from arq.worker import Function, Retry, Worker, func
 from prometheus_client import start_http_server
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import arq_log, inbox, ledger, metrics, queue, tokens
-from service.delivery.flush import Deps, flush, reconcile, refresh_expiring_tokens
+from service import arq_log, inbox, keys, ledger, metrics, queue, tokens
+from service.delivery.flush import flush, reconcile, refresh_expiring_tokens
 from service.logging import configure_logging, get_logger
 from service.orders import reconcile as orders_reconcile
 from service.orders import truth
-from service.processing import ProcessingDeps, process_event
-from service.rules.reloader import RulesHolder, live_rules
-from service.salla import SallaClient
+from service.processing import process_event
 from service.settings import Settings
+from service.worker_resources import CTX_KEY, WorkerResources, of
 
 log = get_logger("service.worker")
 
@@ -34,35 +31,35 @@ _REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError)
 async def _process_event_job(ctx: dict[str, Any], body: bytes, delivery: str, trace_id: str) -> Any:
     """An app lifecycle event (webhooks for the rules come through the inbox)."""
     try:
-        return await process_event(ctx["processing"], body, delivery, trace_id)
+        return await process_event(of(ctx).processing, body, delivery, trace_id)
     except _REDIS_TRANSIENT as exc:
         raise Retry(defer=min(2 ** ctx["job_try"], 60)) from exc
 
 
 async def _flush_job(ctx: dict[str, Any], merchant: int) -> Any:
     try:
-        return await flush(ctx["delivery"], merchant)
+        return await flush(of(ctx).delivery, merchant)
     except _REDIS_TRANSIENT as exc:
         raise Retry(defer=min(2 ** ctx["job_try"], 60)) from exc
 
 
 async def _reconcile_job(ctx: dict[str, Any], merchant: int) -> Any:
     try:
-        return await reconcile(ctx["delivery"], merchant)
+        return await reconcile(of(ctx).delivery, merchant)
     except _REDIS_TRANSIENT as exc:
         raise Retry(defer=min(2 ** ctx["job_try"], 60)) from exc
 
 
 async def _order_truth_job(ctx: dict[str, Any], merchant: int, order_id: int) -> Any:
     try:
-        return await truth.settle_order(ctx["orders"], merchant, order_id, job_try=ctx["job_try"])
+        return await truth.settle_order(of(ctx).orders, merchant, order_id, job_try=ctx["job_try"])
     except _REDIS_TRANSIENT as exc:
         raise Retry(defer=min(2 ** ctx["job_try"], 60)) from exc
 
 
 async def _orders_reconcile_job(ctx: dict[str, Any], merchant: int) -> Any:
     try:
-        report = await orders_reconcile.run_store(ctx["orders"], merchant)
+        report = await orders_reconcile.run_store(of(ctx).orders, merchant)
     except _REDIS_TRANSIENT as exc:
         raise Retry(defer=min(2 ** ctx["job_try"], 60)) from exc
     return report.as_log()
@@ -71,7 +68,7 @@ async def _orders_reconcile_job(ctx: dict[str, Any], merchant: int) -> Any:
 async def schedule_orders_reconcile(ctx: dict[str, Any]) -> int:
     """Start each authorized store's reconciliation once per `ORDERS_RECONCILE_EVERY_S`, spread
     over the period (a store's offset comes from its id) so that no minute is heavy."""
-    deps: Deps = ctx["delivery"]
+    deps = of(ctx).delivery
     every = deps.settings.orders_reconcile_every_s
     if every <= 0:
         return 0
@@ -80,7 +77,7 @@ async def schedule_orders_reconcile(ctx: dict[str, Any]) -> int:
     for raw in await deps.redis.smembers(tokens.STORES_AUTHORIZED):  # type: ignore[misc]
         merchant = int(raw)
         slot = (now + merchant % every) // every
-        marker = f"{ledger.PREFIX}orders-rec-slot:{merchant}"
+        marker = keys.orders_reconcile_slot(merchant)
         if await deps.redis.set(marker, str(slot), ex=every * 2, get=True) == str(slot):
             continue
         await queue.enqueue_orders_reconcile(deps.pool, merchant, slot=slot)
@@ -89,12 +86,12 @@ async def schedule_orders_reconcile(ctx: dict[str, Any]) -> int:
 
 
 async def refresh_tokens(ctx: dict[str, Any]) -> int:
-    return await refresh_expiring_tokens(ctx["delivery"])
+    return await refresh_expiring_tokens(of(ctx).delivery)
 
 
 async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
     """Recover dead workers' claims, start due flushes, and reconcile unknown outcomes."""
-    deps: Deps = ctx["delivery"]
+    deps = of(ctx).delivery
     for merchant in await ledger.stores_with_unknown(deps.redis):
         settle = ledger.now_ms() - int(deps.settings.reconcile_after_s * 1000)
         if await ledger.unknown_since(deps.redis, merchant, settle):
@@ -104,6 +101,7 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
     metrics.INBOX_BACKLOG.labels("unread").set(waiting.unread)
     metrics.INBOX_OLDEST.set(waiting.oldest_age_s)
     await inbox.forget_idle_consumers(deps.redis)
+    await ledger.trim_grant_log(deps.redis)
     returned = unknown = flushed = 0
     for merchant in await ledger.stores_with_work(deps.redis):
         for order_id in await ledger.verifying_overdue(deps.redis, merchant):
@@ -133,36 +131,11 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
     arq_log.install()  # arq's job lines: named events, no job arguments, cron runs at DEBUG
 
     async def startup(ctx: dict[str, Any]) -> None:
-        if "processing" in ctx:  # `run` started arq's loop again after a Redis outage
+        if CTX_KEY in ctx:  # `run` started arq's loop again after a Redis outage
             log.info("worker_resumed")
             return
         configure_logging(settings.log_format, settings.log_level)
-        redis = Redis.from_url(redis_url, decode_responses=True)
-        pool: ArqRedis = ctx["redis"]
-        http = httpx.AsyncClient(
-            timeout=httpx.Timeout(
-                settings.salla_timeout_s, connect=min(5.0, settings.salla_timeout_s)
-            ),
-            limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
-        )
-        holder = RulesHolder(settings.rules_path)
-        live = live_rules(holder, watch=settings.is_development)
-        await live.__aenter__()
-        ctx["live_rules"] = live
-        ctx["http"] = http
-        ctx["plain_redis"] = redis
-        ctx["processing"] = ProcessingDeps(settings, redis, pool, holder)
-        inbox_redis = Redis.from_url(redis_url)  # bytes: webhook bodies
-        ctx["inbox_redis"] = inbox_redis
-        ctx["inbox"] = reader = inbox.Inbox(
-            ctx["processing"],
-            inbox_redis,
-            batch=settings.inbox_batch,
-            claim_idle_s=settings.inbox_claim_after_s,
-        )
-        ctx["inbox_task"] = asyncio.create_task(reader.run(), name="inbox")
-        ctx["delivery"] = Deps(settings, redis, pool, SallaClient(http, settings.salla_api_base))
-        ctx["orders"] = truth.Deps(ctx["processing"], ctx["delivery"])
+        ctx[CTX_KEY] = resources = await WorkerResources.open(settings, redis_url, ctx["redis"])
         if settings.worker_metrics_port:
             try:
                 start_http_server(settings.worker_metrics_port, registry=metrics.REGISTRY)
@@ -176,24 +149,14 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
         gc.freeze()
         log.info(
             "worker_started",
-            rules=len(holder.current.rules),
-            rule_files=len(holder.current.files),
+            rules=len(resources.rules.current.rules),
+            rule_files=len(resources.rules.current.files),
             salla_api_base=settings.salla_api_base,
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
-        if "inbox_task" in ctx:  # the batch in progress finishes and is acknowledged
-            ctx["inbox"].stop()
-            try:
-                await asyncio.wait_for(ctx["inbox_task"], timeout=settings.job_timeout_s)
-            except TimeoutError:
-                log.error("inbox_stop_timeout", why="the batch in progress is claimed again later")
-            await ctx["inbox_redis"].aclose()
-        if "live_rules" in ctx:
-            await ctx["live_rules"].__aexit__(None, None, None)
-        if "http" in ctx:
-            await ctx["http"].aclose()
-            await ctx["plain_redis"].aclose()
+        if CTX_KEY in ctx:
+            await of(ctx).close()
 
     functions: list[Function] = [
         func(_process_event_job, name=queue.PROCESS_EVENT, keep_result=0, max_tries=10),

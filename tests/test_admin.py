@@ -15,7 +15,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from service import ledger
+from service import keys, ledger
 from service.app import create_app
 from service.processing import WEBHOOK_STREAM
 from service.sandbox.app import Sandbox
@@ -286,13 +286,13 @@ class TestCli:
             await pipe.execute()
         env = {"RULES_PATH": str(doubled_rules(tmp_path))}
         args = ["admin", "replay", "--apply"]
-        pending_key = f"{ledger.PREFIX}pending:{ORDER_MERCHANT}"
+        pending_key = keys.grant_set("pending", ORDER_MERCHANT)
         ended = await cli_interrupted(
             redis_url, *args, once=lambda: redis.zcard(pending_key), env=env
         )  # Ctrl-C once it has applied something
         assert ended.returncode == 130, ended.stderr
         assert "interrupted after" in ended.stderr
-        partly = await redis.zcard(f"{ledger.PREFIX}pending:{ORDER_MERCHANT}")
+        partly = await redis.zcard(keys.grant_set("pending", ORDER_MERCHANT))
         assert 0 < partly < orders + 1
 
         rest = await cli(redis_url, *args, env=env)
@@ -345,11 +345,11 @@ class TestExportInterrupted:
         async with redis.pipeline(transaction=False) as pipe:
             for n in range(grants):
                 grant = ledger.Grant(
-                    id=f"g{n}", merchant=1, customer=n, points=5, type="plus", reason="r",
+                    id=f"1-g{n}", merchant=1, customer=n, points=5, type="plus", reason="r",
                     channels=(), scope=f"order:{n}", rule="purchase", created_ms=now,
                 )  # fmt: skip
-                pipe.hset(ledger.grant_key(grant.id), mapping=grant.to_redis())
-                pipe.zadd(ledger.GRANT_LOG, {grant.id: now})
+                pipe.hset(keys.grant(grant.id), mapping=grant.to_redis())
+                pipe.zadd(keys.GRANT_LOG, {grant.id: now})
             await pipe.execute()
         out = tmp_path / "ledger.jsonl"
         partial = tmp_path / "ledger.jsonl.partial"

@@ -14,7 +14,7 @@ from service.ledger import Grant
 
 def grant(n: int, customer: int, points: int = 10, reason: str = "r", kind: str = "plus") -> Grant:
     return Grant(
-        id=f"g{n}",
+        id=f"1-g{n}",
         merchant=1,
         customer=customer,
         points=points,

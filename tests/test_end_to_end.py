@@ -9,7 +9,7 @@ import httpx
 import jsonschema
 from redis.asyncio import Redis
 
-from service import ledger
+from service import keys, ledger
 from service.app import create_app
 from service.sandbox.app import Sandbox, request_schema
 from tests.conftest import (
@@ -117,7 +117,7 @@ class TestPublishedSamples:
         install(web, box, 1305146709)
         web.post_webhook(fixture_bytes("order.created.json"))
         await eventually(lambda: inbox_empty(redis))
-        assert await redis.exists("sr:led:1305146709:order:2116149737")
+        assert await redis.exists(keys.entry(1305146709, "order:2116149737"))
         assert box.stores[1305146709].calls == []
 
     async def test_sent_bodies_validate_against_the_spec(
@@ -194,8 +194,8 @@ class TestExactlyOnce:
 
 
 async def _no_pending(redis: Redis, merchant: int) -> bool:
-    pending = await redis.zcard(f"sr:pending:{merchant}")
-    claimed = await redis.zcard(f"sr:claimed:{merchant}")
+    pending = await redis.zcard(keys.grant_set("pending", merchant))
+    claimed = await redis.zcard(keys.grant_set("claimed", merchant))
     return pending == 0 and claimed == 0
 
 
@@ -207,7 +207,7 @@ class TestStoreLifecycle:
     ) -> None:
         _, box = sandbox
         web.post_webhook(fixture_bytes("order.status.updated.json"))
-        await eventually(lambda: redis.zcard(f"sr:parked:{ORDER_MERCHANT}"))
+        await eventually(lambda: redis.zcard(keys.grant_set("parked", ORDER_MERCHANT)))
         store = box.add_store(ORDER_MERCHANT)
         web.post_webhook(authorize_body(ORDER_MERCHANT, store))
         await eventually(lambda: balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 15)
@@ -237,7 +237,7 @@ class TestStoreLifecycle:
             deps = Deps(make_settings(url), redis, pool, SallaClient(http, url))
             await park_unless_authorized(deps, ORDER_MERCHANT, claimed, "no token", None)
         await pool.aclose()
-        assert await redis.zcard(f"sr:parked:{ORDER_MERCHANT}") == 0
+        assert await redis.zcard(keys.grant_set("parked", ORDER_MERCHANT)) == 0
         assert await ledger.due_count(redis, ORDER_MERCHANT) == 1
 
     async def test_uninstall_stops_deliveries(
@@ -252,9 +252,9 @@ class TestStoreLifecycle:
         assert web.post_webhook(uninstall).json()["status"] == "accepted"
         await eventually(lambda: _store_status(redis, ORDER_MERCHANT, "uninstalled"))
         web.post_webhook(fixture_bytes("order.status.updated.json"))
-        await eventually(lambda: redis.zcard(f"sr:parked:{ORDER_MERCHANT}"))
+        await eventually(lambda: redis.zcard(keys.grant_set("parked", ORDER_MERCHANT)))
         assert box.stores[ORDER_MERCHANT].calls == []
-        assert not await redis.hget(f"sr:store:{ORDER_MERCHANT}", "access_token")
+        assert not await redis.hget(keys.store(ORDER_MERCHANT), "access_token")
 
     async def test_an_old_authorize_arriving_after_uninstall_is_ignored(
         self, web: Service, worker: Any, sandbox: tuple[str, Sandbox], redis: Redis
@@ -268,11 +268,11 @@ class TestStoreLifecycle:
         web.post_webhook(authorize_body(ORDER_MERCHANT, store))  # sent 2022-12-31: older
         await eventually(
             lambda: redis.exists(
-                f"sr:seen:{ORDER_MERCHANT}:app.store.authorize:"
+                keys.SEEN_PREFIX + f"{ORDER_MERCHANT}:app.store.authorize:"
                 f"{_digest(authorize_body(ORDER_MERCHANT, store))}"
             )
         )
-        assert await redis.hget(f"sr:store:{ORDER_MERCHANT}", "status") == "uninstalled"
+        assert await redis.hget(keys.store(ORDER_MERCHANT), "status") == "uninstalled"
 
     async def test_expired_token_is_refreshed_once_and_the_grant_sent(
         self, web: Service, worker: Any, sandbox: tuple[str, Sandbox]
@@ -292,11 +292,11 @@ def _digest(body: bytes) -> str:
 
 
 async def _store_status(redis: Redis, merchant: int, status: str) -> bool:
-    return bool(await redis.hget(f"sr:store:{merchant}", "status") == status)
+    return bool(await redis.hget(keys.store(merchant), "status") == status)
 
 
 async def _all_grants(redis: Redis) -> list[ledger.Grant]:
-    ids = [key.removeprefix("sr:grant:") async for key in redis.scan_iter("sr:grant:*")]
+    ids = [key.rsplit(":", 1)[-1] async for key in redis.scan_iter(keys.grant_prefix("*") + "*")]
     return await ledger.load(redis, ids)
 
 
@@ -358,7 +358,7 @@ class TestRateLimits:
             counts = await flush(deps, ORDER_MERCHANT)
         await pool.aclose()
         assert counts["batches"] == 3 and len(store.calls) == 3
-        assert await redis.zcard(f"sr:pending:{ORDER_MERCHANT}") == 7
+        assert await redis.zcard(keys.grant_set("pending", ORDER_MERCHANT)) == 7
 
     async def test_a_throttled_backlog_does_not_starve_another_store(
         self, redis: Redis, redis_url: str, web: Service, sandbox: tuple[str, Sandbox]
@@ -376,25 +376,26 @@ class TestRateLimits:
         async with running_worker(settings, redis_url):
             web.post_webhook(fixture_bytes("review.added.json"))
             await eventually(lambda: balance(box, 1029864349, 2107468057) == 50)
-        assert await redis.zcard(f"sr:pending:{ORDER_MERCHANT}") >= 290
+        assert await redis.zcard(keys.grant_set("pending", ORDER_MERCHANT)) >= 290
         assert other.counters.get("applied") == 1
 
     async def test_scheduled_refresh_renews_tokens_before_expiry(
         self, redis: Redis, redis_url: str, web: Service, sandbox: tuple[str, Sandbox]
     ) -> None:
-        from service.delivery.flush import Deps, refresh_expiring_tokens
+        from service.delivery.flush import refresh_expiring_tokens
+        from service.worker_resources import of
 
         url, box = sandbox
         store = box.add_store(ORDER_MERCHANT, access_ttl_s=3600)  # expires within the day
         web.post_webhook(authorize_body(ORDER_MERCHANT, store))
         settings = make_settings(url)
         async with running_worker(settings, redis_url) as worker:
-            await eventually(lambda: redis.hget(f"sr:store:{ORDER_MERCHANT}", "access_token"))
-            deps: Deps = worker.ctx["delivery"]
+            await eventually(lambda: redis.hget(keys.store(ORDER_MERCHANT), "access_token"))
+            deps = of(worker.ctx).delivery
             assert await refresh_expiring_tokens(deps) == 1
             assert await refresh_expiring_tokens(deps) == 0  # now valid for 14 days
         assert store.counters.get("refreshed") == 1
-        assert await redis.hget(f"sr:store:{ORDER_MERCHANT}", "access_token") == store.access_token
+        assert await redis.hget(keys.store(ORDER_MERCHANT), "access_token") == store.access_token
 
 
 class TestSallaFaults:
@@ -459,7 +460,9 @@ class TestSallaFaults:
             web.post_webhook(fixture_bytes("order.status.updated.json"))
             await eventually(lambda: store.counters.get("dropped_after_apply"))
             store.faults.statuses = [503] * 10  # the history cannot be read
-            await eventually(lambda: redis.zcard(f"sr:review:{ORDER_MERCHANT}"), timeout_s=30)
+            await eventually(
+                lambda: redis.zcard(keys.grant_set("review", ORDER_MERCHANT)), timeout_s=30
+            )
         [grant] = await ledger.grants_in(redis, "review", ORDER_MERCHANT)
         assert grant.state == "review" and "history unreadable 2 times" in grant.error
         assert len(store.calls) == 1
@@ -472,7 +475,7 @@ class TestSallaFaults:
         store.faults.invalid_customers = {13}
         post_reviews(web, ORDER_MERCHANT, (11, 12, 13, 14))
         async with running_worker(make_settings(url, batch_window_s=0.5), redis_url):
-            await eventually(lambda: redis.zcard(f"sr:failed:{ORDER_MERCHANT}"))
+            await eventually(lambda: redis.zcard(keys.grant_set("failed", ORDER_MERCHANT)))
             await eventually(
                 lambda: sum(balance(box, ORDER_MERCHANT, c) for c in (11, 12, 14)) == 150
             )
@@ -487,7 +490,7 @@ class TestSallaFaults:
         store = install(web, box, ORDER_MERCHANT)
         store.faults.invalid_customers = {ORDER_CUSTOMER}
         web.post_webhook(fixture_bytes("order.status.updated.json"))
-        await eventually(lambda: redis.zcard(f"sr:failed:{ORDER_MERCHANT}"))
+        await eventually(lambda: redis.zcard(keys.grant_set("failed", ORDER_MERCHANT)))
         [grant] = await ledger.grants_in(redis, "failed", ORDER_MERCHANT)
         assert "alert.invalid_fields" in grant.error and str(ORDER_CUSTOMER) in grant.error
         assert store.calls == []

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
+from service import keys
 from service.app import create_app, openapi_document
 from service.processing import WEBHOOK_STREAM
 from service.webhooks import delivery_id, parse_envelope, sign
@@ -224,7 +225,7 @@ class TestWebhookFuzz:
         queued = await _queued_deliveries(redis)
         assert queued <= signed_deliveries  # nothing unsigned reached the queue
         assert queued, "no generated envelope was accepted: the generator is too narrow"
-        assert not [key async for key in redis.scan_iter("sr:grant:*")]
+        assert not [key async for key in redis.scan_iter(keys.grant_prefix("*") + "*")]
 
     @pytest.mark.parametrize("kind", ["list", "dict"])
     @pytest.mark.parametrize("depth", [10, 990, 1100, 100_000])

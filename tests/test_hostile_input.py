@@ -12,7 +12,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from service import ledger, metrics, tokens
+from service import keys, ledger, metrics, tokens
 from service.app import create_app
 from service.processing import WEBHOOK_STREAM
 from service.salla import TokenSet
@@ -214,8 +214,8 @@ class TestAdminIds:
     ) -> None:
         """A grant record broken in Redis (by hand, or by a bug) makes the view fail: the answer
         says where to look, not that an event was refused."""
-        await redis.zadd(ledger.customer_grants_key(7, 8), {"broken": 1})
-        await redis.hset(ledger.grant_key("broken"), mapping={"merchant": "x"})
+        await redis.zadd(keys.customer_grants(7, 8), {"7-broken": 1})
+        await redis.hset(keys.grant("7-broken"), mapping={"merchant": "x"})
         answer = httpx.get(f"{admin_web.url}/admin/stores/7/customers/8", headers=AUTH)
         assert answer.status_code == 500
         assert answer.json() == {

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from service import autopipe, inbox, ledger, queue
+from service import autopipe, inbox, keys, queue
 from service.logging import configure_logging
 from service.processing import WEBHOOK_STREAM, ProcessingDeps
 from service.rules import parse_rules_text
@@ -101,7 +101,7 @@ async def running(reader: inbox.Inbox) -> AsyncIterator[None]:
 
 
 async def pending_grants(redis: Redis) -> int:
-    return int(await redis.zcard(f"{ledger.PREFIX}pending:{M}"))
+    return int(await redis.zcard(keys.grant_set("pending", M)))
 
 
 class TestInbox:
@@ -152,7 +152,7 @@ class TestInbox:
         stays in the stream for `admin replay`."""
         configure_logging("json", "INFO")  # to this test's captured stderr
         # Its order's ledger entry is not a hash (corrupted by hand, say): every try fails.
-        await redis.set(f"{ledger.PREFIX}led:{M}:order:77", "corrupt")
+        await redis.set(keys.entry(M, "order:77"), "corrupt")
         await binary.xadd(WEBHOOK_STREAM, {"merchant": M, "delivery": "bad", "body": order(77)})
         assert await accept(deps, order(1))
         reader = inbox.Inbox(deps, binary, claim_idle_s=0.05, max_tries=3)
@@ -214,7 +214,7 @@ async def test_a_stream_from_before_the_inbox_is_not_processed_again(
         await eventually(lambda: _empty(binary), timeout_s=10)
         await eventually(lambda: pending_grants(redis), timeout_s=10)
     assert await pending_grants(redis) == 1
-    assert await redis.exists(f"{ledger.PREFIX}led:{M}:order:1") == 0
+    assert await redis.exists(keys.entry(M, "order:1")) == 0
     await binary.aclose()
 
 

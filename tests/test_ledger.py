@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from redis.asyncio import Redis
 
-from service import ledger
+from service import keys, ledger
+from service.ledger.commit import Writes, commit
 from service.rules.engine import Outcome
+from tests.support.outcomes import grant_outcome, no_match
 
 M = 555
-
-
-def grant_outcome(
-    points: int, rule: str = "purchase", reason: str = "order R1", scope: str = "order:1", **kw: Any
-) -> Outcome:
-    return Outcome(rule, "v1", "grant", points, reason, ("sms",), "test", scope=scope, **kw)
-
-
-def no_match(rule: str = "purchase") -> Outcome:
-    return Outcome(rule, "v1", "no_match", 0, "", ("sms",), "test", scope="order:1")
 
 
 async def apply(
@@ -155,12 +146,12 @@ class TestCommit:
 
     async def test_writes_when_every_checked_value_is_as_read(self, redis: Redis) -> None:
         await redis.hset("h", "state", "pending")
-        writes = ledger._Writes()
+        writes = Writes()
         writes.check("h", "state", "pending")
         writes.check("missing", "", None)  # a missing key reads as ""
         writes.hset("out", mapping={"a": 1, "b": "x y"})
         writes.zadd("z", {"g1": 5})
-        assert await ledger._commit(redis, writes)
+        assert await commit(redis, writes)
         assert await redis.hgetall("out") == {"a": "1", "b": "x y"}
         assert await redis.zscore("z", "g1") == 5
 
@@ -168,12 +159,12 @@ class TestCommit:
         await redis.hset("h", "state", "pending")
         await redis.set("cap", "15")
         for key, field, seen in (("h", "state", "pending"), ("cap", "", "15")):
-            writes = ledger._Writes()
+            writes = Writes()
             writes.check(key, field, seen)
             writes.sadd("out", "written")
             await redis.hset("h", "state", "claimed")  # a flush claimed the grant meanwhile
             await redis.incrby("cap", 10)  # another order used the cap meanwhile
-            assert not await ledger._commit(redis, writes)
+            assert not await commit(redis, writes)
         assert await redis.exists("out") == 0
 
 
@@ -225,10 +216,10 @@ class TestGrantStates:
         await send_all(redis, [sent])
         [replaced] = await apply(redis, grant_outcome(20))
         await apply(redis, grant_outcome(10))  # nets `replaced` (+5, unsent), then minus 5
-        assert 0 < await redis.ttl(ledger.grant_key(sent.id)) <= ledger.SETTLED_GRANT_TTL_S
+        assert 0 < await redis.ttl(keys.grant(sent.id)) <= ledger.SETTLED_GRANT_TTL_S
         assert (await ledger.load(redis, [replaced.id]))[0].state == "netted"
-        assert await redis.ttl(ledger.grant_key(replaced.id)) > 0
-        assert await redis.ttl(ledger.entry_key(M, "order:1")) == -1  # kept for good
+        assert await redis.ttl(keys.grant(replaced.id)) > 0
+        assert await redis.ttl(keys.entry(M, "order:1")) == -1  # kept for good
 
     async def test_heartbeat_keeps_a_live_claim(self, redis: Redis) -> None:
         await apply(redis, grant_outcome(15))

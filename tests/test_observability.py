@@ -13,7 +13,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from service import metrics
+from service import keys, metrics
 from service.sandbox.app import Sandbox
 from service.worker import sweep
 from tests.conftest import ROOT_DIR, eventually, fixture_bytes, make_settings, running_worker
@@ -69,8 +69,8 @@ class TestMetrics:
         url, _ = sandbox
         web.post_webhook(fixture_bytes("order.status.updated.json"))  # no token: it will park
         async with running_worker(make_settings(url), redis_url) as worker:
-            await eventually(lambda: redis.zcard(f"sr:parked:{ORDER_MERCHANT}"))
-            await redis.sadd("sr:stores:pending", str(ORDER_MERCHANT))
+            await eventually(lambda: redis.zcard(keys.grant_set("parked", ORDER_MERCHANT)))
+            await redis.sadd(keys.STORES_PENDING, str(ORDER_MERCHANT))
             await sweep(worker.ctx)
         assert (
             sample(

@@ -12,6 +12,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from service import keys
 from service.sandbox.app import Sandbox
 from tests.conftest import ROOT_DIR, eventually, fixture_bytes, make_settings, running_worker
 from tests.test_end_to_end import ORDER_CUSTOMER, ORDER_MERCHANT, balance, install
@@ -174,7 +175,7 @@ class TestGrantsCommands:
         store.faults.invalid_customers = {ORDER_CUSTOMER}
         async with running_worker(make_settings(url), redis_url):
             web.post_webhook(fixture_bytes("order.status.updated.json"))
-            await eventually(lambda: redis.zcard(f"sr:failed:{ORDER_MERCHANT}"))
+            await eventually(lambda: redis.zcard(keys.grant_set("failed", ORDER_MERCHANT)))
             listed = await cli(redis_url, "grants", "failed")
             assert listed.returncode == 0, listed.stderr
             assert (
@@ -205,14 +206,14 @@ class TestInterrupted:
         args = [*CLI, "campaign", "--merchant", "7", "--points", "5", "--reason", "Eid"]
         args += ["--customers", str(ids), "--id", "eid"]
         ended = await cli_interrupted(
-            redis_url, *args[len(CLI) :], once=lambda: redis.zcard("sr:pending:7")
+            redis_url, *args[len(CLI) :], once=lambda: redis.zcard(keys.grant_set("pending", 7))
         )
         assert ended.returncode == 130, ended.stderr
         assert "interrupted" in ended.stderr
-        partly = await redis.zcard("sr:pending:7")
+        partly = await redis.zcard(keys.grant_set("pending", 7))
         assert 0 < partly < customers
 
         again = await cli(redis_url, *args[len(CLI) :])
         assert again.returncode == 0, again.stderr
-        pending = await redis.zrange("sr:pending:7", 0, -1)
+        pending = await redis.zrange(keys.grant_set("pending", 7), 0, -1)
         assert len(pending) == customers  # each customer once, across both runs

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service import order_state as core
-from service.order_state import (
+from service.ledger import order_state as core
+from service.ledger.order_state import (
     EventKey,
     EventVerdicts,
     OpenGrant,

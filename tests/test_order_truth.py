@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from redis import Redis
 
+from service import keys
 from service.embedded import EmbeddedRedis
 from service.sandbox.app import Sandbox, create_sandbox_app
 from tests.conftest import ROOT_DIR, SECRET, fixture_json
@@ -97,7 +98,7 @@ def quiet(cluster: Cluster, merchants: tuple[int, ...], timeout_s: float = 150) 
                 if w.get("fate") in ("delayed", "held", "retrying")
             )
             backlog = _backlog(client)
-            busy = sum(client.zcard(f"sr:{k}:{m}") for k in IN_FLIGHT for m in merchants)
+            busy = sum(client.zcard(keys.grant_set(k, m)) for k in IN_FLIGHT for m in merchants)
             jobs = [j for j in client.zrange("arq:queue", 0, -1) if not j.startswith("cron:")]
             calm = calm + 1 if not (waiting or backlog or busy or jobs) else 0
             if calm >= 3:
@@ -281,7 +282,7 @@ class TestHeldGrants:
         try:
             states = {
                 client.hget(k, "customer"): client.hget(k, "state")
-                for k in client.scan_iter("sr:grant:*")
+                for k in client.scan_iter(keys.grant_prefix("*") + "*")
             }
         finally:
             client.close()

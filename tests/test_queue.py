@@ -338,3 +338,33 @@ def test_the_tls_server_certificate_is_verified(guarded: GuardedRedis, tls: TlsP
     with pytest.raises(RedisError, match="certificate verify failed"):
         Redis.from_url(redis_url.check(url.split("?")[0])).ping()  # the system's CAs only
     assert Redis.from_url(redis_url.check(url)).ping()
+
+
+class TestFlushScheduling:
+    async def test_a_failed_enqueue_is_asked_again(
+        self, redis_url: str, tmp_path: pathlib.Path
+    ) -> None:
+        """The window's flush is remembered only once arq has it: an enqueue that failed (Redis
+        went away) must not silence that window's flush until the sweep."""
+        from service import process_state, queue
+        from service.embedded import EmbeddedRedis
+        from tests.support.servers import free_port
+
+        process_state.reset()
+        server = EmbeddedRedis(tmp_path, free_port())
+        away = await queue.connect(server.start())
+        server.stop()
+        with pytest.raises(RedisError):
+            await queue.enqueue_flush(away, 7, window_s=3600)
+        await away.aclose()
+        assert 7 not in process_state.last_flush
+        pool = await queue.connect(redis_url)
+        try:
+            await pool.flushall()
+            await queue.enqueue_flush(pool, 7, window_s=3600)
+            assert [j.function for j in await pool.queued_jobs()] == [queue.FLUSH]
+            assert process_state.last_flush[7].startswith("flush:7:")
+        finally:
+            await pool.flushall()
+            await pool.aclose()
+            process_state.reset()

@@ -21,7 +21,7 @@ import time
 
 from redis.asyncio import Redis
 
-from service.ledger import PREFIX
+from service import keys
 
 # KEYS: one bucket hash per bucket; ARGV: now_ms, then per bucket: capacity, window_ms.
 # A bucket's own `capacity` field (from Salla's headers) wins over the configured one.
@@ -100,7 +100,7 @@ class RateLimiter:
         self.resize = resize
 
     def key(self, merchant: int) -> str:
-        return f"{PREFIX}{self.name}:{merchant}"
+        return keys.bucket(self.name, merchant)
 
     async def take(self, merchant: int, *, also: RateLimiter | None = None) -> float:
         """Take one request from the store's bucket (and from `also`'s, atomically); 0.0 means

@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 
 from arq.worker import Retry
 
-from service import ledger, tokens
+from service import keys, ledger, tokens
 from service.events import parse_order, salla_date_ms, to_decimal
 from service.logging import get_logger
 from service.orders import truth
@@ -72,7 +72,7 @@ def window_days(deps: Deps) -> int:
 
 
 def _progress_key(merchant: int) -> str:
-    return f"{ledger.PREFIX}orders-rec:{merchant}"
+    return keys.orders_reconcile(merchant)
 
 
 async def run_store(

@@ -15,7 +15,7 @@ from typing import Any
 from service.events import EventContext, salla_date_ms
 from service.ids import parse_id
 from service.ledger import verdict_of
-from service.order_state import (
+from service.ledger.order_state import (
     RANK_CREATED,
     RANK_EVENT,
     RANK_GONE,

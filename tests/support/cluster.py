@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 from redis import Redis
 
-from service import inbox
+from service import inbox, keys
 from service.embedded import EmbeddedRedis
 from service.processing import WEBHOOK_STREAM
 from service.sandbox.app import Sandbox
@@ -134,9 +134,9 @@ def settled(cluster: Cluster, timeout_s: float = 90) -> dict[str, Any]:
     try:
         while True:
             cluster.restart_dead_workers()
-            accepted = sum(1 for _ in client.scan_iter("sr:seen:*"))
+            accepted = sum(1 for _ in client.scan_iter(keys.SEEN_PREFIX + "*"))
             unprocessed = _inbox_backlog(client)
-            busy = sum(client.zcard(f"sr:{kind}:{MERCHANT}") for kind in IN_FLIGHT)
+            busy = sum(client.zcard(keys.grant_set(kind, MERCHANT)) for kind in IN_FLIGHT)
             queued = client.zcard("arq:queue")
             if accepted >= cluster.sent_events and unprocessed == 0 and busy == 0 and queued <= 4:
                 break
@@ -147,7 +147,7 @@ def settled(cluster: Cluster, timeout_s: float = 90) -> dict[str, Any]:
             time.sleep(0.2)
         sent: dict[int, int] = {}
         states: dict[str, int] = {}
-        for key in client.scan_iter("sr:grant:*"):
+        for key in client.scan_iter(keys.grant_prefix("*") + "*"):
             grant = client.hgetall(key)
             states[grant["state"]] = states.get(grant["state"], 0) + 1
             if grant["state"] == "sent":
@@ -155,7 +155,7 @@ def settled(cluster: Cluster, timeout_s: float = 90) -> dict[str, Any]:
                 customer = int(grant["customer"])
                 sent[customer] = sent.get(customer, 0) + sign * int(grant["points"])
         granted: dict[int, int] = {}
-        for key in client.scan_iter(f"sr:led:{MERCHANT}:order:*"):
+        for key in client.scan_iter(keys.entry(MERCHANT, "order:*")):
             for name, value in client.hgetall(key).items():
                 if name.startswith("r:"):
                     for customer, points in json.loads(value)["granted"].items():

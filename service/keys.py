@@ -1,0 +1,170 @@
+"""Every Redis key the service uses, built here and nowhere else. A typo in a key name is silent
+data loss; a builder is checked by mypy and found by grep.
+
+The schema (all under `sr:`):
+
+Keys of one store carry the store's hash tag `{m:<merchant>}`, so everything one store owns
+hashes to one Redis Cluster slot and one Lua script can touch any of it:
+
+    sr:{m:M}:led:<scope>              hash  a ledger entry: v (its version), r:<rule> -> a
+                                            `RuleRecord`; the order's own entry (scope
+                                            order:<id>) also holds its `OrderFacts`
+    sr:{m:M}:led-index:order:<id>     set   other scopes an order's events granted
+    sr:{m:M}:cap:<rule>:<c>:<day>     int   points a rule granted a customer on a local day
+    sr:{m:M}:grant:<grant id>         hash  one grant (`service.ledger.records.Grant`); a grant
+                                            id starts with its store ("<merchant>-<hex>"), so
+                                            its key is found from the id alone
+    sr:{m:M}:<state>                  zset  grant ids by time, one per state: pending, claimed,
+                                            verifying, parked, failed, unknown,
+                                            review
+    sr:{m:M}:gidx:scope:<scope>       zset  grant ids of a scope by creation (admin views)
+    sr:{m:M}:gidx:customer:<c>        zset  grant ids of a customer by creation (admin views)
+    sr:{m:M}:idle                     str   the sweep found the store idle once
+    sr:{m:M}:store                    hash  tokens, scope, install time (service/tokens.py)
+    sr:{m:M}:lock:refresh             str   the token refresh lock
+    sr:{m:M}:settings                 str   the store's app settings (JSON)
+    sr:{m:M}:rl / sr:{m:M}:rl-plan    hash  the customers and plan rate-limit buckets
+    sr:{m:M}:orders-rec               hash  a reconciliation's place
+    sr:{m:M}:orders-rec-slot          str   the period a reconciliation last started in
+
+Keys written together with the inbox stream (the web's group commit) carry the inbox's tag:
+
+    sr:{inbox}:webhooks               stream every accepted webhook (the inbox and replay log)
+    sr:{inbox}:seen:<delivery>        str   a delivery already accepted (dedupe)
+
+Cross-store keys are few, and never written inside a script that works on one store's keys
+(they live in other slots): the ledger adds a store to a set in a separate command.
+
+    sr:stores:pending                 set   stores that may have unsent grants
+    sr:stores:unknown                 set   stores with grants whose call got no answer
+    sr:stores:authorized              set   stores with tokens
+    sr:grant-log                      zset  every grant id by creation (export)
+
+Nothing was released before this schema, so no data is migrated (CHANGELOG).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+PREFIX = "sr:"
+
+#: Sets of grant ids per store, by state (see the ledger's state machine).
+GrantSet = Literal["pending", "claimed", "verifying", "parked", "failed", "unknown", "review"]
+
+STORES_PENDING = f"{PREFIX}stores:pending"
+STORES_UNKNOWN = f"{PREFIX}stores:unknown"
+STORES_AUTHORIZED = f"{PREFIX}stores:authorized"
+GRANT_LOG = f"{PREFIX}grant-log"
+
+INBOX_TAG = "{inbox}"
+WEBHOOK_STREAM = f"{PREFIX}{INBOX_TAG}:webhooks"
+SEEN_PREFIX = f"{PREFIX}{INBOX_TAG}:seen:"
+
+
+def store_prefix(merchant: int | str) -> str:
+    """`sr:{m:<merchant>}:`, the start of every key of one store."""
+    return f"{PREFIX}{{m:{merchant}}}:"
+
+
+def store_of(key: str) -> int | None:
+    """The store a per-store key belongs to (None for any other key)."""
+    start = key.find("{m:")
+    end = key.find("}", start)
+    digits = key[start + 3 : end] if start >= 0 and end > start else ""
+    return int(digits) if digits.isascii() and digits.isdigit() else None
+
+
+def entry(merchant: int, scope: str) -> str:
+    return f"{store_prefix(merchant)}led:{scope}"
+
+
+def order_index(merchant: int, order_id: int) -> str:
+    """Scopes other than `order:<id>` that were granted because of this order."""
+    return f"{store_prefix(merchant)}led-index:order:{order_id}"
+
+
+def cap(merchant: int, rule: str, customer: int, day: str) -> str:
+    return f"{store_prefix(merchant)}cap:{rule}:{customer}:{day}"
+
+
+GRANT_SETS: frozenset[str] = frozenset(get_args(GrantSet))
+
+
+def as_grant_set(name: str) -> GrantSet:
+    """A state name from the outside (a CLI option, an admin query) as a grant set's name."""
+    if name not in GRANT_SETS:
+        raise ValueError(f"no grant set is called {name!r}: one of {', '.join(sorted(GRANT_SETS))}")
+    return name  # type: ignore[return-value]
+
+
+def grant_set(state: GrantSet, merchant: int | str) -> str:
+    """The zset of a store's grants in one state (`merchant` "*": a SCAN pattern)."""
+    return f"{store_prefix(merchant)}{state}"
+
+
+def idle_mark(merchant: int) -> str:
+    """Set when the sweep found the store idle (it is forgotten when found idle again)."""
+    return f"{store_prefix(merchant)}idle"
+
+
+def grant_prefix(merchant: int) -> str:
+    """What a grant's key is made of before its id (scripts append ids to it)."""
+    return f"{store_prefix(merchant)}grant:"
+
+
+def new_grant_id(merchant: int, random_hex: str) -> str:
+    return f"{merchant}-{random_hex}"
+
+
+def grant_store(grant_id: str) -> int | None:
+    """The store a grant id belongs to, or None for a string that is not a grant id."""
+    merchant, sep, rest = grant_id.partition("-")
+    if not sep or not rest or not merchant.isascii() or not merchant.isdigit():
+        return None
+    return int(merchant)
+
+
+def grant(grant_id: str) -> str:
+    """A grant's hash. Raises ValueError for a string that is not a grant id."""
+    merchant = grant_store(grant_id)
+    if merchant is None:
+        raise ValueError(f"not a grant id: {grant_id[:80]!r} (grant ids look like 1234-9f3c...)")
+    return f"{grant_prefix(merchant)}{grant_id}"
+
+
+def scope_grants(merchant: int, scope: str) -> str:
+    return f"{store_prefix(merchant)}gidx:scope:{scope}"
+
+
+def customer_grants(merchant: int, customer: int) -> str:
+    return f"{store_prefix(merchant)}gidx:customer:{customer}"
+
+
+def store(merchant: int) -> str:
+    return f"{store_prefix(merchant)}store"
+
+
+def refresh_lock(merchant: int) -> str:
+    return f"{store_prefix(merchant)}lock:refresh"
+
+
+def settings(merchant: int) -> str:
+    return f"{store_prefix(merchant)}settings"
+
+
+def bucket(name: str, merchant: int) -> str:
+    """A rate-limit bucket of the store (`rl`, `rl-plan`)."""
+    return f"{store_prefix(merchant)}{name}"
+
+
+def orders_reconcile(merchant: int) -> str:
+    return f"{store_prefix(merchant)}orders-rec"
+
+
+def orders_reconcile_slot(merchant: int) -> str:
+    return f"{store_prefix(merchant)}orders-rec-slot"
+
+
+def seen(delivery: str) -> str:
+    return f"{SEEN_PREFIX}{delivery}"

@@ -1,0 +1,109 @@
+"""Recovering from dead workers and lost answers, store by store: claims that outlived their
+worker, grants whose call got no answer, and the sets that say which stores have such work."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from service import keys
+from service.ledger.records import SETTLED_GRANT_TTL_S, Grant, now_ms
+from service.ledger.views import load
+
+_SWEEP = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local returned, unknown = 0, 0
+for _, id in ipairs(ids) do
+  local gkey = ARGV[2] .. id
+  local state = redis.call('HGET', gkey, 'state')
+  redis.call('ZREM', KEYS[1], id)
+  if state == 'sending' then
+    redis.call('HSET', gkey, 'state', 'unknown', 'error', 'worker stopped during the call')
+    redis.call('ZADD', KEYS[3], ARGV[1], id)
+    unknown = unknown + 1
+  elseif state == 'claimed' then
+    redis.call('HSET', gkey, 'state', 'pending')
+    redis.call('ZADD', KEYS[2], ARGV[1], id)
+    returned = returned + 1
+  end
+end
+return {returned, unknown}
+"""
+
+
+async def sweep_claims(redis: Redis, merchant: int) -> tuple[int, int]:
+    """Recover work of dead workers: claimed → pending; sending → unknown (never resent blindly)."""
+    now = now_ms()
+    if await redis.zcount(keys.grant_set("claimed", merchant), "-inf", now):
+        # Some may become unknown: listed first (another slot, see `note_pending_work`).
+        await redis.sadd(keys.STORES_UNKNOWN, str(merchant))  # type: ignore[misc]
+    returned, unknown = await redis.eval(  # type: ignore[misc]
+        _SWEEP,
+        3,
+        keys.grant_set("claimed", merchant),
+        keys.grant_set("pending", merchant),
+        keys.grant_set("unknown", merchant),
+        str(now),
+        keys.grant_prefix(merchant),
+    )
+    return int(returned), int(unknown)
+
+
+async def stores_with_work(redis: Redis) -> list[int]:
+    return [int(m) for m in await redis.smembers(keys.STORES_PENDING)]  # type: ignore[misc]
+
+
+# KEYS: pending, claimed, verifying, the store's idle mark. Returns 1 when the store has been
+# idle at two sweeps in a row (the caller then drops it from the cross-store set).
+_FORGET_IF_IDLE = """
+if redis.call('ZCARD', KEYS[1]) == 0 and redis.call('ZCARD', KEYS[2]) == 0
+   and redis.call('ZCARD', KEYS[3]) == 0 then
+  if redis.call('EXISTS', KEYS[4]) == 1 then
+    redis.call('DEL', KEYS[4])
+    return 1
+  end
+  redis.call('SET', KEYS[4], '1', 'EX', 86400)
+  return 0
+end
+redis.call('DEL', KEYS[4])
+return 0
+"""
+
+
+async def forget_store_if_idle(redis: Redis, merchant: int) -> None:
+    """Drop `merchant` from the sweep set once it had nothing pending, claimed or being
+    confirmed at two calls in a row. Two: a worker lists the store (`note_pending_work`) just
+    before it commits grants, in another slot, so one idle look could fall between the two."""
+    idle = await redis.eval(  # type: ignore[misc]
+        _FORGET_IF_IDLE,
+        4,
+        keys.grant_set("pending", merchant),
+        keys.grant_set("claimed", merchant),
+        keys.grant_set("verifying", merchant),
+        keys.idle_mark(merchant),
+    )
+    if idle:
+        await redis.srem(keys.STORES_PENDING, str(merchant))  # type: ignore[misc]
+
+
+async def unknown_since(redis: Redis, merchant: int, before_ms: int) -> list[Grant]:
+    """Unknown-outcome grants that have waited since before `before_ms`."""
+    ids: list[str] = await redis.zrangebyscore(
+        keys.grant_set("unknown", merchant), "-inf", before_ms
+    )
+    return await load(redis, ids)
+
+
+async def stores_with_unknown(redis: Redis) -> list[int]:
+    return [int(m) for m in await redis.smembers(keys.STORES_UNKNOWN)]  # type: ignore[misc]
+
+
+async def forget_unknown_store_if_empty(redis: Redis, merchant: int) -> None:
+    if not await redis.zcard(keys.grant_set("unknown", merchant)):
+        await redis.srem(keys.STORES_UNKNOWN, str(merchant))  # type: ignore[misc]
+
+
+async def trim_grant_log(redis: Redis) -> int:
+    """Drop grant ids older than the grant records themselves from the export's log (once per
+    sweep, not once per event: it is one cross-store key). Returns how many went."""
+    oldest_kept = now_ms() - SETTLED_GRANT_TTL_S * 1000
+    return int(await redis.zremrangebyscore(keys.GRANT_LOG, "-inf", f"({oldest_kept}"))

@@ -1,0 +1,106 @@
+"""What a worker process holds while it runs, in one typed object: made in arq's `on_startup`,
+closed in `on_shutdown`, found by every job through `of(ctx)`.
+
+arq hands jobs a plain dict (`ctx`); a typo in a string key there fails at run time, and every
+job had to know which of several entries to take. One entry, typed, instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from arq.connections import ArqRedis
+from redis.asyncio import Redis
+
+from service import inbox, redis_url
+from service.delivery.flush import Deps
+from service.logging import get_logger
+from service.orders import truth
+from service.processing import ProcessingDeps
+from service.rules.reloader import RulesHolder, live_rules
+from service.salla import SallaClient
+from service.settings import Settings
+
+log = get_logger("service.worker")
+
+#: The one entry of arq's `ctx` that the service uses.
+CTX_KEY = "resources"
+
+
+@dataclass
+class WorkerResources:
+    settings: Settings
+    #: Replies as `str`: the ledger, tokens, settings.
+    redis: Redis
+    #: Replies as `bytes`: the inbox's webhook bodies.
+    inbox_redis: Redis
+    #: arq's pool: enqueueing jobs.
+    pool: ArqRedis
+    http: httpx.AsyncClient
+    rules: RulesHolder
+    processing: ProcessingDeps
+    #: The outgoing side: Salla calls, flushes, token refresh.
+    delivery: Deps
+    orders: truth.Deps
+    inbox: inbox.Inbox
+    inbox_task: asyncio.Task[None]
+    _rules_watch: contextlib.AbstractAsyncContextManager[Any]
+
+    @classmethod
+    async def open(cls, settings: Settings, url: str, pool: ArqRedis) -> WorkerResources:
+        redis = redis_url.text_client(url)
+        inbox_redis = redis_url.bytes_client(url)
+        http = httpx.AsyncClient(
+            timeout=httpx.Timeout(
+                settings.salla_timeout_s, connect=min(5.0, settings.salla_timeout_s)
+            ),
+            limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
+        )
+        rules = RulesHolder(settings.rules_path)
+        watch = live_rules(rules, watch=settings.is_development)
+        await watch.__aenter__()
+        processing = ProcessingDeps(settings, redis, pool, rules)
+        reader = inbox.Inbox(
+            processing,
+            inbox_redis,
+            batch=settings.inbox_batch,
+            claim_idle_s=settings.inbox_claim_after_s,
+        )
+        delivery = Deps(settings, redis, pool, SallaClient(http, settings.salla_api_base))
+        return cls(
+            settings=settings,
+            redis=redis,
+            inbox_redis=inbox_redis,
+            pool=pool,
+            http=http,
+            rules=rules,
+            processing=processing,
+            delivery=delivery,
+            orders=truth.Deps(processing, delivery),
+            inbox=reader,
+            inbox_task=asyncio.create_task(reader.run(), name="inbox"),
+            _rules_watch=watch,
+        )
+
+    async def close(self) -> None:
+        """The batch in progress finishes and is acknowledged; then every client closes."""
+        self.inbox.stop()
+        try:
+            await asyncio.wait_for(self.inbox_task, timeout=self.settings.job_timeout_s)
+        except TimeoutError:
+            log.error("inbox_stop_timeout", why="the batch in progress is claimed again later")
+        await self.inbox_redis.aclose()
+        await self._rules_watch.__aexit__(None, None, None)
+        await self.http.aclose()
+        await self.redis.aclose()
+
+
+def of(ctx: dict[str, Any]) -> WorkerResources:
+    """The worker's resources, from the `ctx` arq hands a job."""
+    resources = ctx[CTX_KEY]
+    assert isinstance(resources, WorkerResources)
+    return resources

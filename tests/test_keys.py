@@ -1,0 +1,109 @@
+"""The key schema (service/keys.py) on a real Redis: every key a store's life writes carries the
+store's hash tag, the cross-store keys are the listed few, and the sweep forgets a store only
+after finding it idle twice."""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio import Redis
+
+from service import keys, ledger
+from tests.support.outcomes import grant_outcome
+
+M, OTHER = 555, 556
+CROSS_STORE = {keys.STORES_PENDING, keys.STORES_UNKNOWN, keys.STORES_AUTHORIZED, keys.GRANT_LOG}
+
+
+async def _life_of_two_stores(redis: Redis) -> None:
+    """Grants made, netted, claimed, sent, failed, parked, unparked, swept, in two stores."""
+    for merchant in (M, OTHER):
+        made = await ledger.apply_outcomes(
+            redis, merchant, [grant_outcome(15, cap_per_customer_per_day=100)], customer=42,
+            order_id=1,
+        )  # fmt: skip
+        await ledger.apply_outcomes(
+            redis, merchant, [grant_outcome(15, scope="customer:42", rule="first")], customer=42,
+            order_id=1,
+        )  # fmt: skip
+        claim = await ledger.claim_due(
+            redis, merchant, limit=10, claim_timeout_ms=60_000, token="t"
+        )
+        sending = await ledger.mark_sending(redis, merchant, claim.grants[:1], "b", token="t")
+        await ledger.finish(redis, merchant, sending, "sent")
+        await ledger.park(redis, merchant, claim.grants[1:], "no token")
+        await ledger.unpark(redis, merchant)
+        await ledger.apply_outcomes(redis, merchant, [], customer=42, order_id=1, revoke_order=True)
+        await ledger.sweep_claims(redis, merchant)
+        await ledger.forget_store_if_idle(redis, merchant)
+        assert made, "the life made grants"
+
+
+class TestSchema:
+    async def test_every_key_of_a_store_carries_its_tag(self, redis: Redis) -> None:
+        await _life_of_two_stores(redis)
+        written = [key async for key in redis.scan_iter("sr:*")]
+        assert len(written) > 10
+        for key in written:
+            if key in CROSS_STORE:
+                continue
+            assert keys.store_of(key) in (M, OTHER), f"{key} has no store's hash tag"
+        stores = {keys.store_of(k) for k in written} - {None}
+        assert stores == {M, OTHER}
+
+    async def test_grant_ids_name_their_store(self, redis: Redis) -> None:
+        [grant] = await ledger.apply_outcomes(
+            redis, M, [grant_outcome(15)], customer=42, order_id=1
+        )
+        assert keys.grant_store(grant.id) == M
+        assert keys.grant(grant.id) == f"sr:{{m:{M}}}:grant:{grant.id}"
+        [loaded] = await ledger.load(redis, [grant.id, "not-a-grant", "x"])
+        assert loaded.id == grant.id
+
+    @pytest.mark.parametrize("text", ["", "abc", "-1", "12", "12-", "١٢-abc", "1 2-x"])
+    def test_what_is_not_a_grant_id(self, text: str) -> None:
+        assert keys.grant_store(text) is None
+        with pytest.raises(ValueError, match="not a grant id"):
+            keys.grant(text)
+
+    def test_a_grant_set_name_from_the_outside_is_checked(self) -> None:
+        assert keys.as_grant_set("failed") == "failed"
+        with pytest.raises(ValueError, match="one of"):
+            keys.as_grant_set("pending:*")
+
+    def test_store_and_inbox_tags_differ(self) -> None:
+        assert keys.store_of(keys.entry(7, "order:1")) == 7
+        assert keys.store_of(keys.WEBHOOK_STREAM) is None
+        assert keys.WEBHOOK_STREAM.startswith("sr:{inbox}:")
+        assert keys.seen("7:order.created:ab").startswith("sr:{inbox}:")
+
+
+class TestCrossStoreSets:
+    async def test_a_store_is_listed_before_its_grants_and_forgotten_after_two_idle_looks(
+        self, redis: Redis
+    ) -> None:
+        await ledger.apply_outcomes(redis, M, [grant_outcome(15)], customer=42, order_id=1)
+        assert await ledger.stores_with_work(redis) == [M]
+        claim = await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=60_000, token="t")
+        await ledger.finish(redis, M, claim.grants, "sent")
+        await ledger.forget_store_if_idle(redis, M)
+        assert await ledger.stores_with_work(redis) == [M], "one idle look is not enough"
+        await ledger.forget_store_if_idle(redis, M)
+        assert await ledger.stores_with_work(redis) == []
+
+    async def test_work_between_two_looks_keeps_the_store(self, redis: Redis) -> None:
+        await ledger.note_pending_work(redis, M)
+        await ledger.forget_store_if_idle(redis, M)  # idle: marked
+        await ledger.apply_outcomes(redis, M, [grant_outcome(15)], customer=42, order_id=1)
+        await ledger.forget_store_if_idle(redis, M)  # not idle: the mark goes
+        await ledger.forget_store_if_idle(redis, M)  # still not idle
+        assert await ledger.stores_with_work(redis) == [M]
+
+    async def test_the_sweep_trims_the_grant_log(self, redis: Redis) -> None:
+        old = ledger.now_ms() - ledger.SETTLED_GRANT_TTL_S * 1000 - 1
+        await redis.zadd(keys.GRANT_LOG, {f"{M}-old": old, f"{M}-new": ledger.now_ms()})
+        assert await ledger.trim_grant_log(redis) == 1
+        assert await redis.zrange(keys.GRANT_LOG, 0, -1) == [f"{M}-new"]
+
+    async def test_every_new_grant_is_in_the_log(self, redis: Redis) -> None:
+        made = await ledger.apply_outcomes(redis, M, [grant_outcome(15)], customer=42, order_id=1)
+        assert set(await redis.zrange(keys.GRANT_LOG, 0, -1)) == {g.id for g in made}
