@@ -23,7 +23,8 @@ from service.delivery.flush import plan_bucket
 from service.delivery.ratelimit import RateLimiter
 from service.errors import WebhookError
 from service.ledger import order_state
-from service.ledger.order_state import OrderFacts, RuleRecord
+from service.ledger.facts import OrderFacts
+from service.ledger.order_state import RuleRecord
 from service.processing import WEBHOOK_STREAM, ProcessingDeps, replay_event
 from service.settings import Settings
 

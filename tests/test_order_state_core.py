@@ -17,17 +17,13 @@ from dataclasses import dataclass, field, replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from service.ledger import event_key as keying
 from service.ledger import order_state as core
-from service.ledger.order_state import (
-    EventKey,
-    EventVerdicts,
-    OpenGrant,
-    OrderFacts,
-    RuleRecord,
-    ScopedVerdict,
-    Snapshot,
-    Verdict,
-)
+from service.ledger import settle as settling
+from service.ledger.event_key import EventKey
+from service.ledger.facts import OrderFacts, Snapshot
+from service.ledger.order_state import EventVerdicts, RuleRecord, ScopedVerdict, Verdict
+from service.ledger.settle import OpenGrant
 
 ORDER = 9001
 SKEW_S = 10
@@ -56,7 +52,7 @@ class Event:
 
     @property
     def key(self) -> EventKey:
-        rank = core.RANK_CREATED if self.kind == "created" else core.RANK_EVENT
+        rank = keying.RANK_CREATED if self.kind == "created" else keying.RANK_EVENT
         return EventKey(rank, self.at_s, self.seq, self.arrival, self.kind == "fetched")
 
 
@@ -104,7 +100,7 @@ class Ledger:
         assert decided.facts is not None
         self.facts = decided.facts
         for (scope, rule), record in decided.moved.items():
-            settled = core.settle(
+            settled = settling.settle(
                 rule,
                 record,
                 self.grants,
@@ -294,34 +290,34 @@ class TestCompare:
     """The key's parts, in order."""
 
     def test_created_is_older_than_anything_whatever_its_stamp(self) -> None:
-        created = EventKey(core.RANK_CREATED, 200, None, (5, 0))
-        update = EventKey(core.RANK_EVENT, 100, None, (1, 0))
-        assert core.compare(update, created, SKEW_S).newer
+        created = EventKey(keying.RANK_CREATED, 200, None, (5, 0))
+        update = EventKey(keying.RANK_EVENT, 100, None, (1, 0))
+        assert keying.compare(update, created, SKEW_S).newer
 
     def test_history_ids_order_status_events_of_one_second(self) -> None:
-        a = EventKey(core.RANK_EVENT, 100, 5, (9, 0))
-        b = EventKey(core.RANK_EVENT, 100, 6, (1, 0))
-        result = core.compare(b, a, SKEW_S)
+        a = EventKey(keying.RANK_EVENT, 100, 5, (9, 0))
+        b = EventKey(keying.RANK_EVENT, 100, 6, (1, 0))
+        result = keying.compare(b, a, SKEW_S)
         assert result.newer and not result.near
 
     def test_an_unreadable_stamp_ties_with_everything(self) -> None:
-        a = EventKey(core.RANK_EVENT, None, None, (9, 0))
-        b = EventKey(core.RANK_EVENT, 100, None, (1, 0))
-        assert core.compare(a, b, SKEW_S).near
+        a = EventKey(keying.RANK_EVENT, None, None, (9, 0))
+        b = EventKey(keying.RANK_EVENT, 100, None, (1, 0))
+        assert keying.compare(a, b, SKEW_S).near
 
     def test_a_fetched_state_is_newer_than_what_arrived_before_it_was_asked(self) -> None:
-        fetched = EventKey(core.RANK_EVENT, 100, None, (100_000, 0), True)
-        earlier = EventKey(core.RANK_EVENT, 200, None, (99_999, 0))
-        assert core.compare(fetched, earlier, SKEW_S).newer
+        fetched = EventKey(keying.RANK_EVENT, 100, None, (100_000, 0), True)
+        earlier = EventKey(keying.RANK_EVENT, 200, None, (99_999, 0))
+        assert keying.compare(fetched, earlier, SKEW_S).newer
 
     def test_a_webhook_after_the_fetch_is_judged_by_its_stamp_and_the_skew(self) -> None:
-        fetched = EventKey(core.RANK_EVENT, 100, None, (100_000, 0), True)
-        older = EventKey(core.RANK_EVENT, 100 - SKEW_S - 1, None, (100_001, 0))
-        newer = EventKey(core.RANK_EVENT, 100 + SKEW_S + 1, None, (100_001, 0))
-        near = EventKey(core.RANK_EVENT, 100 + SKEW_S, None, (100_001, 0))
-        assert not core.compare(older, fetched, SKEW_S).newer
-        assert core.compare(newer, fetched, SKEW_S).newer
-        assert core.compare(near, fetched, SKEW_S).near
+        fetched = EventKey(keying.RANK_EVENT, 100, None, (100_000, 0), True)
+        older = EventKey(keying.RANK_EVENT, 100 - SKEW_S - 1, None, (100_001, 0))
+        newer = EventKey(keying.RANK_EVENT, 100 + SKEW_S + 1, None, (100_001, 0))
+        near = EventKey(keying.RANK_EVENT, 100 + SKEW_S, None, (100_001, 0))
+        assert not keying.compare(older, fetched, SKEW_S).newer
+        assert keying.compare(newer, fetched, SKEW_S).newer
+        assert keying.compare(near, fetched, SKEW_S).near
 
 
 class TestSettle:
@@ -330,26 +326,28 @@ class TestSettle:
     def test_a_cap_cut_is_not_granted_later(self) -> None:
         verdict = Verdict(None, 1, 7, 50, reason="r", cap=20)
         record = core.decide(RuleRecord(), verdict, SKEW_S).record
-        first = core.settle("r", record, {}, cap_used={7: 0}, now_ms=0, new_id=lambda: "a")
+        first = settling.settle("r", record, {}, cap_used={7: 0}, now_ms=0, new_id=lambda: "a")
         assert [g.signed_points for g in first.new] == [20]
-        again = core.settle("r", first.record, {}, cap_used={7: 20}, now_ms=0, new_id=lambda: "b")
+        again = settling.settle(
+            "r", first.record, {}, cap_used={7: 20}, now_ms=0, new_id=lambda: "b"
+        )
         assert again.new == ()
 
     def test_large_changes_are_split_for_salla(self) -> None:
         record = core.decide(RuleRecord(), Verdict(None, 1, 7, 1_500_000), SKEW_S).record
-        made = core.settle("r", record, {}, cap_used={}, now_ms=0, new_id=lambda: "x")
+        made = settling.settle("r", record, {}, cap_used={}, now_ms=0, new_id=lambda: "x")
         assert [g.signed_points for g in made.new] == [999_999, 500_001]
 
     def test_holds_count_from_completion(self) -> None:
         verdict = Verdict(None, 1, 7, 10, hold_s=86400, since_ms=5_000)
         record = core.decide(RuleRecord(), verdict, SKEW_S).record
-        made = core.settle("r", record, {}, cap_used={}, now_ms=9_000, new_id=lambda: "x")
+        made = settling.settle("r", record, {}, cap_used={}, now_ms=9_000, new_id=lambda: "x")
         assert made.new[0].due_ms == 5_000 + 86_400_000
         assert made.new[0].held
 
 
 def test_revocations_cover_every_recorded_rule() -> None:
-    key = EventKey(core.RANK_EVENT, 1, None, (1, 0))
+    key = EventKey(keying.RANK_EVENT, 1, None, (1, 0))
     records: Mapping[str, RuleRecord] = {
         "gone_rule": RuleRecord(verdicts={ORDER: Verdict(key, ORDER, 7, 5)}),
         "other_order": RuleRecord(verdicts={1: Verdict(key, 1, 7, 5)}),

@@ -10,18 +10,13 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from service import autopipe, keys
-from service.ledger import order_state
+from service.ledger import order_state, settle
 from service.ledger.commit import Writes, commit
-from service.ledger.order_state import (
-    EventKey,
-    EventVerdicts,
-    OpenGrant,
-    OrderFacts,
-    RuleRecord,
-    ScopedVerdict,
-    Verdict,
-)
+from service.ledger.event_key import EventKey
+from service.ledger.facts import OrderFacts
+from service.ledger.order_state import EventVerdicts, RuleRecord, ScopedVerdict, Verdict
 from service.ledger.records import SETTLED_GRANT_TTL_S, Diff, Grant, now_ms
+from service.ledger.settle import OpenGrant
 from service.rules.engine import Outcome
 
 
@@ -137,13 +132,13 @@ async def _apply_once(
         values = await redis.mget(names_cap)
         cap_raw = dict(zip(names_cap, values, strict=True))
     now = now_ms()
-    settlements: dict[tuple[str, str], order_state.Settlement] = {}
+    settlements: dict[tuple[str, str], settle.Settlement] = {}
     for (scope, rule), record in moved.items():
         holder = holders[(scope, rule)]
         used = {}
         if (scope, rule) in caps and holder is not None:
             used = {holder.customer: int(cap_raw.get(caps[(scope, rule)][0]) or 0)}
-        settlements[(scope, rule)] = order_state.settle(
+        settlements[(scope, rule)] = settle.settle(
             rule, record, states, cap_used=used, now_ms=now, new_id=_grant_ids(merchant)
         )
     facts_changed = read is not None and decided.facts != read.facts
@@ -198,7 +193,7 @@ def _grant_ids(merchant: int) -> Callable[[], str]:
     return lambda: keys.new_grant_id(merchant, os.urandom(16).hex())
 
 
-def _grant(merchant: int, scope: str, rule: str, new: order_state.NewGrant, trace_id: str) -> Grant:
+def _grant(merchant: int, scope: str, rule: str, new: settle.NewGrant, trace_id: str) -> Grant:
     return Grant(
         id=new.id,
         merchant=merchant,
@@ -277,7 +272,7 @@ def _write(
     merchant: int,
     scope: str,
     rule: str,
-    settlement: order_state.Settlement,
+    settlement: settle.Settlement,
     cap: tuple[str, int] | None,
     order_id: int,
 ) -> None:
@@ -300,7 +295,7 @@ def _report(
     diffs: list[Diff] | None,
     merchant: int,
     before: Mapping[tuple[str, str], RuleRecord],
-    settlements: dict[tuple[str, str], order_state.Settlement],
+    settlements: dict[tuple[str, str], settle.Settlement],
 ) -> None:
     if diffs is None:
         return

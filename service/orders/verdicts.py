@@ -15,16 +15,9 @@ from typing import Any
 from service.events import EventContext, salla_date_ms
 from service.ids import parse_id
 from service.ledger import verdict_of
-from service.ledger.order_state import (
-    RANK_CREATED,
-    RANK_EVENT,
-    RANK_GONE,
-    EventKey,
-    EventVerdicts,
-    OrderFacts,
-    ScopedVerdict,
-    Snapshot,
-)
+from service.ledger.event_key import RANK_CREATED, RANK_EVENT, RANK_GONE, EventKey
+from service.ledger.facts import OrderFacts, Snapshot
+from service.ledger.order_state import EventVerdicts, ScopedVerdict
 from service.rules import RuleSet, evaluate
 from service.rules.engine import Outcome, revokes
 from service.webhooks import Envelope, event_time
