@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 
 from benchmarks.ingest import aof_compaction_deferred, run_wrk, signed_bodies, start_server
 from service.embedded import EmbeddedRedis
-from service.processing import WEBHOOK_STREAM
+from service.keys import WEBHOOK_STREAM
 
 ROOT = Path(__file__).parent.parent
 

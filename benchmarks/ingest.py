@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 from redis.asyncio import Redis
 
-from service.processing import WEBHOOK_STREAM
+from service.keys import WEBHOOK_STREAM
 from service.webhooks import sign
 
 ROOT = Path(__file__).parent.parent

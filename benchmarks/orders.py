@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from service import queue
 from service.delivery.flush import Deps as DeliveryDeps
 from service.orders import reconcile, truth
-from service.processing import ProcessingDeps, _apply_rules
+from service.processing import ProcessingDeps, apply_rules
 from service.rules import load_rules
 from service.salla import SallaClient
 from service.sandbox.app import Sandbox, create_sandbox_app
@@ -87,7 +87,7 @@ async def _traffic(deps: ProcessingDeps, orders: int, tangled_share: float) -> i
         for event, order, at, history in events:
             arrival += 1
             env = parse_envelope(_body(event, order, at, history))
-            result = await _apply_rules(deps, env, f"d{arrival}", "bench", arrival=(arrival, 0))
+            result = await apply_rules(deps, env, f"d{arrival}", "bench", arrival=(arrival, 0))
             if result.get("asked_salla"):
                 asked.add(order_id)
     return len(asked)

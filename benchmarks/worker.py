@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from benchmarks.ingest import ROOT, SAMPLE, peak_rss_mib
 from service import keys, queue
 from service.inbox import ensure_group
-from service.processing import WEBHOOK_STREAM
+from service.keys import WEBHOOK_STREAM
 from service.webhooks import delivery_id, read_head
 
 

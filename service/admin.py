@@ -22,10 +22,11 @@ from service import keys, ledger, tokens
 from service.delivery.flush import plan_bucket
 from service.delivery.ratelimit import RateLimiter
 from service.errors import WebhookError
+from service.keys import WEBHOOK_STREAM
 from service.ledger import order_state
 from service.ledger.facts import OrderFacts
 from service.ledger.order_state import RuleRecord
-from service.processing import WEBHOOK_STREAM, ProcessingDeps, replay_event
+from service.processing import ProcessingDeps, replay_event
 from service.settings import Settings
 
 #: The columns of a CSV export, in order (JSONL lines carry the same keys).

@@ -34,10 +34,11 @@ from service import metrics, process_state, queue
 from service.admin_http import AdminState
 from service.admin_http import routes as admin_routes
 from service.errors import PayloadTooLarge, RequestTimeout, WebhookError
+from service.events import APP_EVENTS
 from service.ids import parse_digits
 from service.inbox import ensure_group
 from service.logging import configure_logging, get_logger
-from service.processing import APP_HANDLERS, ProcessingDeps, handles
+from service.processing import ProcessingDeps
 from service.rules import RuleSet
 from service.rules.reloader import RulesHolder, live_rules
 from service.settings import Settings
@@ -173,14 +174,14 @@ async def salla_webhook(scope: Scope, receive: Receive, send: Send) -> None:
         return
     # The fields every line about this delivery carries (a dict, not a bound logger: cheaper).
     who = {"trace_id": trace_id, "merchant": env.merchant, "salla_event": env.event}
-    if not handles(state.rules, env.event):
+    if env.event not in APP_EVENTS and not state.rules.uses(env.event):
         _count_webhook(env.event, "ignored")
         log.info("webhook_ignored", **who, status=200, duration_ms=_ms(started))
         await _send_json(send, 200, {"status": "ignored", "event": env.event})
         return
     delivery = delivery_id(env.merchant, env.event, body)
     try:
-        if env.event in APP_HANDLERS:  # few, and they carry tokens: their own arq job
+        if env.event in APP_EVENTS:  # few, and they carry tokens: their own arq job
             accepted = await state.writer.enqueue(delivery, body, trace_id)
         else:
             accepted = await state.writer.accept(

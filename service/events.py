@@ -25,6 +25,18 @@ from service.webhooks import Envelope
 ZERO = Decimal(0)
 
 #: Order status slugs Salla documents; anything else is logged and treated like any other value.
+#: App lifecycle events the service keeps (service/lifecycle.py handles each); the web sends
+#: them to their own job, never to the inbox.
+APP_EVENTS = frozenset(
+    {
+        "app.store.authorize",
+        "app.installed",
+        "app.updated",
+        "app.uninstalled",
+        "app.settings.updated",
+    }
+)
+
 KNOWN_ORDER_STATUSES = frozenset(
     {
         "payment_pending",

@@ -1,11 +1,13 @@
 """The inbox: persisted webhooks, read by workers in batches through a Redis consumer group.
 
 The web process writes each accepted webhook once, atomically with its "seen" mark, as an
-entry of the `sr:webhooks` stream (the same entry later serves replay). Workers read the
+entry of the `sr:{inbox}:webhooks` stream (the same entry later serves replay). Workers read the
 stream as the consumer group `workers`: each entry goes to one worker, stays in the group's
 pending list until that worker acknowledges it, and is claimed by another worker if the first
 one dies. A batch of up to `INBOX_BATCH` entries costs one read and one acknowledgement, where
-one arq job per webhook cost arq's whole job cycle (about 1 ms of CPU here) per event.
+one arq job per webhook cost arq's whole job cycle (about 1 ms of CPU here) per event. What is
+done with a batch is the handler's business (service/batch.py): this module reads, claims,
+acknowledges and gives up, and imports no processing code.
 
 App lifecycle events are not in the stream (they carry the store's tokens and the stream is
 kept for days): they stay single arq jobs (`queue.PROCESS_EVENT`), as they are few.
@@ -18,9 +20,8 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -28,34 +29,22 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import StreamIdT
 
-from service import metrics, queue
-from service.errors import InvalidPayload
-from service.events import order_doc
-from service.ids import parse_id
+from service import keys, metrics, queue
 from service.logging import get_logger
-from service.orders import verdicts
-from service.processing import WEBHOOK_STREAM, ProcessingDeps, process_event, store_settings_many
-from service.webhooks import Envelope, parse_envelope
 
 log = get_logger("service.inbox")
 
 GROUP = queue.INBOX_GROUP
+WEBHOOK_STREAM = keys.WEBHOOK_STREAM
 _REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
-async def ensure_group(redis: Redis, *, from_start: bool = False) -> None:
-    """Create the consumer group if it is missing.
-
-    A stream the web process creates gets its group with its first entry
-    (`queue.ACCEPT_WEBHOOKS`), so a stream without one was written by a version before the
-    inbox, whose worker processed each entry before keeping it: at start-up the group starts
-    at the stream's end.
-    `from_start` is for a group lost while in use (a restored Redis): every entry is then
-    taken as unprocessed (the ledger makes any that were processed harmless).
-    """
+async def ensure_group(redis: Redis) -> None:
+    """Create the consumer group if it is missing, from the stream's start: entries without a
+    group were never processed (a new stream, or a group lost with a restored Redis; the ledger
+    makes any processed twice harmless)."""
     try:
-        start = "0" if from_start else "$"
-        await redis.xgroup_create(WEBHOOK_STREAM, GROUP, id=start, mkstream=True)
+        await redis.xgroup_create(WEBHOOK_STREAM, GROUP, id="0", mkstream=True)
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
@@ -144,6 +133,11 @@ class Entry:
     body: bytes
 
 
+#: What the reader hands each batch to: it returns the stream ids of the entries that are done
+#: (processed, or refused for good); the others stay pending.
+Handler = Callable[[Sequence[Entry]], Awaitable[list[bytes]]]
+
+
 def _entry(stream_id: bytes, fields: dict[bytes, bytes] | None) -> Entry | None:
     """A stream entry as the web wrote it; None for one that is gone or not ours."""
     if not fields or b"body" not in fields:
@@ -161,32 +155,6 @@ def _entry(stream_id: bytes, fields: dict[bytes, bytes] | None) -> Entry | None:
     )
 
 
-def _envelope(body: bytes) -> Envelope | None:
-    """The entry's envelope, or None for a body the worker must reject (processing says why)."""
-    try:
-        return parse_envelope(body)
-    except InvalidPayload:
-        return None
-
-
-def _lane(entry: Entry, env: Envelope | None) -> object:
-    """Entries of one order share a lane; every other entry has one of its own."""
-    if env is not None:
-        order_id = parse_id(order_doc(env).get("id"))
-        if order_id:
-            return (env.merchant, order_id)
-    return entry.stream_id
-
-
-def _order_position(item: tuple[Entry, Envelope | None]) -> tuple[int, int, int, tuple[int, int]]:
-    entry, env = item
-    arrival = verdicts.arrival_of(entry.stream_id)
-    if env is None:
-        return (1, 0, 0, arrival)
-    key = verdicts.event_key(env, arrival)
-    return (key.rank, key.at_s or 0, key.seq or 0, arrival)
-
-
 class Inbox:
     """One worker's reader of the inbox. `run()` until `stop()`; a batch in progress finishes.
 
@@ -198,16 +166,18 @@ class Inbox:
 
     def __init__(
         self,
-        deps: ProcessingDeps,
         redis: Redis,
+        handler: Handler,
         *,
+        keep_for_replay: bool = True,
         consumer: str | None = None,
         batch: int = 100,
         block_ms: int = 500,
         claim_idle_s: float = 60.0,
         max_tries: int = 10,
     ) -> None:
-        self.deps = deps
+        self.handler = handler
+        self.keep_for_replay = keep_for_replay  # else an entry goes once acknowledged
         self.redis = redis  # binary replies (bodies are bytes)
         self.consumer = consumer or consumer_name()
         self.batch = batch
@@ -266,7 +236,7 @@ class Inbox:
             if "NOGROUP" not in str(exc):
                 raise
             log.warning("inbox_group_recreated", stream=WEBHOOK_STREAM)
-            await ensure_group(self.redis, from_start=True)
+            await ensure_group(self.redis)
             return []
         entries: list[Entry] = []
         gone: list[bytes] = []
@@ -328,72 +298,15 @@ class Inbox:
         await self.redis.xack(WEBHOOK_STREAM, GROUP, stream_id)
 
     async def process(self, entries: Sequence[Entry]) -> int:
-        """Process a batch; acknowledge the entries that succeeded.
-
-        Events of one order are applied one after another (in their key's order, which spares
-        the ledger needless back-and-forth); different orders run concurrently.
-        """
+        """Hand a batch to the handler; acknowledge the entries it says are done (an entry it
+        could not process stays pending: this worker or another tries it again)."""
         if not entries:
             return 0
-        settings = await store_settings_many(self.deps.redis, {e.merchant for e in entries})
-        lanes: dict[object, list[tuple[Entry, Envelope | None]]] = {}
-        for entry in entries:
-            env = _envelope(entry.body)
-            lanes.setdefault(_lane(entry, env), []).append((entry, env))
-        outcomes = await asyncio.gather(*(self._lane(items, settings) for items in lanes.values()))
-        done = [stream_id for lane in outcomes for stream_id in lane]
+        done = await self.handler(entries)
         if done:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.xack(WEBHOOK_STREAM, GROUP, *done)
-                if self.deps.settings.webhook_retention_days <= 0:
+                if not self.keep_for_replay:
                     pipe.xdel(WEBHOOK_STREAM, *done)
                 await pipe.execute()
         return len(done)
-
-    async def _lane(
-        self, items: list[tuple[Entry, Envelope | None]], settings: dict[int, dict[str, Any]]
-    ) -> list[bytes]:
-        if len(items) > 1:
-            items.sort(key=_order_position)
-        done = []
-        for entry, env in items:
-            if await self._one(entry, settings.get(entry.merchant, {}), env):
-                done.append(entry.stream_id)
-        return done
-
-    async def _one(self, entry: Entry, app_settings: dict[str, Any], env: Envelope | None) -> bool:
-        try:
-            await process_event(
-                self.deps,
-                entry.body,
-                entry.delivery,
-                entry.trace_id,
-                kept_at_ingest=True,
-                app_settings=app_settings,
-                arrival=verdicts.arrival_of(entry.stream_id),
-                envelope=env,
-            )
-        except InvalidPayload as exc:
-            # Accepted at the edge, which reads only the envelope (`read_head`), but not a body
-            # the rules can read: trying again cannot help. It stays in the replay log.
-            log.error(
-                "event_rejected",
-                trace_id=entry.trace_id,
-                delivery=entry.delivery,
-                error=exc.message,
-            )
-            metrics.EVENTS.labels("rejected").inc()
-            return True
-        except _REDIS_TRANSIENT as exc:
-            log.warning(
-                "event_retry_later",
-                trace_id=entry.trace_id,
-                delivery=entry.delivery,
-                error=repr(exc),
-            )
-            return False
-        except Exception:
-            log.exception("event_failed", trace_id=entry.trace_id, delivery=entry.delivery)
-            metrics.EVENTS.labels("failed").inc()
-            return False
-        return True

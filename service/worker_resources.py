@@ -17,6 +17,7 @@ from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
 from service import inbox, redis_url
+from service.batch import BatchHandler
 from service.delivery.flush import Deps
 from service.logging import get_logger
 from service.orders import truth
@@ -65,8 +66,9 @@ class WorkerResources:
         await watch.__aenter__()
         processing = ProcessingDeps(settings, redis, pool, rules)
         reader = inbox.Inbox(
-            processing,
             inbox_redis,
+            BatchHandler(processing),
+            keep_for_replay=settings.webhook_retention_days > 0,
             batch=settings.inbox_batch,
             claim_idle_s=settings.inbox_claim_after_s,
         )

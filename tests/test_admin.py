@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from service import keys, ledger
 from service.app import create_app
-from service.processing import WEBHOOK_STREAM
+from service.keys import WEBHOOK_STREAM
 from service.sandbox.app import Sandbox
 from tests.conftest import (
     ROOT_DIR,

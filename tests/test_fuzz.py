@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 
 from service import keys
 from service.app import create_app, openapi_document
-from service.processing import WEBHOOK_STREAM
+from service.keys import WEBHOOK_STREAM
 from service.webhooks import delivery_id, parse_envelope, sign
 from tests.conftest import SECRET, fixture_bytes, make_settings
 from tests.support.servers import serve_in_thread

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from service import keys, ledger, metrics, tokens
 from service.app import create_app
-from service.processing import WEBHOOK_STREAM
+from service.keys import WEBHOOK_STREAM
 from service.salla import TokenSet
 from service.sandbox.app import Sandbox
 from service.settings import Settings

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from service.processing import WEBHOOK_STREAM
+from service.keys import WEBHOOK_STREAM
 from service.webhooks import sign
 from tests.conftest import SECRET, Service, fixture_bytes
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from service import ledger, queue
-from service.processing import ProcessingDeps, _apply_rules
+from service.processing import ProcessingDeps, apply_rules
 from service.rules import parse_rules_text
 from service.webhooks import parse_envelope
 from tests.conftest import make_settings
@@ -107,7 +107,7 @@ async def scenario(redis_url: str, history: list[tuple[str, Any]]) -> None:
             payload = last if kind == "repeat" and last else body(status, total, event)
             last = payload
             deps = ProcessingDeps(make_settings(), redis, pool, RULESETS[rate])
-            await _apply_rules(deps, parse_envelope(payload), f"d{n}", "trace")
+            await apply_rules(deps, parse_envelope(payload), f"d{n}", "trace")
             # The model: completed deserves total/rate; canceled/restored deserve 0;
             # other statuses keep what was granted. A repeat re-applies the same state.
             doc = json.loads(payload)["data"]
@@ -149,7 +149,7 @@ class TestNamedHistories:
         try:
             for n, (rate, event, status, total) in enumerate(steps):
                 deps = ProcessingDeps(make_settings(), redis, pool, RULESETS[rate])
-                await _apply_rules(deps, parse_envelope(body(status, total, event)), f"d{n}", "t")
+                await apply_rules(deps, parse_envelope(body(status, total, event)), f"d{n}", "t")
                 before = {g.id for g in made}
                 claimed = (
                     await ledger.claim_due(

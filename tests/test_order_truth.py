@@ -112,7 +112,7 @@ def quiet(cluster: Cluster, merchants: tuple[int, ...], timeout_s: float = 150) 
 
 def _backlog(client: Redis) -> int:
     from service import inbox
-    from service.processing import WEBHOOK_STREAM
+    from service.keys import WEBHOOK_STREAM
 
     pending, unread, _ = client.eval(inbox.BACKLOG_SCRIPT, 1, WEBHOOK_STREAM, inbox.GROUP, "1000")
     return int(pending) + int(unread)

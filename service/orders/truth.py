@@ -36,9 +36,10 @@ from service.errors import (
     SallaUnavailable,
 )
 from service.events import EventContext, parse_customer, parse_order, salla_date_ms
+from service.lifecycle import store_settings
 from service.logging import get_logger
 from service.orders import verdicts
-from service.processing import ProcessingDeps, store_settings
+from service.processing import ProcessingDeps
 from service.rules.engine import prepare
 from service.salla import RateLimitInfo, TokenSet
 

@@ -18,7 +18,7 @@ from redis import Redis
 
 from service import inbox, keys
 from service.embedded import EmbeddedRedis
-from service.processing import WEBHOOK_STREAM
+from service.keys import WEBHOOK_STREAM
 from service.sandbox.app import Sandbox
 from service.webhooks import signed_headers
 from tests.conftest import ROOT_DIR, SECRET, fixture_json
