@@ -34,7 +34,7 @@ from service import metrics, process_state, queue
 from service.admin_http import AdminState
 from service.admin_http import routes as admin_routes
 from service.errors import PayloadTooLarge, RequestTimeout, WebhookError
-from service.events import APP_EVENTS
+from service.events import LIFECYCLE_EVENTS
 from service.ids import parse_digits
 from service.inbox import ensure_group
 from service.logging import configure_logging, get_logger
@@ -174,14 +174,14 @@ async def salla_webhook(scope: Scope, receive: Receive, send: Send) -> None:
         return
     # The fields every line about this delivery carries (a dict, not a bound logger: cheaper).
     who = {"trace_id": trace_id, "merchant": env.merchant, "salla_event": env.event}
-    if env.event not in APP_EVENTS and not state.rules.uses(env.event):
+    if env.event not in LIFECYCLE_EVENTS and not state.rules.uses(env.event):
         _count_webhook(env.event, "ignored")
         log.info("webhook_ignored", **who, status=200, duration_ms=_ms(started))
         await _send_json(send, 200, {"status": "ignored", "event": env.event})
         return
     delivery = delivery_id(env.merchant, env.event, body)
     try:
-        if env.event in APP_EVENTS:  # few, and they carry tokens: their own arq job
+        if env.event in LIFECYCLE_EVENTS:  # few, and they carry tokens: their own arq job
             accepted = await state.writer.enqueue(delivery, body, trace_id)
         else:
             accepted = await state.writer.accept(

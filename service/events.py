@@ -24,10 +24,12 @@ from service.webhooks import Envelope
 
 ZERO = Decimal(0)
 
-#: Order status slugs Salla documents; anything else is logged and treated like any other value.
-#: App lifecycle events the service keeps (service/lifecycle.py handles each); the web sends
-#: them to their own job, never to the inbox.
-APP_EVENTS = frozenset(
+#: App lifecycle events the service keeps (service/lifecycle.py handles each; the trial events
+#: of `webhooks.APP_EVENTS` are ignored); the web sends them to their own job, never to the
+#: inbox.
+# duplicates: webhooks.APP_EVENTS lists these and the trial events Salla also sends (the
+# names the edge knows); these are the ones the service keeps.
+LIFECYCLE_EVENTS = frozenset(
     {
         "app.store.authorize",
         "app.installed",
@@ -37,6 +39,7 @@ APP_EVENTS = frozenset(
     }
 )
 
+#: Order status slugs Salla documents; anything else is logged and treated like any other value.
 KNOWN_ORDER_STATUSES = frozenset(
     {
         "payment_pending",

@@ -133,6 +133,8 @@ def grant(grant_id: str) -> str:
     return f"{grant_prefix(merchant)}{grant_id}"
 
 
+# duplicates: one small builder per key, alike by design: each is the one place its key's name
+# is spelled (a shared helper taking the name as a string would bring back the typos).
 def scope_grants(merchant: int, scope: str) -> str:
     return f"{store_prefix(merchant)}gidx:scope:{scope}"
 

@@ -2,7 +2,7 @@
 
 Few, and they carry the store's tokens, so they are not kept in the inbox: each is its own arq
 job (`queue.PROCESS_EVENT`). Handlers are registered by event name in `HANDLERS`; the names
-are `service.events.APP_EVENTS` (the web reads those without importing this).
+are `service.events.LIFECYCLE_EVENTS` (the web reads those without importing this).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
 from service import keys, ledger, lifecycle, metrics, process_state, queue, tokens
-from service.events import APP_EVENTS, KNOWN_ORDER_STATUSES, normalise, order_doc
+from service.events import KNOWN_ORDER_STATUSES, LIFECYCLE_EVENTS, normalise, order_doc
 from service.logging import get_logger
 from service.orders import verdicts
 from service.rules import RuleSet, evaluate
@@ -121,7 +121,7 @@ async def replay_event(
     newest decisive events put it.
     """
     env = parse_envelope(body)
-    if env.event in APP_EVENTS:
+    if env.event in LIFECYCLE_EVENTS:
         return Replayed("skipped", [])
     diffs: list[ledger.Diff] = []
     result = await apply_rules(

@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     #: Salla documents no maximum of customers per call; this keeps request bodies modest.
     max_customers_per_call: int = Field(default=100, ge=1)
     #: Batches one flush job sends before it re-enqueues itself (fairness between stores).
+    # duplicates: settings fields, each documented; alike by nature.
     batches_per_flush: int = Field(default=20, ge=1)
     #: Timeout of one call to Salla; a call that times out has an unknown outcome.
     salla_timeout_s: float = Field(default=10.0, gt=0)
@@ -92,6 +93,7 @@ class Settings(BaseSettings):
 
     #: Our per-store bucket: the customers endpoints' cap is 500 per 10 minutes. That the loyalty
     #: endpoint counts against it is a guess; Salla's headers correct the bucket either way.
+    # duplicates: settings fields, each documented; alike by nature.
     rate_limit_requests: int = Field(default=500, ge=1)
     rate_limit_window_s: float = Field(default=600.0, gt=0)
 

@@ -57,6 +57,7 @@ STORE_EVENTS = frozenset(
     }
 )
 #: App events Salla sends every app without a subscription (FACTS.md section 2).
+# duplicates: events.LIFECYCLE_EVENTS is the subset the service keeps (a different set).
 APP_EVENTS = frozenset(
     {
         "app.store.authorize",

@@ -194,6 +194,7 @@ def _grant_ids(merchant: int) -> Callable[[], str]:
 
 
 def _grant(merchant: int, scope: str, rule: str, new: settle.NewGrant, trace_id: str) -> Grant:
+    # duplicates: keyword construction, like truth.apply_fetched's call (only the shape is shared).
     return Grant(
         id=new.id,
         merchant=merchant,

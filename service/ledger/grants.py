@@ -64,6 +64,8 @@ async def claim_due(
     `verify_held`: held grants go to `verifying` instead, to be confirmed first.
     """
     now = now_ms()
+    # duplicates: every script call names its store's keys like this (sweep.py too); one helper
+    # would hide which keys each script may touch.
     ids, orders = await redis.eval(  # type: ignore[misc]
         _CLAIM,
         3,

@@ -36,6 +36,7 @@ async def sweep_claims(redis: Redis, merchant: int) -> tuple[int, int]:
     if await redis.zcount(keys.grant_set("claimed", merchant), "-inf", now):
         # Some may become unknown: listed first (another slot, see `note_pending_work`).
         await redis.sadd(keys.STORES_UNKNOWN, str(merchant))  # type: ignore[misc]
+    # duplicates: every script call names its store's keys like this (grants.py too).
     returned, unknown = await redis.eval(  # type: ignore[misc]
         _SWEEP,
         3,

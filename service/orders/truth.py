@@ -160,6 +160,7 @@ def _from_salla(body: object) -> bool:
     return isinstance(body, dict) and body.get("success") is False and "error" in body
 
 
+# duplicates: a keyword call shaped like ledger/apply.py's Grant construction (shape only).
 async def observe_limits(delivery: DeliveryDeps, merchant: int, limits: RateLimitInfo) -> None:
     await delivery.plan.observe(
         merchant,

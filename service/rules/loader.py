@@ -331,6 +331,7 @@ def _parse_rule(
     )
     if len(problems) > before or points is None:
         return None
+    # duplicates: keyword construction, like the RuleSet below (only the shape is shared).
     return Rule(
         id=rule_id,
         description=str(doc.get("description", "")),
@@ -591,6 +592,7 @@ def build_ruleset(texts: Mapping[str, str], override_texts: Mapping[str, str]) -
         raise RuleError(problems)
     order = {rule.id: index for index, rule in enumerate(rules)}
     rules.sort(key=lambda r: (-r.priority, order[r.id]))
+    # duplicates: keyword construction, like Rule above (only the shape is shared).
     return RuleSet(
         rules=tuple(rules),
         revoke_when=default_revoke,

@@ -43,6 +43,7 @@ class Status:
 STATUSES: dict[str, Status] = {
     s.slug: s
     for s in (
+        # duplicates: a table, one row per status (each row alike by design).
         Status("payment_pending", 349994915, 349994916, "بإنتظار الدفع"),
         Status("under_review", 566146469, 986688842, "بإنتظار المراجعة"),
         Status("in_progress", 1956875584, 1956875585, "قيد التنفيذ"),

@@ -147,6 +147,7 @@ class Counters:
 
 
 def _to_doc(store: Store) -> _StoreDoc:
+    # duplicates: _from_doc mirrors this field by field (a record and its inverse).
     return _StoreDoc(
         merchant=store.merchant,
         access_token=store.access_token,
@@ -173,6 +174,7 @@ def _to_doc(store: Store) -> _StoreDoc:
 
 
 def _from_doc(doc: _StoreDoc) -> Store:
+    # duplicates: mirrors _to_doc field by field (a record and its inverse).
     return Store(
         merchant=doc.merchant,
         access_token=doc.access_token,
