@@ -23,11 +23,11 @@ import httpx
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
-from service import queue
+from service import keys, ledger, queue
 from service.delivery.flush import Deps as DeliveryDeps
 from service.orders import reconcile, truth
 from service.processing import ProcessingDeps, apply_rules
-from service.rules import load_rules
+from service.rules import load_rules, parse_rules_text
 from service.salla import SallaClient
 from service.sandbox.app import Sandbox, create_sandbox_app
 from service.settings import Settings
@@ -152,11 +152,69 @@ async def _reconcile_calls(
             box.stores[MERCHANT].counters.get("orders_get", 0),
         )
         report = await reconcile.run_store(orders_deps, MERCHANT, in_job=False)
-    counters = box.stores[MERCHANT].counters
+        counters = dict(box.stores[MERCHANT].counters)
+        confirmations = await _held_confirmations(orders_deps, box, redis)
     return {
+        **confirmations,
         "reconcile_orders_in_window": report.listed,
         "reconcile_list_calls": counters.get("orders_list", 0) - listed,
         "reconcile_list_calls_target": math.ceil(report.listed / 15),
         "reconcile_details_calls": counters.get("orders_get", 0) - got,
         "reconcile_changed_orders": report.changed,
+    }
+
+
+HELD_RULES = """
+version: 1
+rules:
+  - id: held_purchase
+    on: [order.status.updated]
+    when: order.completed_once
+    points: order.total / 10
+    type: plus
+    reason: "order {order.reference_id}"
+    hold_days: 14
+"""
+HELD_ORDERS = 40
+
+
+async def _held_confirmations(
+    orders_deps: truth.Deps, box: Sandbox, redis: Redis
+) -> dict[str, Any]:
+    """`HELD_ORDERS` completed orders whose points are held for a return window; the window
+    ends (their due times are moved to the past: the only shortcut here); the flush's claim
+    diverts them to confirmation, and each order's `order_truth` job asks Salla once."""
+    held = ProcessingDeps(
+        orders_deps.processing.settings,
+        redis,
+        orders_deps.processing.pool,
+        parse_rules_text(HELD_RULES),
+    )
+    deps = truth.Deps(held, orders_deps.delivery)
+    at = 1_790_500_000
+    for n in range(HELD_ORDERS):
+        made = box.change_order(MERCHANT, customer_id=700_000 + n, total=200, status="completed")
+        order = _order(int(made["order"]["id"]), "completed", 200)
+        env = parse_envelope(_body("order.status.updated", order, at + n, 5_000_000 + n))
+        await apply_rules(held, env, f"h{n}", "bench", arrival=(at + n, 0))
+    pending = keys.grant_set("pending", MERCHANT)
+    due = await redis.zrange(pending, 0, -1)
+    await redis.zadd(pending, dict.fromkeys(due, 0))  # the return window ended
+    claim = await ledger.claim_due(
+        redis,
+        MERCHANT,
+        limit=1000,
+        claim_timeout_ms=60_000,
+        token="bench",  # noqa: S106 - a claim token, not a secret
+        verify_held=True,
+    )
+    before = box.stores[MERCHANT].counters.get("orders_get", 0)
+    for order_id in sorted(claim.verify_orders):
+        await truth.settle_order(deps, MERCHANT, order_id)
+    asked = box.stores[MERCHANT].counters.get("orders_get", 0) - before
+    per_order = round(asked / max(len(claim.verify_orders), 1), 2)
+    return {
+        "held_orders": len(claim.verify_orders),
+        "held_confirmation_calls": asked,
+        "held_confirmation_calls_per_held_order": per_order,
     }
