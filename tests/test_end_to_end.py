@@ -22,6 +22,7 @@ from tests.conftest import (
     running_worker,
 )
 from tests.support.servers import serve_in_thread
+from tests.support.settled import settles_at
 
 ORDER_MERCHANT = 193718979
 ORDER_CUSTOMER = 1779795066
@@ -78,12 +79,12 @@ class TestPublishedSamples:
     """Salla's published samples, signed with both strategies, credit the right customer."""
 
     async def test_completed_order_credits_15_points(
-        self, web: Service, worker: Any, sandbox: tuple[str, Sandbox]
+        self, web: Service, worker: Any, sandbox: tuple[str, Sandbox], redis: Redis
     ) -> None:
         url, box = sandbox
         store = install(web, box, ORDER_MERCHANT)
         assert web.post_webhook(fixture_bytes("order.status.updated.json")).status_code == 200
-        await eventually(lambda: balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 15)
+        await settles_at(box, redis, ORDER_MERCHANT, ORDER_CUSTOMER, 15)
         history = httpx.get(
             f"{url}/customers/loyalty/points",
             params={"customer_id": ORDER_CUSTOMER},
@@ -108,7 +109,7 @@ class TestPublishedSamples:
                 web.post_webhook(fixture_bytes("review.added.json"), strategy="token").status_code
                 == 200
             )
-            await eventually(lambda: balance(box, 1029864349, 2107468057) == 50)
+            await settles_at(box, redis, 1029864349, 2107468057, 50)
 
     async def test_order_under_review_credits_nothing(
         self, web: Service, worker: Any, sandbox: tuple[str, Sandbox], redis: Redis
@@ -143,7 +144,7 @@ class TestExactlyOnce:
         install(web, box, ORDER_MERCHANT)
         for _ in range(3):
             assert web.post_webhook(fixture_bytes("order.status.updated.json")).status_code == 200
-        await eventually(lambda: balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 15)
+        await settles_at(box, redis, ORDER_MERCHANT, ORDER_CUSTOMER, 15)
         await eventually(lambda: _no_pending(redis, ORDER_MERCHANT))
         assert len(box.stores[ORDER_MERCHANT].calls) == 1
 
@@ -157,7 +158,7 @@ class TestExactlyOnce:
             web.post_webhook(
                 with_merchant("order.status.updated.json", ORDER_MERCHANT, created_at=stamp)
             )
-        await eventually(lambda: balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 15)
+        await settles_at(box, redis, ORDER_MERCHANT, ORDER_CUSTOMER, 15)
         await eventually(lambda: _no_pending(redis, ORDER_MERCHANT))
         assert balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 15
 
@@ -210,7 +211,7 @@ class TestStoreLifecycle:
         await eventually(lambda: redis.zcard(keys.grant_set("parked", ORDER_MERCHANT)))
         store = box.add_store(ORDER_MERCHANT)
         web.post_webhook(authorize_body(ORDER_MERCHANT, store))
-        await eventually(lambda: balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 15)
+        await settles_at(box, redis, ORDER_MERCHANT, ORDER_CUSTOMER, 15)
 
     async def test_authorize_racing_a_flush_that_parks_does_not_strand_grants(
         self, redis: Redis, redis_url: str, sandbox: tuple[str, Sandbox]
@@ -275,13 +276,13 @@ class TestStoreLifecycle:
         assert await redis.hget(keys.store(ORDER_MERCHANT), "status") == "uninstalled"
 
     async def test_expired_token_is_refreshed_once_and_the_grant_sent(
-        self, web: Service, worker: Any, sandbox: tuple[str, Sandbox]
+        self, web: Service, worker: Any, sandbox: tuple[str, Sandbox], redis: Redis
     ) -> None:
         _, box = sandbox
         store = install(web, box, ORDER_MERCHANT)
         store.access_expires_at = 0  # Salla now answers 401 to the stored token
         web.post_webhook(fixture_bytes("order.status.updated.json"))
-        await eventually(lambda: balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 15)
+        await settles_at(box, redis, ORDER_MERCHANT, ORDER_CUSTOMER, 15)
         assert store.counters.get("refreshed") == 1
 
 
@@ -375,7 +376,7 @@ class TestRateLimits:
         settings = make_settings(url, rate_limit_requests=5, rate_limit_window_s=600)
         async with running_worker(settings, redis_url):
             web.post_webhook(fixture_bytes("review.added.json"))
-            await eventually(lambda: balance(box, 1029864349, 2107468057) == 50)
+            await settles_at(box, redis, 1029864349, 2107468057, 50)
         assert await redis.zcard(keys.grant_set("pending", ORDER_MERCHANT)) >= 290
         assert other.counters.get("applied") == 1
 
@@ -402,24 +403,24 @@ class TestSallaFaults:
     """A Salla outage loses nothing; an unknown outcome is never resent blindly."""
 
     async def test_503_then_success_credits_once(
-        self, web: Service, worker: Any, sandbox: tuple[str, Sandbox]
+        self, web: Service, worker: Any, sandbox: tuple[str, Sandbox], redis: Redis
     ) -> None:
         _, box = sandbox
         store = install(web, box, ORDER_MERCHANT)
         store.faults.statuses = [503, 503]
         web.post_webhook(fixture_bytes("order.status.updated.json"))
-        await eventually(lambda: balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 15)
+        await settles_at(box, redis, ORDER_MERCHANT, ORDER_CUSTOMER, 15)
         assert store.counters.get("fault_503") == 2
         assert len(store.calls) == 1
 
     async def test_429_is_retried_after_retry_after(
-        self, web: Service, worker: Any, sandbox: tuple[str, Sandbox]
+        self, web: Service, worker: Any, sandbox: tuple[str, Sandbox], redis: Redis
     ) -> None:
         _, box = sandbox
         store = install(web, box, ORDER_MERCHANT)
         store.faults.statuses = [429]
         web.post_webhook(fixture_bytes("order.status.updated.json"))
-        await eventually(lambda: balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 15, timeout_s=15)
+        await settles_at(box, redis, ORDER_MERCHANT, ORDER_CUSTOMER, 15, timeout_s=15)
         assert store.counters.get("fault_429") == 1
 
     async def test_dropped_connection_after_apply_is_reconciled_not_resent(
@@ -443,7 +444,7 @@ class TestSallaFaults:
         store = install(web, box, ORDER_MERCHANT)
         store.faults.drop_before_apply = 1
         web.post_webhook(fixture_bytes("order.status.updated.json"))
-        await eventually(lambda: balance(box, ORDER_MERCHANT, ORDER_CUSTOMER) == 15)
+        await settles_at(box, redis, ORDER_MERCHANT, ORDER_CUSTOMER, 15)
         await eventually(states_are(redis, ORDER_MERCHANT, ["sent"]))
         assert store.counters.get("dropped_before_apply") == 1
         assert store.counters.get("applied") == 1
