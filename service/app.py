@@ -31,8 +31,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import metrics, process_state, queue
-from service.admin_http import AdminState
-from service.admin_http import routes as admin_routes
+from service.admin.http import AdminState
+from service.admin.http import routes as admin_routes
 from service.errors import PayloadTooLarge, RequestTimeout, WebhookError
 from service.events import LIFECYCLE_EVENTS
 from service.ids import parse_digits

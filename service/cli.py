@@ -792,7 +792,7 @@ def _grant_line(g: dict[str, Any]) -> str:
 @_redis_option
 def admin_store(merchant: int, as_json: bool, redis_url: str | None) -> None:
     """A store's token, queue, rate-limit budget and failed grants."""
-    from service import admin as ops
+    from service.admin import queries as ops
 
     settings = _operator_settings()
     url = _admin_url(redis_url)
@@ -827,7 +827,7 @@ def admin_store(merchant: int, as_json: bool, redis_url: str | None) -> None:
 @_redis_option
 def admin_order(merchant: int, order_id: int, as_json: bool, redis_url: str | None) -> None:
     """The ledger for one order: each rule's points, and every grant with its batch."""
-    from service import admin as ops
+    from service.admin import queries as ops
 
     url = _admin_url(redis_url)
     view = _with_redis(url, lambda r: ops.order_ledger(r, merchant, order_id))
@@ -857,7 +857,7 @@ def admin_order(merchant: int, order_id: int, as_json: bool, redis_url: str | No
 @_redis_option
 def admin_customer(merchant: int, customer_id: int, as_json: bool, redis_url: str | None) -> None:
     """One customer's grants, newest first, with totals by state."""
-    from service import admin as ops
+    from service.admin import queries as ops
 
     url = _admin_url(redis_url)
     view = _with_redis(url, lambda r: ops.customer_ledger(r, merchant, customer_id))
@@ -877,7 +877,7 @@ _until = click.option(
 
 
 def _range(since: str | None, until: str | None) -> tuple[int, int]:
-    from service import admin as ops
+    from service.admin import queries as ops
 
     try:
         return ops.time_range(since, until)
@@ -907,7 +907,7 @@ def admin_export(
     redis_url: str | None,
 ) -> None:
     """Export the ledger's grants created in a date range, as JSONL or CSV."""
-    from service import admin as ops
+    from service.admin import queries as ops
 
     start, end = _range(since, until)
     url = _admin_url(redis_url)
@@ -968,7 +968,7 @@ def admin_replay(
     Ctrl-C stops between two webhooks; run the same command again to finish (what was already
     applied is not applied twice).
     """
-    from service import admin as ops
+    from service.admin import queries as ops
     from service import queue
     from service.processing import ProcessingDeps
     from service.rules import load_rules

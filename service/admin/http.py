@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from service import admin
+from service.admin import queries as admin
 from service.ids import WHAT_AN_ID_IS, parse_id
 from service.logging import get_logger
 from service.processing import ProcessingDeps
