@@ -22,8 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.errors import InvalidSignature
-from service.errors import SandboxNotServing, SandboxStateError
+from service.errors import InvalidSignature, SandboxNotServing, SandboxStateError
 from service.sandbox.app import Sandbox, create_sandbox_app
 from service.sandbox.orders import STATUSES
 from service.webhooks import verify
