@@ -175,7 +175,8 @@ class TestStoreLifecycle:
     ) -> None:
         """The flush read "no token", then authorize stored one and unparked (nothing yet)."""
         from service import queue, tokens
-        from service.delivery.flush import Deps, park_unless_authorized
+        from service.delivery.deps import Deps
+        from service.delivery.flush import park_unless_authorized
         from service.rules.engine import Outcome
         from service.salla import SallaClient, TokenSet
 
@@ -295,7 +296,8 @@ class TestRateLimits:
     async def test_one_flush_sends_a_bounded_number_of_calls(
         self, redis: Redis, redis_url: str, web: Service, sandbox: tuple[str, Sandbox]
     ) -> None:
-        from service.delivery.flush import Deps, flush
+        from service.delivery.deps import Deps
+        from service.delivery.flush import flush
         from service.rules.engine import Outcome
 
         url, box = sandbox
@@ -340,7 +342,7 @@ class TestRateLimits:
     async def test_scheduled_refresh_renews_tokens_before_expiry(
         self, redis: Redis, redis_url: str, web: Service, sandbox: tuple[str, Sandbox]
     ) -> None:
-        from service.delivery.flush import refresh_expiring_tokens
+        from service.delivery.refresh import refresh_expiring_tokens
         from service.worker_resources import of
 
         url, box = sandbox

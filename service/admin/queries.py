@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from service import keys, ledger, tokens
 from service.admin.times import iso_ms
-from service.delivery.flush import plan_bucket
+from service.delivery.deps import plan_bucket
 from service.delivery.ratelimit import RateLimiter
 from service.ledger import order_state
 from service.ledger.facts import OrderFacts

@@ -16,7 +16,7 @@ import click
 import httpx
 from redis.asyncio import Redis
 
-from service.delivery.flush import Deps as DeliveryDeps
+from service.delivery.deps import Deps as DeliveryDeps
 from service.errors import RuleError
 from service.ids import ID
 from service.orders import reconcile, truth
