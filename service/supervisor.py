@@ -244,6 +244,7 @@ def _child_env(settings: Settings, redis_url: str, sandbox_url: str, admin: str)
     left to them: they read the same environment and `.env` (default `auto`: console lines on
     a terminal, JSON when `make run` is piped or logged to a file)."""
     return {
+        # Passed on, not read: the children build their own Settings from it (and `.env`).
         **os.environ,
         "APP_ENV": "development",
         "SALLA_WEBHOOK_SECRET": settings.webhook_secret,
