@@ -9,7 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+import sys
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,6 +31,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 T = TypeVar("T")
+Item = TypeVar("Item")
 
 redis_option = click.option(
     "--redis-url",
@@ -121,3 +131,22 @@ def interruptible() -> Iterator[asyncio.Event]:
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def step_by_step(
+    items: Sequence[Item],
+    label: str,
+    work: Callable[[Iterable[Item], asyncio.Event], Awaitable[T]],
+) -> T:
+    """`work(items, stop)` with a progress bar that advances as `work` takes each item, and
+    `stop` set by Ctrl-C (`interruptible`)."""
+    with interruptible() as stop, click.progressbar(items, label=label) as bar:
+        return await work(bar, stop)
+
+
+def exit_if_interrupted(interrupted: bool, hint: str) -> None:
+    """After a command that Ctrl-C stopped between two units of work: say how to finish, and
+    exit 130 (as a shell reports an interrupted command)."""
+    if interrupted:
+        click.echo(f"interrupted: {hint}", err=True)
+        sys.exit(130)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -25,6 +25,10 @@ from service.commandline import (
 from service.errors import AdminInputError, RuleError
 from service.ids import ID
 from service.settings import requested_log_format
+
+if TYPE_CHECKING:
+    from arq.connections import ArqRedis
+    from redis.asyncio import Redis
 
 
 @click.group()
@@ -173,7 +177,7 @@ def admin_export(
     url = admin_url(redis_url)
     target = exporting.AtomicFile(output) if output else None
 
-    async def write(redis: Any) -> int | None:
+    async def write(redis: Redis) -> int | None:
         total = await exporting.count_grants(redis, start, end)
         out = target.open() if target else sys.stdout
         try:
@@ -237,7 +241,7 @@ def admin_replay(
     url = admin_url(redis_url)
     tally = replaying.ReplayTally()
 
-    async def go(redis: Any, pool: Any) -> bool:
+    async def go(redis: Redis, pool: ArqRedis) -> bool:
         """True when the whole range was replayed; False when Ctrl-C stopped it."""
         deps = ProcessingDeps(settings, redis, pool, ruleset)
         total = await replaying.count_webhooks(redis, start, end, merchant)

@@ -3,21 +3,25 @@ grant points to many customers. The commands parse, call `service.admin` and pri
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from service.commandline import (
     admin_url,
-    interruptible,
+    exit_if_interrupted,
     redis_option,
+    step_by_step,
     with_redis,
     with_redis_and_queue,
 )
 from service.errors import AdminInputError
 from service.ids import ID, WHAT_AN_ID_IS
+
+if TYPE_CHECKING:
+    from arq.connections import ArqRedis
+    from redis.asyncio import Redis
 
 #: The states `grants failed --state` lists; all but "pending" can be retried.
 GRANT_KINDS = ("failed", "review", "unknown", "parked", "pending")
@@ -69,17 +73,19 @@ def grants_retry(
         raise click.UsageError("name grant ids, or --merchant for all of a store's grants")
     url = admin_url(redis_url)
 
-    async def retry(redis: Any, pool: Any) -> tuple[int, bool]:
+    # The same shape as `campaign`'s run: both are the shared Ctrl-C-safe loop of
+    # service.commandline around a different unit of work.
+    async def retry(redis: Redis, pool: ArqRedis) -> tuple[int, bool]:
         chosen = await granting.chosen(redis, grant_ids, kind, merchant)
-        label = f"retrying {len(chosen)} grant(s)"
-        with interruptible() as stop, click.progressbar(chosen, label=label) as bar:
-            return await granting.retry(redis, pool, bar, kind, stop)
+        return await step_by_step(
+            chosen,
+            f"retrying {len(chosen)} grant(s)",
+            lambda grants, stop: granting.retry(redis, pool, grants, kind, stop),
+        )
 
     moved, interrupted = with_redis_and_queue(url, retry)
     click.echo(f"{moved} grant(s) queued again")
-    if interrupted:
-        click.echo("interrupted: run the same command again for the rest", err=True)
-        sys.exit(130)
+    exit_if_interrupted(interrupted, "run the same command again for the rest")
 
 
 @click.command()
@@ -161,16 +167,16 @@ def campaign(
             )
     url = admin_url(redis_url)
 
-    async def grant_all(redis: Any, pool: Any) -> tuple[int, bool]:
-        label = f"campaign {chosen.name}: {len(ids)} grant(s)"
-        with interruptible() as stop, click.progressbar(ids, label=label) as bar:
-            return await campaigns.grant(redis, pool, chosen, bar, stop)
+    # The same shape as `grants retry`'s run (see there).
+    async def grant_all(redis: Redis, pool: ArqRedis) -> tuple[int, bool]:
+        return await step_by_step(
+            ids,
+            f"campaign {chosen.name}: {len(ids)} grant(s)",
+            lambda customers, stop: campaigns.grant(redis, pool, chosen, customers, stop),
+        )
 
     made, interrupted = with_redis_and_queue(url, grant_all)
     click.echo(f"campaign {chosen.name}: {made} new grant(s) queued for store {merchant}")
-    if interrupted:
-        click.echo(
-            f"interrupted: run the same command (campaign id {chosen.name}) again for the rest",
-            err=True,
-        )
-        sys.exit(130)
+    exit_if_interrupted(
+        interrupted, f"run the same command (campaign id {chosen.name}) again for the rest"
+    )
