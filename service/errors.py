@@ -26,6 +26,9 @@ ServiceError
         app._Disconnected          the client left before its body arrived
         sandbox.control._BadRequest  a sandbox control request's 400
         supervisor.Stopped, supervisor.ChildExited   why `run` stops its children
+
+`cli.Refused` is not in the tree on purpose: it is how the command line shows a `ConfigError`
+(a `click.ClickException`, which click prints and turns into exit 2).
 """
 
 from __future__ import annotations

@@ -84,6 +84,8 @@ def admin_store(merchant: int, as_json: bool, redis_url: str | None) -> None:
         click.echo(_grant_line(grant))
 
 
+# duplicates: `order` and `customer` are alike in shape (arguments, options, one view, JSON or
+# lines); each prints its own view.
 @admin.command("order")
 @click.argument("merchant", type=ID)
 @click.argument("order_id", type=ID)
@@ -114,6 +116,7 @@ def admin_order(merchant: int, order_id: int, as_json: bool, redis_url: str | No
         sys.exit(1)
 
 
+# duplicates: alike in shape to `order` (see there).
 @admin.command("customer")
 @click.argument("merchant", type=ID)
 @click.argument("customer_id", type=ID)

@@ -73,8 +73,8 @@ def grants_retry(
         raise click.UsageError("name grant ids, or --merchant for all of a store's grants")
     url = admin_url(redis_url)
 
-    # The same shape as `campaign`'s run: both are the shared Ctrl-C-safe loop of
-    # service.commandline around a different unit of work.
+    # duplicates: the shape of `campaign`'s run; both are service.commandline's Ctrl-C-safe
+    # loop around a different unit of work (only the calls' shape is shared).
     async def retry(redis: Redis, pool: ArqRedis) -> tuple[int, bool]:
         chosen = await granting.chosen(redis, grant_ids, kind, merchant)
         return await step_by_step(
@@ -167,7 +167,7 @@ def campaign(
             )
     url = admin_url(redis_url)
 
-    # The same shape as `grants retry`'s run (see there).
+    # duplicates: the shape of `grants retry`'s run (see there).
     async def grant_all(redis: Redis, pool: ArqRedis) -> tuple[int, bool]:
         return await step_by_step(
             ids,

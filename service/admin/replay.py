@@ -20,6 +20,7 @@ from service.processing import ProcessingDeps, replay_event
 PAGE = 500
 
 
+# duplicates: a frozen record like sandbox.orders.Status; only the dataclass shape is shared.
 @dataclass(frozen=True, slots=True)
 class StoredWebhook:
     stream_id: str
