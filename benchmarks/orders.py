@@ -24,7 +24,7 @@ from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
 from service import keys, ledger, queue
-from service.delivery.flush import Deps as DeliveryDeps
+from service.delivery.deps import Deps as DeliveryDeps
 from service.orders import reconcile, truth
 from service.processing import ProcessingDeps, apply_rules
 from service.rules import load_rules, parse_rules_text

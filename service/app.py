@@ -31,9 +31,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import metrics, process_state, queue
-from service.admin_http import AdminState
-from service.admin_http import routes as admin_routes
-from service.errors import PayloadTooLarge, RequestTimeout, WebhookError
+from service.admin.http import AdminState
+from service.admin.http import routes as admin_routes
+from service.errors import PayloadTooLarge, RequestTimeout, ServiceError, WebhookError
 from service.events import LIFECYCLE_EVENTS
 from service.ids import parse_digits
 from service.inbox import ensure_group
@@ -64,7 +64,7 @@ def _state(request: Request) -> AppState:
     return state
 
 
-class _Disconnected(Exception):
+class _Disconnected(ServiceError):
     """The client went away before its body arrived: nothing to persist, nobody to answer."""
 
 

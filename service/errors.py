@@ -1,19 +1,34 @@
-"""The service's exception tree.
+"""The service's exception tree: every exception class of `service/` is in it.
 
 ServiceError
-├── ConfigError          settings, a busy port or an unreachable Redis at start-up
+├── ConfigError          settings, a busy port or an unreachable Redis at start-up (exit 2)
+├── AdminInputError      an operator's request that cannot be answered as asked (also a
+│                        ValueError): 400 on /admin/, a bad parameter on the command line
 ├── WebhookError         a webhook request that must be refused (carries its HTTP status)
 │   ├── InvalidSignature     401: missing or wrong signature/token, wrong strategy
+│   ├── RequestTimeout       408: the body did not arrive in time
 │   ├── PayloadTooLarge      413: body over the configured limit
 │   └── InvalidPayload       400: not JSON, or not a Salla envelope
 ├── RuleError            a rule file that does not load (file, line and a sentence)
 ├── JobRefused           job data read from Redis that is not this service's format: never run
-└── SallaError           the Admin API answered with an error (status and body attached)
-    ├── SallaAuthError       401/403: token invalid, expired or revoked (or a missing scope)
-    ├── SallaNotFound        404: the store has no such order (any more)
-    ├── SallaValidationError 422: Salla refused the request body
-    ├── SallaRateLimited     429: carries Retry-After
-    └── SallaUnavailable     5xx: transient on Salla's side
+├── SallaError           the Admin API answered with an error (status and body attached)
+│   ├── SallaAuthError       401/403: token invalid, expired or revoked (or a missing scope)
+│   ├── SallaNotFound        404: the store has no such order (any more)
+│   ├── SallaValidationError 422: Salla refused the request body
+│   ├── SallaRateLimited     429: carries Retry-After
+│   ├── SallaUnavailable     5xx: transient on Salla's side
+│   └── OutcomeUnknown       no answer: the call may have applied (never resent blindly)
+├── SandboxError         the development sandbox (service/sandbox/)
+│   ├── SandboxStateError    its state file cannot be read
+│   └── SandboxNotServing    a webhook must go out and no server loop runs (a RuntimeError)
+└── (private) signals raised and caught inside one module; callers never see them:
+        delivery.flush.StopFlush   nothing more can be sent for this store now
+        app._Disconnected          the client left before its body arrived
+        sandbox.control._BadRequest  a sandbox control request's 400
+        supervisor.Stopped, supervisor.ChildExited   why `run` stops its children
+
+`cli.Refused` is not in the tree on purpose: it is how the command line shows a `ConfigError`
+(a `click.ClickException`, which click prints and turns into exit 2).
 """
 
 from __future__ import annotations
@@ -33,6 +48,11 @@ class ConfigError(ServiceError):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+
+class AdminInputError(ServiceError, ValueError):
+    """An operator's request that cannot be answered as asked (a bad date, a bad range, a bad
+    id); a ValueError too, as it was before it joined the tree."""
 
 
 class WebhookError(ServiceError):
@@ -107,3 +127,15 @@ class OutcomeUnknown(SallaError):
 
     Never resend on this: the points may have been applied. Reconcile against the history.
     """
+
+
+class SandboxError(ServiceError):
+    """The development sandbox (service/sandbox/) cannot do what was asked."""
+
+
+class SandboxStateError(SandboxError):
+    """The state file cannot be read as the sandbox's state."""
+
+
+class SandboxNotServing(SandboxError, RuntimeError):
+    """A webhook must be sent, and the sandbox has no server loop to send it from."""

@@ -234,3 +234,28 @@ def requested_log_format() -> Literal["json", "console", "auto"]:
     if chosen == "json":
         return "json"
     return "console" if chosen == "console" else "auto"
+
+
+class _CommandDefaults(BaseSettings):
+    """What the commands that run without `Settings` (`send`, `sandbox`, `rules ...`) take
+    from the environment as option defaults: the environment only, no `.env`, and an empty
+    variable counts as unset (as when click read these variables itself)."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+
+    rules_path: str = ""
+    salla_webhook_secret: str = ""
+    sandbox_webhook_secret: str = ""
+
+
+def default_rules_path() -> Path:
+    """`--rules`'s default: `RULES_PATH`, else `rules`."""
+    return Path(_CommandDefaults().rules_path or "rules")
+
+
+def default_webhook_secret(*, sandbox: bool = False) -> str:
+    """`send --secret`'s default (`SALLA_WEBHOOK_SECRET`) or, with `sandbox`, the sandbox's
+    (`SANDBOX_WEBHOOK_SECRET`); else the development secret."""
+    defaults = _CommandDefaults()
+    chosen = defaults.sandbox_webhook_secret if sandbox else defaults.salla_webhook_secret
+    return chosen or DEVELOPMENT_WEBHOOK_SECRET

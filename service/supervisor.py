@@ -39,7 +39,7 @@ import httpx
 from service import preflight
 from service.children import spawn, stop
 from service.embedded import EmbeddedRedis
-from service.errors import ConfigError, RuleError
+from service.errors import ConfigError, RuleError, ServiceError
 from service.logging import get_logger
 from service.settings import Settings
 
@@ -53,11 +53,11 @@ RELOADS_ON_HUP = ("serve", "worker")
 STOP_TIMEOUT_S = 30.0
 
 
-class Stopped(Exception):
+class Stopped(ServiceError):
     """A signal (or a closed terminal) asked `run` to stop; the message says which."""
 
 
-class ChildExited(Exception):
+class ChildExited(ServiceError):
     """A child ended on its own."""
 
     def __init__(self, name: str, status: int) -> None:
@@ -244,6 +244,7 @@ def _child_env(settings: Settings, redis_url: str, sandbox_url: str, admin: str)
     left to them: they read the same environment and `.env` (default `auto`: console lines on
     a terminal, JSON when `make run` is piped or logged to a file)."""
     return {
+        # Passed on, not read: the children build their own Settings from it (and `.env`).
         **os.environ,
         "APP_ENV": "development",
         "SALLA_WEBHOOK_SECRET": settings.webhook_secret,

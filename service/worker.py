@@ -15,7 +15,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import arq_log, inbox, keys, ledger, metrics, queue, tokens
-from service.delivery.flush import flush, reconcile, refresh_expiring_tokens
+from service.delivery.flush import flush
+from service.delivery.reconcile import reconcile
+from service.delivery.refresh import refresh_expiring_tokens
 from service.logging import configure_logging, get_logger
 from service.orders import reconcile as orders_reconcile
 from service.orders import truth

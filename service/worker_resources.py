@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from service import inbox, redis_url
 from service.batch import BatchHandler
-from service.delivery.flush import Deps
+from service.delivery.deps import Deps
 from service.logging import get_logger
 from service.orders import truth
 from service.processing import ProcessingDeps

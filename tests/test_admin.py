@@ -28,9 +28,9 @@ from tests.conftest import (
     make_settings,
     running_worker,
 )
+from tests.support.cli import cli, cli_interrupted
 from tests.support.servers import serve_in_thread
-from tests.test_end_to_end import ORDER_CUSTOMER, ORDER_MERCHANT, balance, install, with_merchant
-from tests.test_operations import cli, cli_interrupted
+from tests.support.store import ORDER_CUSTOMER, ORDER_MERCHANT, balance, install, with_merchant
 
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

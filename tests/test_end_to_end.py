@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import httpx
@@ -16,63 +15,21 @@ from tests.conftest import (
     Service,
     eventually,
     fixture_bytes,
-    fixture_json,
     inbox_empty,
     make_settings,
     running_worker,
 )
 from tests.support.servers import serve_in_thread
 from tests.support.settled import settles_at
-
-ORDER_MERCHANT = 193718979
-ORDER_CUSTOMER = 1779795066
-
-
-def authorize_body(merchant: int, store: Any) -> bytes:
-    doc = fixture_json("app.store.authorize.json")
-    doc["merchant"] = merchant
-    doc["data"].update(
-        access_token=store.access_token,
-        refresh_token=store.refresh_token,
-        expires=int(store.access_expires_at),
-    )
-    return json.dumps(doc).encode()
-
-
-def install(web: Service, box: Sandbox, merchant: int, **options: Any) -> Any:
-    store = box.add_store(merchant, **options)
-    assert web.post_webhook(authorize_body(merchant, store)).json()["status"] == "accepted"
-    return store
-
-
-def with_merchant(name: str, merchant: int, **changes: Any) -> bytes:
-    doc = fixture_json(name)
-    doc["merchant"] = merchant
-    for path, value in changes.items():
-        node = doc
-        *parents, leaf = path.split("__")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return json.dumps(doc, ensure_ascii=False).encode()
-
-
-def post_reviews(web: Service, merchant: int, customers: Any) -> None:
-    """One review per customer (each of its own product), as Salla would send them."""
-    for customer in customers:
-        web.post_webhook(
-            with_merchant(
-                "review.added.json",
-                merchant,
-                data__customer__id=str(customer),
-                data__product__id=str(customer),
-            )
-        )
-
-
-def balance(box: Sandbox, merchant: int, customer: int) -> int:
-    store = box.stores.get(merchant)
-    return store.balances.get(customer, 0) if store else 0
+from tests.support.store import (
+    ORDER_CUSTOMER,
+    ORDER_MERCHANT,
+    authorize_body,
+    balance,
+    install,
+    post_reviews,
+    with_merchant,
+)
 
 
 class TestPublishedSamples:
@@ -218,7 +175,8 @@ class TestStoreLifecycle:
     ) -> None:
         """The flush read "no token", then authorize stored one and unparked (nothing yet)."""
         from service import queue, tokens
-        from service.delivery.flush import Deps, park_unless_authorized
+        from service.delivery.deps import Deps
+        from service.delivery.flush import park_unless_authorized
         from service.rules.engine import Outcome
         from service.salla import SallaClient, TokenSet
 
@@ -338,7 +296,8 @@ class TestRateLimits:
     async def test_one_flush_sends_a_bounded_number_of_calls(
         self, redis: Redis, redis_url: str, web: Service, sandbox: tuple[str, Sandbox]
     ) -> None:
-        from service.delivery.flush import Deps, flush
+        from service.delivery.deps import Deps
+        from service.delivery.flush import flush
         from service.rules.engine import Outcome
 
         url, box = sandbox
@@ -383,7 +342,7 @@ class TestRateLimits:
     async def test_scheduled_refresh_renews_tokens_before_expiry(
         self, redis: Redis, redis_url: str, web: Service, sandbox: tuple[str, Sandbox]
     ) -> None:
-        from service.delivery.flush import refresh_expiring_tokens
+        from service.delivery.refresh import refresh_expiring_tokens
         from service.worker_resources import of
 
         url, box = sandbox

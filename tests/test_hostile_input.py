@@ -28,9 +28,9 @@ from tests.conftest import (
     inbox_empty,
     make_settings,
 )
+from tests.support.cli import cli
 from tests.support.servers import serve_in_thread
-from tests.test_end_to_end import ORDER_CUSTOMER, ORDER_MERCHANT, install, with_merchant
-from tests.test_operations import cli
+from tests.support.store import ORDER_CUSTOMER, ORDER_MERCHANT, install, with_merchant
 
 ADMIN_TOKEN = "hostile-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -17,7 +17,7 @@ from service import keys, metrics
 from service.sandbox.app import Sandbox
 from service.worker import sweep
 from tests.conftest import ROOT_DIR, eventually, fixture_bytes, make_settings, running_worker
-from tests.test_end_to_end import ORDER_CUSTOMER, ORDER_MERCHANT, balance, install
+from tests.support.store import ORDER_CUSTOMER, ORDER_MERCHANT, balance, install
 
 
 def sample(name: str, **labels: str) -> float:

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,48 +10,9 @@ from redis.asyncio import Redis
 
 from service import keys
 from service.sandbox.app import Sandbox
-from tests.conftest import ROOT_DIR, eventually, fixture_bytes, make_settings, running_worker
-from tests.test_end_to_end import ORDER_CUSTOMER, ORDER_MERCHANT, balance, install
-
-CLI = [sys.executable, "-m", "service"]
-
-
-async def cli(
-    redis_url: str, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run the CLI without blocking the event loop the worker runs in."""
-    return await asyncio.to_thread(
-        subprocess.run,
-        [*CLI, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT_DIR,
-        env={**os.environ, "REDIS_URL": redis_url, **(env or {})},
-    )
-
-
-async def cli_interrupted(
-    redis_url: str, *args: str, once: Any, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Start the CLI, press Ctrl-C as soon as `once()` holds, and return how it ended."""
-    proc = await asyncio.to_thread(
-        subprocess.Popen,
-        [*CLI, *args],
-        cwd=ROOT_DIR,
-        env={**os.environ, "REDIS_URL": redis_url, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        await eventually(once, timeout_s=30)
-        proc.send_signal(signal.SIGINT)
-        out, err = await asyncio.to_thread(proc.communicate, timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+from tests.conftest import eventually, fixture_bytes, make_settings, running_worker
+from tests.support.cli import CLI, cli, cli_interrupted
+from tests.support.store import ORDER_CUSTOMER, ORDER_MERCHANT, balance, install
 
 
 class TestCampaign:

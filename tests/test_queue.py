@@ -30,8 +30,8 @@ from service.errors import ConfigError, JobRefused
 from service.sandbox.app import Sandbox
 from tests.conftest import ROOT_DIR, SECRET, Service, fixture_bytes, make_settings
 from tests.support.servers import free_port, wait_until
+from tests.support.store import ORDER_CUSTOMER, ORDER_MERCHANT, authorize_body
 from tests.support.tls_proxy import TlsProxy
-from tests.test_end_to_end import ORDER_CUSTOMER, ORDER_MERCHANT, authorize_body
 
 CLI = [sys.executable, "-m", "service"]
 #: URL-special characters on purpose: the URL carries it percent-encoded.

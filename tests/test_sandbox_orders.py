@@ -22,10 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.errors import InvalidSignature
-from service.sandbox.app import Sandbox, SandboxNotServing, create_sandbox_app
+from service.errors import InvalidSignature, SandboxNotServing, SandboxStateError
+from service.sandbox.app import Sandbox, create_sandbox_app
 from service.sandbox.orders import STATUSES
-from service.sandbox.state import SandboxStateError
 from service.webhooks import verify
 from tests.conftest import ROOT_DIR, SECRET, Service
 from tests.support.servers import free_port, serve_in_thread, wait_until

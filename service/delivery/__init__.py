@@ -1,1 +1,2 @@
-"""From pending grants to Salla calls: batching (pure) and the flush job."""
+"""From pending grants to Salla calls: batching (pure), the flush job, 422 bisection
+(`refused`), unknown outcomes (`reconcile`), scheduled token refresh (`refresh`)."""

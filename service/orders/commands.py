@@ -16,7 +16,7 @@ import click
 import httpx
 from redis.asyncio import Redis
 
-from service.delivery.flush import Deps as DeliveryDeps
+from service.delivery.deps import Deps as DeliveryDeps
 from service.errors import RuleError
 from service.ids import ID
 from service.orders import reconcile, truth
@@ -71,14 +71,14 @@ def backfill_command(merchant: int, since: dt.date, apply_: bool) -> None:
 def _run(
     merchant: int, *, since: dt.date | None, backfill: bool, dry_run: bool
 ) -> reconcile.Report:
-    from service.cli import _redis_url, _settings
+    from service.commandline import redis_url, service_settings
 
-    settings = _settings()
+    settings = service_settings()
     try:
         holder = RulesHolder(settings.rules_path)
     except RuleError as exc:
         raise click.ClickException(f"the rules do not load: {exc}") from None
-    url = _redis_url(settings)
+    url = redis_url(settings)
 
     async def go() -> reconcile.Report:
         async with _deps(settings, url, holder) as deps:

@@ -26,7 +26,7 @@ from arq.worker import Retry
 from redis.asyncio import Redis
 
 from service import ledger, queue, tokens
-from service.delivery.flush import Deps as DeliveryDeps
+from service.delivery.deps import Deps as DeliveryDeps
 from service.delivery.flush import backoff_s
 from service.errors import (
     SallaAuthError,

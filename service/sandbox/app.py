@@ -27,6 +27,7 @@ from typing import Any
 import jsonschema
 from starlette.applications import Starlette
 
+from service.errors import SandboxNotServing
 from service.sandbox import control, loyalty, order_changes, orders, orders_api, state
 from service.sandbox.buckets import Bucket
 from service.sandbox.loyalty import request_schema
@@ -50,10 +51,6 @@ STORE_OPTIONS = frozenset(
 )
 #: What `add_store` (and `POST /_sandbox/stores`) accepts beside the merchant.
 INSTALL_OPTIONS = STORE_OPTIONS | {"access_token", "refresh_token", "access_ttl_s", "customers"}
-
-
-class SandboxNotServing(RuntimeError):
-    """A webhook must be sent, and the sandbox has no server loop to send it from."""
 
 
 class Sandbox:

@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from service.errors import ServiceError
 from service.ids import parse_id
 from service.sandbox.state import Faults, Store
 
@@ -34,8 +35,8 @@ if TYPE_CHECKING:
 RELEASE_ORDERS = ("as_is", "reverse", "shuffle")
 
 
-class _BadRequest(Exception):
-    pass
+class _BadRequest(ServiceError):
+    """A control request the sandbox refuses with 400 (the message says why)."""
 
 
 async def _body(request: Request, *, required: bool = True) -> dict[str, Any]:

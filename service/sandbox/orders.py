@@ -29,6 +29,7 @@ CURRENCY = "SAR"
 DEMO_CUSTOMER = 1779795066
 
 
+# duplicates: a frozen record like admin.replay.StoredWebhook; only the dataclass shape is shared.
 @dataclass(frozen=True, slots=True)
 class Status:
     slug: str

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from service.errors import SandboxStateError
 from service.sandbox.buckets import Bucket
 from service.sandbox.orders import Order
 
@@ -25,10 +26,6 @@ STATE_VERSION = 1
 WEBHOOK_LOG_LIMIT = 10_000
 #: Salla's scopes; `orders.read` lets the service ask Salla about orders (issue 13).
 DEFAULT_SCOPE = "offline_access orders.read customers.read_write"
-
-
-class SandboxStateError(Exception):
-    """The state file cannot be read as the sandbox's state."""
 
 
 @dataclass

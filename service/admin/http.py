@@ -23,7 +23,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from service import admin
+from service.admin import export as exporting
+from service.admin import queries
+from service.admin import replay as replaying
+from service.admin.times import time_range
+from service.errors import AdminInputError
 from service.ids import WHAT_AN_ID_IS, parse_id
 from service.logging import get_logger
 from service.processing import ProcessingDeps
@@ -65,7 +69,7 @@ def _protected(handler: Handler) -> Handler:
             )
         try:
             response = await handler(request)
-        except admin.AdminInputError as exc:
+        except AdminInputError as exc:
             return _error(400, str(exc))
         log.info("admin_request", path=request.url.path, status=response.status_code)
         return response
@@ -78,7 +82,7 @@ def _id(value: str, name: str) -> int:
     parsed = parse_id(value)
     if parsed is None:
         shown = value if len(value) <= 24 else value[:24] + "..."
-        raise admin.AdminInputError(f"'{name}' must be an id ({WHAT_AN_ID_IS}), not {shown!r}")
+        raise AdminInputError(f"'{name}' must be an id ({WHAT_AN_ID_IS}), not {shown!r}")
     return parsed
 
 
@@ -90,7 +94,7 @@ def _merchant_query(request: Request) -> int | None:
 
 
 def _range(request: Request) -> tuple[int, int]:
-    return admin.time_range(request.query_params.get("since"), request.query_params.get("until"))
+    return time_range(request.query_params.get("since"), request.query_params.get("until"))
 
 
 def _path_id(request: Request, name: str) -> int:
@@ -100,13 +104,13 @@ def _path_id(request: Request, name: str) -> int:
 async def store(request: Request) -> Response:
     state = _admin(request)
     merchant = _path_id(request, "merchant")
-    return JSONResponse(await admin.store_state(state.redis, state.deps.settings, merchant))
+    return JSONResponse(await queries.store_state(state.redis, state.deps.settings, merchant))
 
 
 async def order(request: Request) -> Response:
     state = _admin(request)
     merchant, order_id = _path_id(request, "merchant"), _path_id(request, "order_id")
-    view = await admin.order_ledger(state.redis, merchant, order_id)
+    view = await queries.order_ledger(state.redis, merchant, order_id)
     if not view["found"]:
         return _error(404, f"the ledger has nothing for order {order_id} of store {merchant}")
     return JSONResponse(view)
@@ -114,7 +118,7 @@ async def order(request: Request) -> Response:
 
 async def customer(request: Request) -> Response:
     state = _admin(request)
-    view = await admin.customer_ledger(
+    view = await queries.customer_ledger(
         state.redis, _path_id(request, "merchant"), _path_id(request, "customer")
     )
     return JSONResponse(view)
@@ -124,15 +128,15 @@ async def export(request: Request) -> Response:
     state = _admin(request)
     fmt = request.query_params.get("format", "jsonl")
     if fmt not in ("jsonl", "csv"):
-        raise admin.AdminInputError("'format' is jsonl or csv")
+        raise AdminInputError("'format' is jsonl or csv")
     start, end = _range(request)
     merchant = _merchant_query(request)
 
     async def lines() -> AsyncIterator[str]:
         if fmt == "csv":
-            yield admin.csv_header()
-        async for row in admin.export_grants(state.redis, start, end, merchant):
-            yield admin.export_line(row, fmt)
+            yield exporting.csv_header()
+        async for row in exporting.export_grants(state.redis, start, end, merchant):
+            yield exporting.export_line(row, fmt)
 
     media = "text/csv" if fmt == "csv" else "application/x-ndjson"
     return StreamingResponse(lines(), media_type=f"{media}; charset=utf-8")
@@ -146,7 +150,7 @@ def _flag(request: Request, name: str, default: bool) -> bool:
         return True
     if value.lower() in ("0", "false", "no"):
         return False
-    raise admin.AdminInputError(f"'{name}' is true or false")
+    raise AdminInputError(f"'{name}' is true or false")
 
 
 async def replay(request: Request) -> Response:
@@ -156,13 +160,14 @@ async def replay(request: Request) -> Response:
     dry_run = _flag(request, "dry_run", True)
 
     async def lines() -> AsyncIterator[str]:
-        events = changed = skipped = 0
-        async for line in admin.replay(state.deps, start, end, merchant=merchant, dry_run=dry_run):
-            events += 1
-            changed += bool(line.diffs)
-            skipped += line.skipped is not None
+        tally = replaying.ReplayTally()
+        async for line in replaying.replay(
+            state.deps, start, end, merchant=merchant, dry_run=dry_run
+        ):
+            tally.add(line)
             if line.diffs or line.skipped is not None:  # what differs, and what could not run
                 yield json.dumps(line.as_dict(), ensure_ascii=False) + "\n"
+        events, changed, skipped = tally.webhooks, tally.changed, tally.skipped
         log.info(
             "replay_finished", dry_run=dry_run, webhooks=events, changed=changed, skipped=skipped
         )
