@@ -197,6 +197,7 @@ def worker(check: bool) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8081, show_default=True, type=int)
+# duplicates: the two buckets' options are alike in shape (limit, window); click declares each.
 @click.option(
     "--rate-limit",
     default=500,
@@ -205,6 +206,7 @@ def worker(check: bool) -> None:
     help="Customers endpoints' requests per window per store (Salla: 500 per 10 min).",
 )
 @click.option("--rate-window", default=600.0, show_default=True, type=float, help="Seconds.")
+# duplicates: shaped like --rate-limit above (see there).
 @click.option(
     "--plan-rate-limit",
     default=120,

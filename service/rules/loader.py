@@ -1,4 +1,5 @@
-"""Load and validate rule files. Every problem is reported as `file:line: sentence`.
+"""Load and validate rule files (over 400 lines: one validator per key of the documented format,
+kept together so the format and its checks read as one). Every problem is `file:line: sentence`.
 
 The format is documented in docs/rules.md. Expressions use rule-engine
 (https://zeroSteiner.github.io/rule-engine/), type-checked at load time against
