@@ -6,6 +6,7 @@ secret (tokens, secrets, authorization, passwords) and phone numbers, wherever t
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import re
@@ -13,11 +14,12 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any, cast
 
 import orjson
 import structlog
+import structlog.testing
 from structlog.typing import FilteringBoundLogger
 
 REDACTED = "[redacted]"
@@ -229,9 +231,25 @@ def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
         logger_factory=factory,
         cache_logger_on_first_use=False,
     )
+    _forget_resolved_loggers()
+    _bridge_stdlib(use_json, level_number)
+
+
+def _forget_resolved_loggers() -> None:
     for logger in list(_loggers):
         logger._forget()
-    _bridge_stdlib(use_json, level_number)
+
+
+@contextlib.contextmanager
+def captured() -> Iterator[list[MutableMapping[str, Any]]]:
+    """structlog's `capture_logs()` (the lines as dicts, for tests), made to reach the module
+    loggers too: they keep the methods of the configuration they first saw (see `_Logger`)."""
+    _forget_resolved_loggers()
+    try:
+        with structlog.testing.capture_logs() as lines:
+            yield lines
+    finally:
+        _forget_resolved_loggers()
 
 
 def log_everything() -> None:

@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 from service import autopipe, inbox, keys, queue
 from service.batch import BatchHandler
 from service.keys import WEBHOOK_STREAM
-from service.logging import configure_logging
+from service.logging import captured, configure_logging
 from service.processing import ProcessingDeps
 from service.rules import parse_rules_text
 from service.webhooks import delivery_id, read_head
@@ -148,42 +148,41 @@ class TestInbox:
         assert await pending_grants(redis) == 1
 
     async def test_an_entry_that_always_fails_is_given_up_and_kept(
-        self, redis: Redis, binary: Redis, deps: ProcessingDeps, capsys: pytest.CaptureFixture[str]
+        self, redis: Redis, binary: Redis, deps: ProcessingDeps
     ) -> None:
         """Processing that raises (here: a corrupted ledger entry, as a bug would) does not
         block the others; after `max_tries` the entry is acknowledged with an error line and
         stays in the stream for `admin replay`."""
-        configure_logging("json", "INFO")  # to this test's captured stderr
         # Its order's ledger entry is not a hash (corrupted by hand, say): every try fails.
         await redis.set(keys.entry(M, "order:77"), "corrupt")
         await binary.xadd(WEBHOOK_STREAM, {"merchant": M, "delivery": "bad", "body": order(77)})
         assert await accept(deps, order(1))
         reader = inbox.Inbox(binary, BatchHandler(deps), claim_idle_s=0.05, max_tries=3)
-        async with running(reader):
-            await eventually(lambda: _empty(binary), timeout_s=15)
+        with captured() as lines:
+            async with running(reader):
+                await eventually(lambda: _empty(binary), timeout_s=15)
         assert await pending_grants(redis) == 1
         stored = [f[b"delivery"] for _, f in await binary.xrange(WEBHOOK_STREAM)]
         assert b"bad" in stored
-        lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x[:1] == "{"]
         failed = [x for x in lines if x["event"] == "event_failed"]
         (abandoned,) = [x for x in lines if x["event"] == "event_abandoned"]
         assert len(failed) == 3 and abandoned["tries"] == 3 and abandoned["delivery"] == "bad"
 
     async def test_a_body_the_rules_cannot_read_is_rejected_once_and_kept(
-        self, redis: Redis, binary: Redis, deps: ProcessingDeps, capsys: pytest.CaptureFixture[str]
+        self, redis: Redis, binary: Redis, deps: ProcessingDeps
     ) -> None:
         """The edge reads only the envelope; a signed body it accepts that the worker cannot
         parse (a number beyond a double in `data`) is rejected at once: acknowledged with one
         error line, not tried again, kept in the stream."""
-        configure_logging("json", "INFO")
         unreadable = order(5).replace(b'"data": {', b'"data": {"weight": 1e400, ', 1)
         assert await accept(deps, unreadable)  # what the web process answers 200 to
         assert await accept(deps, order(6))
-        async with running(inbox.Inbox(binary, BatchHandler(deps), claim_idle_s=0.05, max_tries=3)):
-            await eventually(lambda: _empty(binary), timeout_s=15)
+        reader = inbox.Inbox(binary, BatchHandler(deps), claim_idle_s=0.05, max_tries=3)
+        with captured() as lines:
+            async with running(reader):
+                await eventually(lambda: _empty(binary), timeout_s=15)
         assert await pending_grants(redis) == 1  # order 6 only
         assert await redis.xlen(WEBHOOK_STREAM) == 2
-        lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x[:1] == "{"]
         (rejected,) = [x for x in lines if x["event"] == "event_rejected"]
         assert "not valid JSON" in rejected["error"]
         assert not [x for x in lines if x["event"] in ("event_failed", "event_abandoned")]
