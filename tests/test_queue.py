@@ -294,13 +294,34 @@ class TestPasswordAndTls:
         assert PASSWORD not in (tmp_path / "web.log").read_text()
         assert PASSWORD not in (tmp_path / "worker.log").read_text()
 
-    def test_every_cli_verb(
-        self, kind: str, guarded: GuardedRedis, tls: TlsProxy, tmp_path: Path
+    def test_a_wrong_password_is_one_line_without_the_password(
+        self, kind: str, guarded: GuardedRedis, tls: TlsProxy
     ) -> None:
-        if kind == "password":  # a dozen CLI processes (30 s of CI) once is enough
-            pytest.skip("the TLS run covers it: its rediss:// URL carries the password too")
+        wrong = service_url(kind, guarded, tls).replace(quote(PASSWORD, safe=""), "not-it-xyz")
+        result = cli({**os.environ, "REDIS_URL": wrong}, "admin", "store", "7")
+        assert result.returncode == 2  # a configuration mistake, as in serve, worker and run
+        assert "cannot reach Redis at " in result.stderr and ":***@127.0.0.1" in result.stderr
+        assert "not-it-xyz" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_tls_server_certificate_is_verified(guarded: GuardedRedis, tls: TlsProxy) -> None:
+    """`rediss://` checks the certificate: without the test CA, the handshake is refused."""
+    url = service_url("tls", guarded, tls)
+    with pytest.raises(RedisError, match="certificate verify failed"):
+        Redis.from_url(redis_url.check(url.split("?")[0])).ping()  # the system's CAs only
+    assert Redis.from_url(redis_url.check(url)).ping()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)  # a dozen CLI processes, each a few seconds on a loaded machine
+class TestEveryCliVerb:
+    """Every CLI verb over TLS with a password (the `rediss://` URL carries both): one run of a
+    dozen CLI processes covers both settings; `TestPasswordAndTls` covers each on its own for
+    serve, worker and `worker --check`."""
+
+    def test_every_cli_verb(self, guarded: GuardedRedis, tls: TlsProxy, tmp_path: Path) -> None:
         guarded.client().flushall()
-        env = {**os.environ, "REDIS_URL": service_url(kind, guarded, tls), "LOG_FORMAT": "json"}
+        env = {**os.environ, "REDIS_URL": service_url("tls", guarded, tls), "LOG_FORMAT": "json"}
         customers = tmp_path / "customers.csv"
         customers.write_text("501\n502\n")
         export = tmp_path / "export.jsonl"
@@ -323,23 +344,6 @@ class TestPasswordAndTls:
         assert order.returncode == 1 and "nothing in the ledger" in order.stdout
         check = cli(env, "worker", "--check")  # reached Redis; no worker has reported in
         assert check.returncode == 1 and "no worker has reported in" in check.stderr
-
-    def test_a_wrong_password_is_one_line_without_the_password(
-        self, kind: str, guarded: GuardedRedis, tls: TlsProxy
-    ) -> None:
-        wrong = service_url(kind, guarded, tls).replace(quote(PASSWORD, safe=""), "not-it-xyz")
-        result = cli({**os.environ, "REDIS_URL": wrong}, "admin", "store", "7")
-        assert result.returncode == 2  # a configuration mistake, as in serve, worker and run
-        assert "cannot reach Redis at " in result.stderr and ":***@127.0.0.1" in result.stderr
-        assert "not-it-xyz" not in result.stderr and "Traceback" not in result.stderr
-
-
-def test_the_tls_server_certificate_is_verified(guarded: GuardedRedis, tls: TlsProxy) -> None:
-    """`rediss://` checks the certificate: without the test CA, the handshake is refused."""
-    url = service_url("tls", guarded, tls)
-    with pytest.raises(RedisError, match="certificate verify failed"):
-        Redis.from_url(redis_url.check(url.split("?")[0])).ping()  # the system's CAs only
-    assert Redis.from_url(redis_url.check(url)).ping()
 
 
 class TestFlushScheduling:
