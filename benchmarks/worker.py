@@ -21,7 +21,7 @@ from arq.worker import func
 from redis.asyncio import Redis
 
 from benchmarks.ingest import ROOT, SAMPLE, peak_rss_mib
-from service import keys, queue
+from service import ingest, keys, queue
 from service.inbox import ensure_group
 from service.keys import WEBHOOK_STREAM
 from service.webhooks import delivery_id, read_head
@@ -112,7 +112,7 @@ async def bench_worker(redis_url: str, events: int = 6000, stores: int = 20) -> 
     await settle_aof(redis)
     pool = await queue.connect(redis_url)
     await ensure_group(pool)
-    writer = queue.EventWriter(pool, seen_ttl_s=3600, retention_days=7)
+    writer = ingest.EventWriter(pool, seen_ttl_s=3600, retention_days=7)
     bodies = order_bodies(events, stores)
     for start in range(0, events, 500):
         await asyncio.gather(

@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import metrics, process_state, queue
+from service import ingest, metrics, process_state, queue
 from service.admin.http import AdminState
 from service.admin.http import routes as admin_routes
 from service.errors import PayloadTooLarge, RequestTimeout, ServiceError, WebhookError
@@ -52,7 +52,7 @@ class AppState:
     settings: Settings
     pool: ArqRedis
     holder: RulesHolder
-    writer: queue.EventWriter
+    writer: ingest.EventWriter
 
     @property
     def rules(self) -> RuleSet:
@@ -293,7 +293,7 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
         configure_logging(settings.log_format, settings.log_level)
         pool = await queue.connect(redis_url)
         await ensure_group(pool)  # before the first webhook is accepted: the worker reads from here
-        writer = queue.EventWriter(
+        writer = ingest.EventWriter(
             pool,
             seen_ttl_s=settings.dedupe_ttl_s,
             retention_days=settings.webhook_retention_days,

@@ -29,12 +29,12 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import StreamIdT
 
-from service import keys, metrics, queue
+from service import keys, metrics
 from service.logging import get_logger
 
 log = get_logger("service.inbox")
 
-GROUP = queue.INBOX_GROUP
+GROUP = keys.INBOX_GROUP
 WEBHOOK_STREAM = keys.WEBHOOK_STREAM
 _REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 

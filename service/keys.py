@@ -60,6 +60,8 @@ GRANT_LOG = f"{PREFIX}grant-log"
 INBOX_TAG = "{inbox}"
 WEBHOOK_STREAM = f"{PREFIX}{INBOX_TAG}:webhooks"
 SEEN_PREFIX = f"{PREFIX}{INBOX_TAG}:seen:"
+#: The consumer group the workers read the inbox as (a name inside the stream, not a key).
+INBOX_GROUP = "workers"
 
 
 def store_prefix(merchant: int | str) -> str:

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from service import autopipe, inbox, keys, queue
+from service import autopipe, inbox, ingest, keys, queue
 from service.batch import BatchHandler
 from service.keys import WEBHOOK_STREAM
 from service.logging import captured, configure_logging
@@ -75,7 +75,7 @@ async def accept(deps: ProcessingDeps, body: bytes) -> bool:
     """Persist a webhook exactly as the web process does."""
     env = read_head(body)
     delivery = delivery_id(env.merchant, env.event, body)
-    writer = queue.EventWriter(deps.pool, seen_ttl_s=60, retention_days=7)
+    writer = ingest.EventWriter(deps.pool, seen_ttl_s=60, retention_days=7)
     try:
         return await writer.accept(
             merchant=env.merchant,
@@ -262,9 +262,9 @@ class TestEventWriter:
     async def test_concurrent_deliveries_share_a_call_and_keep_their_own_answers(
         self, redis: Redis, binary: Redis, deps: ProcessingDeps
     ) -> None:
-        writer = queue.EventWriter(deps.pool, seen_ttl_s=60, retention_days=7)
+        writer = ingest.EventWriter(deps.pool, seen_ttl_s=60, retention_days=7)
         bodies = [order(n) for n in range(100, 150)] + [order(n) for n in range(100, 105)]
-        await redis.script_load(queue.ACCEPT_WEBHOOKS)  # else the first EVALSHA is a NOSCRIPT
+        await redis.script_load(ingest.ACCEPT_WEBHOOKS)  # else the first EVALSHA is a NOSCRIPT
         await redis.config_resetstat()
         try:
             answers = await asyncio.gather(
@@ -296,7 +296,7 @@ class TestEventWriter:
 
     async def test_redis_unreachable_fails_every_delivery_of_the_call(self, redis_url: str) -> None:
         unreachable = ArqRedis.from_url(redis_url.rsplit(":", 1)[0] + ":1")  # nothing there
-        writer = queue.EventWriter(unreachable, seen_ttl_s=60, retention_days=7)
+        writer = ingest.EventWriter(unreachable, seen_ttl_s=60, retention_days=7)
         try:
             answers = await asyncio.gather(
                 *(
