@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -10,9 +9,8 @@ import sys
 from pathlib import Path
 
 import httpx
-import pytest
 
-from service.logging import configure_logging
+from service.logging import captured
 from service.rules.reloader import RulesHolder
 from service.webhooks import signed_headers
 from tests.conftest import ROOT_DIR, SECRET, fixture_bytes
@@ -36,17 +34,15 @@ class TestHolder:
         assert holder.reload() is True
         assert {r.id for r in holder.current.rules} == {"review", "signup"}
 
-    def test_invalid_change_keeps_the_old_rules_and_says_why(
-        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-    ) -> None:
-        configure_logging("json", "INFO")
+    def test_invalid_change_keeps_the_old_rules_and_says_why(self, tmp_path: Path) -> None:
         (tmp_path / "a.yaml").write_text(REVIEW)
         holder = RulesHolder(tmp_path)
         before = holder.current
         (tmp_path / "a.yaml").write_text(REVIEW.replace("points: 50", "points: order.status"))
-        assert holder.reload() is False
+        with captured() as lines:
+            assert holder.reload() is False
         assert holder.current is before
-        line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+        (line,) = lines
         assert line["event"] == "rules_reload_failed"
         assert "points must give a number" in line["problems"][0]
 
@@ -106,7 +102,6 @@ class TestWatch:
     async def test_file_change_reloads(self, tmp_path: Path) -> None:
         import asyncio
 
-        configure_logging("json", "INFO")  # log to this test's stderr
         (tmp_path / "a.yaml").write_text(REVIEW)
         holder = RulesHolder(tmp_path)
         stop = asyncio.Event()
