@@ -38,6 +38,12 @@ def checkout(rev: str, into: Path) -> Path:
     return into
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far (Linux's /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def persisted_count(redis: Redis) -> int:
     """Entries in every stream: A may be a revision that named the inbox stream otherwise."""
     streams = [key async for key in redis.scan_iter(_type="stream")]
@@ -64,6 +70,7 @@ async def ab(rev: str, rounds: int, seconds: int = 8, connections: int = 32) -> 
         }
         redis = Redis.from_url(db.url)
         rates: dict[str, list[int]] = {name: [] for name in ports}
+        cpu_us: dict[str, list[float]] = {name: [] for name in ports}
         try:
             async with aof_compaction_deferred(redis):
                 order = ["A", "B", "bare"]
@@ -72,7 +79,10 @@ async def ab(rev: str, rounds: int, seconds: int = 8, connections: int = 32) -> 
                         await redis.flushall()
                         await redis.bgrewriteaof()
                         await asyncio.sleep(1)
+                        cpu_before = cpu_seconds(servers[name].pid)
                         result = run_wrk(ports[name], requests_file, seconds, connections)
+                        cpu = cpu_seconds(servers[name].pid) - cpu_before
+                        cpu_us[name].append(round(cpu / max(result["requests"], 1) * 1e6, 1))
                         if name != "bare":
                             persisted = await persisted_count(redis)
                             if result["non_2xx"] or persisted < min(result["requests"], 60_000):
@@ -87,12 +97,18 @@ async def ab(rev: str, rounds: int, seconds: int = 8, connections: int = 32) -> 
         f"{a}/{b}": [round(x / y, 3) for x, y in zip(rates[a], rates[b], strict=True)]
         for a, b in (("A", "bare"), ("B", "bare"), ("B", "A"))
     }
+    # The server's CPU time per request moves much less with the machine's other work than
+    # requests/s does: A's CPU per request over B's is B's speed relative to A's, by CPU.
+    by_cpu = [round(a / b, 3) for a, b in zip(cpu_us["A"], cpu_us["B"], strict=True)]
     return {
         "A": rev,
         "B": "this checkout",
         "requests_per_s": rates,
         "ratio_per_round": per_round,
         "ratio_median": {key: statistics.median(values) for key, values in per_round.items()},
+        "server_cpu_us_per_request": cpu_us,
+        "B/A_by_cpu_per_round": by_cpu,
+        "B/A_by_cpu_median": statistics.median(by_cpu),
         "load_generator": f"wrk -t1 -c{connections} -d{seconds}s, {rounds} rounds, order rotated",
     }
 

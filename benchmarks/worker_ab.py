@@ -4,8 +4,9 @@
 
 Each round runs `benchmarks.worker.bench_worker` from A's folder, then from B's (each imports
 its own `service` package: the working folder comes first on the path), on one redis-server;
-it prints events/s of each, their ratio, and the median ratio. The VM is noisy (single pairs
-ranged 0.73-0.98 on one quiet afternoon): compare the median of many rounds, not one pair.
+it prints events/s and the worker's CPU ms per event of each, both ratios, and their medians.
+The VM is noisy (single pairs of events/s ranged 0.73-0.98 on one quiet afternoon, 0.6-2.1
+beside other work): compare medians of many rounds, and on a busy machine the CPU ratio.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ print(json.dumps(asyncio.run(bench_worker(sys.argv[1]))))
 """
 
 
-def events_per_s(root: Path, redis_url: str) -> float | None:
+def measure(root: Path, redis_url: str) -> tuple[float, float] | None:
+    """(events/s, worker CPU ms per event) of one run of `root`'s worker benchmark."""
     env = {**os.environ, "PYTHONPATH": str(root)}
     done = subprocess.run(  # noqa: S603 - this interpreter, a fixed snippet
         [sys.executable, "-c", SNIPPET, redis_url], cwd=root, capture_output=True, text=True,
@@ -41,27 +43,40 @@ def events_per_s(root: Path, redis_url: str) -> float | None:
     if not lines:  # say why, rather than a bare "None"
         print(f"{root}: no result: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
-    return float(json.loads(lines[-1])["events_per_s"])
+    result = json.loads(lines[-1])
+    return float(result["events_per_s"]), float(result["worker_cpu_ms_per_event"])
 
 
 def main() -> None:
     other = Path(sys.argv[1]).resolve()
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    ratios = []
+    rates, cpus = [], []
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp), free_port()) as redis:
         for n in range(rounds):
             # A B, then B A: whatever the first run of a pair pays (a warm page cache, an AOF
             # rewrite) falls on each side equally often.
             if n % 2 == 0:
-                a, b = events_per_s(other, redis.url), events_per_s(HERE, redis.url)
+                a, b = measure(other, redis.url), measure(HERE, redis.url)
             else:
-                b, a = events_per_s(HERE, redis.url), events_per_s(other, redis.url)
-            ratio = f"{b / a:.2f}" if a and b else "n/a"
-            if a and b:
-                ratios.append(b / a)
-            print(f"round {n}: A {a} events/s, B {b} events/s, B/A {ratio}", flush=True)
-    if ratios:
-        print(f"median B/A over {len(ratios)} rounds: {statistics.median(ratios):.2f}")
+                b, a = measure(HERE, redis.url), measure(other, redis.url)
+            if a is None or b is None:
+                print(f"round {n}: n/a", flush=True)
+                continue
+            # Events/s moves with whatever else the machine runs; the worker's CPU time per
+            # event much less so: A's CPU per event over B's is B's speed on a quiet machine.
+            rates.append(b[0] / a[0])
+            cpus.append(a[1] / b[1])
+            print(
+                f"round {n}: A {a[0]:.0f} events/s {a[1]} CPU ms/event, "
+                f"B {b[0]:.0f} events/s {b[1]} CPU ms/event; "
+                f"B/A events/s {rates[-1]:.2f}, by CPU {cpus[-1]:.2f}",
+                flush=True,
+            )
+    if rates:
+        print(
+            f"median B/A over {len(rates)} rounds: events/s {statistics.median(rates):.2f}, "
+            f"by CPU per event {statistics.median(cpus):.2f}"
+        )
 
 
 if __name__ == "__main__":
