@@ -20,6 +20,8 @@ hashes to one Redis Cluster slot and one Lua script can touch any of it:
     sr:{m:M}:gidx:scope:<scope>       zset  grant ids of a scope by creation (admin views)
     sr:{m:M}:gidx:customer:<c>        zset  grant ids of a customer by creation (admin views)
     sr:{m:M}:idle                     str   the sweep found the store idle once
+    sr:{m:M}:listed-at                str   when a worker last listed the store in
+                                            stores:pending (ms; see ledger/sweep.py)
     sr:{m:M}:store                    hash  tokens, scope, install time (service/tokens.py)
     sr:{m:M}:lock:refresh             str   the token refresh lock
     sr:{m:M}:settings                 str   the store's app settings (JSON)
@@ -65,7 +67,8 @@ INBOX_GROUP = "workers"
 
 
 def store_prefix(merchant: int | str) -> str:
-    """`sr:{m:<merchant>}:`, the start of every key of one store."""
+    """`sr:{m:<merchant>}:`, the start of every key of one store. The builders below spell it
+    out rather than call this: they run several times per event."""
     return f"{PREFIX}{{m:{merchant}}}:"
 
 
@@ -78,16 +81,16 @@ def store_of(key: str) -> int | None:
 
 
 def entry(merchant: int, scope: str) -> str:
-    return f"{store_prefix(merchant)}led:{scope}"
+    return f"{PREFIX}{{m:{merchant}}}:led:{scope}"
 
 
 def order_index(merchant: int, order_id: int) -> str:
     """Scopes other than `order:<id>` that were granted because of this order."""
-    return f"{store_prefix(merchant)}led-index:order:{order_id}"
+    return f"{PREFIX}{{m:{merchant}}}:led-index:order:{order_id}"
 
 
 def cap(merchant: int, rule: str, customer: int, day: str) -> str:
-    return f"{store_prefix(merchant)}cap:{rule}:{customer}:{day}"
+    return f"{PREFIX}{{m:{merchant}}}:cap:{rule}:{customer}:{day}"
 
 
 GRANT_SETS: frozenset[str] = frozenset(get_args(GrantSet))
@@ -102,17 +105,23 @@ def as_grant_set(name: str) -> GrantSet:
 
 def grant_set(state: GrantSet, merchant: int | str) -> str:
     """The zset of a store's grants in one state (`merchant` "*": a SCAN pattern)."""
-    return f"{store_prefix(merchant)}{state}"
+    return f"{PREFIX}{{m:{merchant}}}:{state}"
 
 
 def idle_mark(merchant: int) -> str:
     """Set when the sweep found the store idle (it is forgotten when found idle again)."""
-    return f"{store_prefix(merchant)}idle"
+    return f"{PREFIX}{{m:{merchant}}}:idle"
+
+
+def listed_at(merchant: int) -> str:
+    """When a worker last listed the store in `stores:pending` (written with the commit that
+    follows the listing; the sweep forgets no store listed recently)."""
+    return f"{PREFIX}{{m:{merchant}}}:listed-at"
 
 
 def grant_prefix(merchant: int) -> str:
     """What a grant's key is made of before its id (scripts append ids to it)."""
-    return f"{store_prefix(merchant)}grant:"
+    return f"{PREFIX}{{m:{merchant}}}:grant:"
 
 
 def new_grant_id(merchant: int, random_hex: str) -> str:
@@ -138,36 +147,36 @@ def grant(grant_id: str) -> str:
 # duplicates: one small builder per key, alike by design: each is the one place its key's name
 # is spelled (a shared helper taking the name as a string would bring back the typos).
 def scope_grants(merchant: int, scope: str) -> str:
-    return f"{store_prefix(merchant)}gidx:scope:{scope}"
+    return f"{PREFIX}{{m:{merchant}}}:gidx:scope:{scope}"
 
 
 def customer_grants(merchant: int, customer: int) -> str:
-    return f"{store_prefix(merchant)}gidx:customer:{customer}"
+    return f"{PREFIX}{{m:{merchant}}}:gidx:customer:{customer}"
 
 
 def store(merchant: int) -> str:
-    return f"{store_prefix(merchant)}store"
+    return f"{PREFIX}{{m:{merchant}}}:store"
 
 
 def refresh_lock(merchant: int) -> str:
-    return f"{store_prefix(merchant)}lock:refresh"
+    return f"{PREFIX}{{m:{merchant}}}:lock:refresh"
 
 
 def settings(merchant: int) -> str:
-    return f"{store_prefix(merchant)}settings"
+    return f"{PREFIX}{{m:{merchant}}}:settings"
 
 
 def bucket(name: str, merchant: int) -> str:
     """A rate-limit bucket of the store (`rl`, `rl-plan`)."""
-    return f"{store_prefix(merchant)}{name}"
+    return f"{PREFIX}{{m:{merchant}}}:{name}"
 
 
 def orders_reconcile(merchant: int) -> str:
-    return f"{store_prefix(merchant)}orders-rec"
+    return f"{PREFIX}{{m:{merchant}}}:orders-rec"
 
 
 def orders_reconcile_slot(merchant: int) -> str:
-    return f"{store_prefix(merchant)}orders-rec-slot"
+    return f"{PREFIX}{{m:{merchant}}}:orders-rec-slot"
 
 
 def seen(delivery: str) -> str:

@@ -16,6 +16,10 @@ from typing import Any
 #: arq again for the same window is a no-op that costs four round trips.
 last_flush: dict[int, str] = {}
 
+#: When this process last listed each store in `stores:pending` (`time.time()`), so that a busy
+#: store's events do not each pay that cross-store command (`service.ledger.apply`).
+listed_stores: dict[int, float] = {}
+
 #: Labelled metric children already looked up, per label pair (`service.app`).
 metric_children: dict[tuple[str, str], Any] = {}
 
@@ -31,6 +35,7 @@ def reset() -> None:
     """Forget everything above (tests)."""
     global arrivals
     last_flush.clear()
+    listed_stores.clear()
     metric_children.clear()
     auto_pipes.clear()
     arrivals = itertools.count()

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from service import inbox
+from service import inbox, process_state
 from service.app import create_app
 from service.embedded import EmbeddedRedis
 from service.logging import configure_logging
@@ -66,6 +66,13 @@ def _logging_to_this_tests_stderr() -> None:
     """Each test starts with logging bound to the stderr it runs with: a configuration left by
     an earlier test would write to that test's captured stream, closed by now."""
     configure_logging("json", "INFO")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_state() -> None:
+    """Each test starts with the process's caches empty (`service.process_state`): they
+    describe a Redis that earlier tests flushed."""
+    process_state.reset()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from service import keys, ledger
+from service import keys, ledger, process_state
 from tests.support.outcomes import grant_outcome
 
 M, OTHER = 555, 556
@@ -85,9 +85,41 @@ class TestCrossStoreSets:
         assert await ledger.stores_with_work(redis) == [M]
         claim = await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=60_000, token="t")
         await ledger.finish(redis, M, claim.grants, "sent")
-        await ledger.forget_store_if_idle(redis, M)
+        later = ledger.now_ms() + 120_000  # past the guard of a recent listing (below)
+        await ledger.forget_store_if_idle(redis, M, at_ms=later)
         assert await ledger.stores_with_work(redis) == [M], "one idle look is not enough"
-        await ledger.forget_store_if_idle(redis, M)
+        await ledger.forget_store_if_idle(redis, M, at_ms=later)
+        assert await ledger.stores_with_work(redis) == []
+
+    async def test_a_store_is_listed_once_per_few_seconds_and_not_forgotten_meanwhile(
+        self, redis: Redis
+    ) -> None:
+        """A worker lists a busy store once per `LISTING_FRESH_S`, not once per event; the
+        sweep forgets no store listed within that time and a margin, so a worker relying on
+        its listing never finds it undone."""
+
+        await ledger.apply_outcomes(redis, M, [grant_outcome(15)], customer=42, order_id=1)
+        assert await ledger.stores_with_work(redis) == [M]
+        await redis.srem(keys.STORES_PENDING, str(M))  # type: ignore[misc]  # to see the next
+        for order in range(2, 6):
+            made = await ledger.apply_outcomes(
+                redis, M, [grant_outcome(15, scope=f"order:{order}")], customer=42, order_id=order
+            )
+            assert made, "each order makes a grant"
+        assert await ledger.stores_with_work(redis) == [], "listed again within seconds"
+        process_state.listed_stores[M] -= ledger.LISTING_FRESH_S  # that listing is now old
+        await ledger.apply_outcomes(
+            redis, M, [grant_outcome(15, scope="order:6")], customer=42, order_id=6
+        )
+        assert await ledger.stores_with_work(redis) == [M]
+        claim = await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=60_000, token="t")
+        await ledger.finish(redis, M, claim.grants, "sent")
+        listed = ledger.now_ms()
+        guard_ms = int((ledger.LISTING_FRESH_S + ledger.LISTING_MARGIN_S) * 1000)
+        for at in (listed + 1_000, listed + guard_ms - 1_000):  # idle twice, but listed lately
+            await ledger.forget_store_if_idle(redis, M, at_ms=at)
+        assert await ledger.stores_with_work(redis) == [M]
+        await ledger.forget_store_if_idle(redis, M, at_ms=listed + guard_ms + 1_000)
         assert await ledger.stores_with_work(redis) == []
 
     async def test_work_between_two_looks_keeps_the_store(self, redis: Redis) -> None:

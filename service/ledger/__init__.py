@@ -56,6 +56,8 @@ from service.ledger.grants import (
     verifying_overdue,
 )
 from service.ledger.records import (
+    LISTING_FRESH_S,
+    LISTING_MARGIN_S,
     NETTABLE_STATES,
     OPEN_STATES,
     REVERSAL_PREFIX,
@@ -77,6 +79,8 @@ from service.ledger.sweep import (
 from service.ledger.views import due_count, entry, grants_in, load, store_gauges, stores_with
 
 __all__ = [
+    "LISTING_FRESH_S",
+    "LISTING_MARGIN_S",
     "NETTABLE_STATES",
     "OPEN_STATES",
     "REVERSAL_PREFIX",

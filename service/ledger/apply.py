@@ -4,18 +4,19 @@ touches, decided by the pure core (service/ledger/order_state.py) and committed 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
-from service import autopipe, keys
+from service import autopipe, keys, process_state
 from service.ledger import order_state, settle
 from service.ledger.commit import Writes, commit
 from service.ledger.event_key import EventKey
 from service.ledger.facts import OrderFacts
 from service.ledger.order_state import EventVerdicts, RuleRecord, ScopedVerdict, Verdict
-from service.ledger.records import SETTLED_GRANT_TTL_S, Diff, Grant, now_ms
+from service.ledger.records import LISTING_FRESH_S, SETTLED_GRANT_TTL_S, Diff, Grant, now_ms
 from service.ledger.settle import OpenGrant
 from service.rules.engine import Outcome
 
@@ -173,8 +174,11 @@ async def _apply_once(
     # the log that was never created: the export skips ids without a record.
     pipe = autopipe.auto(redis)
     cross = []
+    listing = None
     if new_grants or any(s.netted for s in settlements.values()):
-        cross.append(pipe.execute("SADD", keys.STORES_PENDING, str(merchant)))
+        listing = _listing(writes, merchant)
+        if listing is not None:
+            cross.append(pipe.execute("SADD", keys.STORES_PENDING, str(merchant)))
     if new_grants:
         logged = [x for g in new_grants for x in (g.created_ms, g.id)]
         cross.append(pipe.execute("ZADD", keys.GRANT_LOG, *logged))
@@ -183,8 +187,25 @@ async def _apply_once(
         await reply
     if not committed:
         return None
+    if listing is not None:  # only a listing whose time was committed covers later commits
+        process_state.listed_stores[merchant] = listing
     _report(diffs, merchant, before, settlements)
     return Applied(new_grants, ask_salla=ask, changed=True)
+
+
+def _listing(writes: Writes, merchant: int) -> float | None:
+    """List the store in `stores:pending` with this commit, unless this process did so less
+    than `LISTING_FRESH_S` ago (then None): one cross-store command per store every few
+    seconds, not one per event. The listing's time goes into the commit, and the sweep forgets
+    no store listed less than `LISTING_FRESH_S` + a margin ago (`sweep.forget_store_if_idle`),
+    so a listing this process relies on is never undone under its feet."""
+    now = time.time()
+    last = process_state.listed_stores.get(merchant)
+    if last is not None and now - last < LISTING_FRESH_S:
+        return None
+    # Kept an hour: only a listing younger than the sweep's guard (about a minute) matters.
+    writes.set(keys.listed_at(merchant), str(int(now * 1000)), ex=3600)
+    return now
 
 
 def _grant_ids(merchant: int) -> Callable[[], str]:

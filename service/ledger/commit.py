@@ -54,6 +54,9 @@ class Writes:
             pairs += [name, item]
         self._op("HSET", key, *pairs)
 
+    def set(self, key: str, value: str, *, ex: int) -> None:
+        self._op("SET", key, value, "EX", ex)
+
     def expire(self, key: str, seconds: int) -> None:
         self._op("EXPIRE", key, seconds)
 

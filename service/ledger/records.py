@@ -29,6 +29,11 @@ OPEN_STATES = order_state.OPEN_STATES
 #: How long the record of a settled (sent or netted) grant is kept. The ledger entries, which
 #: reversals are computed from, are kept for good; this only bounds the per-grant history.
 SETTLED_GRANT_TTL_S = 90 * 86400
+#: A worker lists a store in `stores:pending` at most once per this many seconds; the sweep
+#: forgets no store listed more recently than this plus `LISTING_MARGIN_S` (clocks of
+#: different machines may disagree by that much).
+LISTING_FRESH_S = 10.0
+LISTING_MARGIN_S = 60.0
 
 
 def now_ms() -> int:

@@ -6,7 +6,13 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from service import keys
-from service.ledger.records import SETTLED_GRANT_TTL_S, Grant, now_ms
+from service.ledger.records import (
+    LISTING_FRESH_S,
+    LISTING_MARGIN_S,
+    SETTLED_GRANT_TTL_S,
+    Grant,
+    now_ms,
+)
 from service.ledger.views import load
 
 _SWEEP = """
@@ -53,12 +59,16 @@ async def stores_with_work(redis: Redis) -> list[int]:
     return [int(m) for m in await redis.smembers(keys.STORES_PENDING)]  # type: ignore[misc]
 
 
-# KEYS: pending, claimed, verifying, the store's idle mark. Returns 1 when the store has been
-# idle at two sweeps in a row (the caller then drops it from the cross-store set).
+# KEYS: pending, claimed, verifying, the store's idle mark, its listed-at time; ARGV: the
+# youngest listing that may be forgotten (ms). Returns 1 when the store has been idle at two
+# sweeps in a row and was not listed recently (the caller then drops it from the cross-store
+# set).
 _FORGET_IF_IDLE = """
 if redis.call('ZCARD', KEYS[1]) == 0 and redis.call('ZCARD', KEYS[2]) == 0
    and redis.call('ZCARD', KEYS[3]) == 0 then
   if redis.call('EXISTS', KEYS[4]) == 1 then
+    local listed = tonumber(redis.call('GET', KEYS[5]) or '0')
+    if listed > tonumber(ARGV[1]) then return 0 end
     redis.call('DEL', KEYS[4])
     return 1
   end
@@ -70,17 +80,27 @@ return 0
 """
 
 
-async def forget_store_if_idle(redis: Redis, merchant: int) -> None:
+async def forget_store_if_idle(redis: Redis, merchant: int, *, at_ms: int | None = None) -> None:
     """Drop `merchant` from the sweep set once it had nothing pending, claimed or being
     confirmed at two calls in a row. Two: a worker lists the store (`note_pending_work`) just
-    before it commits grants, in another slot, so one idle look could fall between the two."""
+    before it commits grants, in another slot, so one idle look could fall between the two.
+
+    And not within `LISTING_FRESH_S` + `LISTING_MARGIN_S` of a worker's listing: a worker that
+    listed the store skips listing it again for `LISTING_FRESH_S` (`ledger.apply`), so
+    forgetting it meanwhile could leave that worker's next grants unlisted. The listing's time
+    is written by the commit right after it, in the store's slot, where this script reads it.
+    `at_ms`: the time to judge by (tests); now by default."""
+    now = now_ms() if at_ms is None else at_ms
+    youngest = now - int((LISTING_FRESH_S + LISTING_MARGIN_S) * 1000)
     idle = await redis.eval(  # type: ignore[misc]
         _FORGET_IF_IDLE,
-        4,
+        5,
         keys.grant_set("pending", merchant),
         keys.grant_set("claimed", merchant),
         keys.grant_set("verifying", merchant),
         keys.idle_mark(merchant),
+        keys.listed_at(merchant),
+        str(youngest),
     )
     if idle:
         await redis.srem(keys.STORES_PENDING, str(merchant))  # type: ignore[misc]
