@@ -20,25 +20,51 @@ from service import process_state
 class AutoPipeline:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._waiting: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        #: Each command with who awaits it: one future, or several for a merged command.
+        self._waiting: list[tuple[Any, asyncio.Future[Any] | list[asyncio.Future[Any]]]] = []
+        #: Variadic commands being merged this turn: (command, key) -> the shared arguments.
+        self._merging: dict[tuple[str, str], tuple[list[Any], list[asyncio.Future[Any]]]] = {}
         self._scheduled = False
 
     def execute(self, *args: Any) -> asyncio.Future[Any]:
         """Queue one command (as `execute_command` takes it); await the returned future."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting.append((args, future))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._send_waiting, loop)
+        self._schedule()
         return future
 
-    def _send_waiting(self, loop: asyncio.AbstractEventLoop) -> None:
+    def merged(self, command: str, key: str, *args: Any) -> asyncio.Future[Any]:
+        """Queue a variadic command (`ZADD key score member ...`, `SADD key member ...`) whose
+        arguments join those of the same command on the same key queued this turn: one command
+        for all of them, sent where the first of them was queued, so before anything queued
+        after any of them. Each caller gets its own future (a cancelled caller cancels only
+        its own) with the one command's outcome."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiting = self._merging.get((command, key))
+        if waiting is not None:
+            waiting[0].extend(args)
+            waiting[1].append(future)
+            return future
+        shared, futures = [command, key, *args], [future]
+        self._merging[(command, key)] = (shared, futures)
+        self._waiting.append((shared, futures))
+        self._schedule()
+        return future
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_waiting)
+
+    def _send_waiting(self) -> None:
         self._scheduled = False
         batch, self._waiting = self._waiting, []
-        loop.create_task(self._send(batch))
+        self._merging = {}
+        asyncio.get_running_loop().create_task(self._send(batch))
 
-    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    async def _send(
+        self, batch: list[tuple[Any, asyncio.Future[Any] | list[asyncio.Future[Any]]]]
+    ) -> None:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for args, _ in batch:
@@ -46,13 +72,21 @@ class AutoPipeline:
                 results = await pipe.execute(raise_on_error=False)
         except Exception as exc:  # the connection failed: every command of the batch failed
             results = [exc] * len(batch)
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():  # its caller was cancelled
-                continue
-            if isinstance(result, BaseException):
-                future.set_exception(result)
+        for (_, waiters), result in zip(batch, results, strict=True):
+            if isinstance(waiters, list):
+                for future in waiters:
+                    _settle(future, result)
             else:
-                future.set_result(result)
+                _settle(waiters, result)
+
+
+def _settle(future: asyncio.Future[Any], result: Any) -> None:
+    if future.done():  # its caller was cancelled
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 def auto(redis: Redis) -> AutoPipeline:

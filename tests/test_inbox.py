@@ -246,6 +246,26 @@ class TestAutoPipeline:
         assert sorted(a for a in answers[:30] if isinstance(a, int))[-3:] == [10, 10, 10]
         assert isinstance(answers[30], ResponseError)
 
+    async def test_merged_commands_are_one_command_placed_before_what_follows(
+        self, redis: Redis
+    ) -> None:
+        """Three callers' ZADDs to one key become one ZADD, sent where the first was queued:
+        a command queued after any of them sees every member (the grant log is written before
+        the commits it covers). A cancelled caller does not cancel the others."""
+        pipe = autopipe.auto(redis)
+        before = (await redis.info("commandstats")).get("cmdstat_zadd", {}).get("calls", 0)
+        first = pipe.merged("ZADD", "log", 1, "a")
+        count_between = pipe.execute("ZCARD", "log")
+        second = pipe.merged("ZADD", "log", 2, "b", 3, "c")
+        cancelled = pipe.merged("ZADD", "log", 4, "d")
+        cancelled.cancel()
+        count_after = pipe.execute("ZCARD", "log")
+        assert await first == await second == 4  # one command added all four
+        assert await count_between == await count_after == 4
+        after = (await redis.info("commandstats"))["cmdstat_zadd"]["calls"]
+        assert after - before == 1
+        assert await redis.zrange("log", 0, -1) == ["a", "b", "c", "d"]
+
     async def test_a_lost_connection_fails_every_caller_of_the_batch(self, redis_url: str) -> None:
         client = Redis.from_url(redis_url.rsplit(":", 1)[0] + ":1")  # nothing listens there
         answers = await asyncio.gather(

@@ -179,9 +179,9 @@ async def _apply_once(
         listing = _listing(writes, merchant)
         if listing is not None:
             cross.append(pipe.execute("SADD", keys.STORES_PENDING, str(merchant)))
-    if new_grants:
+    if new_grants:  # one ZADD for the grants of every event committing in this loop turn
         logged = [x for g in new_grants for x in (g.created_ms, g.id)]
-        cross.append(pipe.execute("ZADD", keys.GRANT_LOG, *logged))
+        cross.append(pipe.merged("ZADD", keys.GRANT_LOG, *logged))
     committed = await commit(redis, writes)
     for reply in cross:
         await reply
