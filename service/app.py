@@ -31,12 +31,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import ingest, metrics, process_state, queue
+from service import redis_url as urls
 from service.admin.http import AdminState
 from service.admin.http import routes as admin_routes
 from service.errors import PayloadTooLarge, RequestTimeout, ServiceError, WebhookError
 from service.events import LIFECYCLE_EVENTS
 from service.ids import parse_digits
 from service.inbox import ensure_group
+from service.keys import APP_EVENTS_STREAM, WEBHOOK_STREAM
 from service.logging import configure_logging, get_logger
 from service.processing import ProcessingDeps
 from service.rules import RuleSet
@@ -50,6 +52,9 @@ log = get_logger("service.web")
 @dataclass
 class AppState:
     settings: Settings
+    #: The state store (`REDIS_URL`): every webhook and app event is written here.
+    redis: Redis
+    #: arq's queue (`QUEUE_REDIS_URL`): only the admin routes enqueue.
     pool: ArqRedis
     holder: RulesHolder
     writer: ingest.EventWriter
@@ -181,8 +186,14 @@ async def salla_webhook(scope: Scope, receive: Receive, send: Send) -> None:
         return
     delivery = delivery_id(env.merchant, env.event, body)
     try:
-        if env.event in LIFECYCLE_EVENTS:  # few, and they carry tokens: their own arq job
-            accepted = await state.writer.enqueue(delivery, body, trace_id)
+        if env.event in LIFECYCLE_EVENTS:  # few, and they carry tokens: a stream of their own
+            accepted = await state.writer.accept_app_event(
+                merchant=env.merchant,
+                event=env.event,
+                delivery=delivery,
+                body=body,
+                trace_id=trace_id,
+            )
         else:
             accepted = await state.writer.accept(
                 merchant=env.merchant,
@@ -232,9 +243,11 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 async def readyz(request: Request) -> JSONResponse:
+    """Ready when the state store answers: webhooks need nothing else (the queue's Redis is
+    the worker's business; the admin routes that enqueue answer 503 on their own)."""
     state = _state(request)
     try:
-        await state.pool.ping()
+        await state.redis.ping()
     except (RedisError, OSError) as exc:
         return _answer(503, status="unavailable", redis="unreachable", error=repr(exc))
     return _answer(200, status="ready", redis="ok", rules=len(state.rules.rules))
@@ -291,14 +304,17 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         configure_logging(settings.log_format, settings.log_level)
-        pool = await queue.connect(redis_url)
-        await ensure_group(pool)  # before the first webhook is accepted: the worker reads from here
+        state_redis = urls.bytes_client(redis_url)
+        # Both groups before the first webhook is accepted: the worker reads from here.
+        for stream in (WEBHOOK_STREAM, APP_EVENTS_STREAM):
+            await ensure_group(state_redis, stream)
+        pool = await queue.connect(queue.target(settings, redis_url))
         writer = ingest.EventWriter(
-            pool,
+            state_redis,
             seen_ttl_s=settings.dedupe_ttl_s,
             retention_days=settings.webhook_retention_days,
         )
-        app.state.service = AppState(settings, pool, holder, writer)
+        app.state.service = AppState(settings, state_redis, pool, holder, writer)
         admin_redis = None
         if admin_token:
             admin_redis = Redis.from_url(redis_url, decode_responses=True)
@@ -321,6 +337,7 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
         finally:
             await writer.aclose()
             await pool.aclose()
+            await state_redis.aclose()
             if admin_redis is not None:
                 await admin_redis.aclose()
 

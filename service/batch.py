@@ -1,4 +1,5 @@
-"""What a worker does with a batch of inbox entries: the rules' events, in lanes.
+"""What a worker does with a batch of inbox entries (the rules' events, or the app lifecycle
+events of their own stream), in lanes.
 
 Events of one order are applied one after another, in their key's order (which spares the
 ledger needless back-and-forth); different orders run concurrently. The stores' app settings
@@ -17,7 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import lifecycle, metrics
 from service.errors import InvalidPayload
-from service.events import order_doc
+from service.events import LIFECYCLE_EVENTS, order_doc
 from service.ids import parse_id
 from service.inbox import Entry
 from service.logging import get_logger
@@ -65,7 +66,6 @@ class BatchHandler:
                 entry.body,
                 entry.delivery,
                 entry.trace_id,
-                kept_at_ingest=True,
                 app_settings=app_settings,
                 arrival=verdicts.arrival_of(entry.stream_id),
                 envelope=env,
@@ -105,7 +105,10 @@ def _envelope(body: bytes) -> Envelope | None:
 
 
 def _lane(entry: Entry, env: Envelope | None) -> object:
-    """Entries of one order share a lane; every other entry has one of its own."""
+    """Entries of one order share a lane, and so do one store's app lifecycle events (they are
+    applied in their event time's order); every other entry has one of its own."""
+    if env is not None and env.event in LIFECYCLE_EVENTS:
+        return ("app", env.merchant)
     if env is not None:
         order_id = parse_id(order_doc(env).get("id"))
         if order_id:

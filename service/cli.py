@@ -109,9 +109,12 @@ def _redis_for(settings: Settings) -> Iterator[str]:
     from service.embedded import embedded_redis
 
     if settings.redis_url:
-        yield preflight.redis_reachable(settings.redis_url)
+        url = preflight.redis_reachable(settings.redis_url)
+        preflight.queue_reachable(settings, url)
+        yield url
         return
     with embedded_redis(settings.data_dir / "redis", settings.embedded_redis_port) as url:
+        preflight.queue_reachable(settings, url)
         yield url
 
 
@@ -164,14 +167,23 @@ def serve(host: str, port: int) -> None:
 def worker(check: bool) -> None:
     """Run the arq worker: processes events, sends grants to Salla."""
     if check:
+        from redis.exceptions import RedisError
+
+        from service import queue
+        from service.commandline import operator_settings
         from service.worker import worker_alive
 
         try:
             url = admin_url(None)
+            where = queue.target(operator_settings(), url)
+            alive = asyncio.run(worker_alive(where))
         except ConfigError as exc:  # a health check says 1 (2 is reserved in Docker's)
             click.echo(f"{exc.message} ({exc.hint})", err=True)
             sys.exit(1)
-        if asyncio.run(worker_alive(url)):
+        except (RedisError, OSError) as exc:
+            click.echo(f"cannot reach the queue's Redis ({where}): {exc}", err=True)
+            sys.exit(1)
+        if alive:
             click.echo("ok: a worker reported in recently")
             return
         click.echo("no worker has reported in recently", err=True)

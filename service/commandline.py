@@ -99,12 +99,15 @@ def with_redis(url: str, work: Callable[[Redis], Awaitable[T]]) -> T:
 
 
 def with_redis_and_queue(url: str, work: Callable[[Redis, ArqRedis], Awaitable[T]]) -> T:
-    """Run `work(redis, pool)`: the service's Redis (decoded strings) and its job queue."""
+    """Run `work(redis, pool)`: the service's Redis (decoded strings) and its job queue (on
+    `QUEUE_REDIS_URL` / `QUEUE_REDIS_SENTINELS` when set, else the same Redis)."""
     from service import queue
+
+    where = queue.target(operator_settings(), url)
 
     async def go() -> T:
         async with _redis(url) as client:
-            pool = await queue.connect(url)
+            pool = await queue.connect(where)
             try:
                 return await work(client, pool)
             finally:

@@ -9,8 +9,12 @@ one arq job per webhook cost arq's whole job cycle (about 1 ms of CPU here) per 
 done with a batch is the handler's business (service/batch.py): this module reads, claims,
 acknowledges and gives up, and imports no processing code.
 
-App lifecycle events are not in the stream (they carry the store's tokens and the stream is
-kept for days): they stay single arq jobs (`queue.PROCESS_EVENT`), as they are few.
+App lifecycle events are not in that stream (they carry the store's tokens and the stream is
+kept for days): they have a stream of their own, `sr:{inbox}:app-events`, read by a second
+`Inbox` of each worker (`stream=`) with `keep_for_replay=False`: an entry is deleted as it is
+acknowledged, and the stream trimmed past it (`TRIM_DONE`), so a token stays in Redis only
+until its event is processed. Not on arq's queue: that may live on a Redis whose failover can
+lose its last writes (service/queue.py); this stream is state, on `REDIS_URL`.
 """
 
 from __future__ import annotations
@@ -39,12 +43,12 @@ WEBHOOK_STREAM = keys.WEBHOOK_STREAM
 _REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
-async def ensure_group(redis: Redis) -> None:
+async def ensure_group(redis: Redis, stream: str = WEBHOOK_STREAM) -> None:
     """Create the consumer group if it is missing, from the stream's start: entries without a
     group were never processed (a new stream, or a group lost with a restored Redis; the ledger
     makes any processed twice harmless)."""
     try:
-        await redis.xgroup_create(WEBHOOK_STREAM, GROUP, id="0", mkstream=True)
+        await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
@@ -105,17 +109,19 @@ async def backlog(redis: Redis) -> Backlog:
     return Backlog(int(pending), int(unread), round(age, 3))
 
 
-async def forget_idle_consumers(redis: Redis, idle_s: float = 3600.0) -> int:
+async def forget_idle_consumers(
+    redis: Redis, idle_s: float = 3600.0, stream: str = WEBHOOK_STREAM
+) -> int:
     """Remove consumers (worker processes) that hold nothing and were not seen for `idle_s`:
     every worker that ever ran leaves one behind."""
     try:
-        consumers = await redis.xinfo_consumers(WEBHOOK_STREAM, GROUP)
+        consumers = await redis.xinfo_consumers(stream, GROUP)
     except ResponseError:
         return 0
     gone = 0
     for consumer in consumers:
         if consumer["pending"] == 0 and consumer["idle"] > idle_s * 1000:
-            await redis.xgroup_delconsumer(WEBHOOK_STREAM, GROUP, consumer["name"])
+            await redis.xgroup_delconsumer(stream, GROUP, consumer["name"])
             gone += 1
     return gone
 
@@ -132,6 +138,28 @@ class Entry:
     trace_id: str
     body: bytes
 
+
+# KEYS[1] a stream whose entries are deleted once processed. XDEL only marks an entry deleted
+# inside its node (up to 100 entries); the node's memory, and the entry's bytes in a snapshot,
+# go when the whole node is removed. XTRIM MINID removes every node that ends before the oldest
+# entry still there (or, with none left, past the newest id ever written), so what was processed
+# is gone from memory, RDB and DUMP alike, not just hidden.
+TRIM_DONE = """
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+local minid
+if #first > 0 then
+  minid = first[1][1]
+else
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      local ms, seq = string.match(info[i + 1], '^(%d+)-(%d+)$')
+      minid = ms .. '-' .. tostring(tonumber(seq) + 1)
+    end
+  end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', minid)
+"""
 
 #: What the reader hands each batch to: it returns the stream ids of the entries that are done
 #: (processed, or refused for good); the others stay pending.
@@ -169,6 +197,7 @@ class Inbox:
         redis: Redis,
         handler: Handler,
         *,
+        stream: str = WEBHOOK_STREAM,
         keep_for_replay: bool = True,
         consumer: str | None = None,
         batch: int = 100,
@@ -177,6 +206,7 @@ class Inbox:
         max_tries: int = 10,
     ) -> None:
         self.handler = handler
+        self.stream = stream
         self.keep_for_replay = keep_for_replay  # else an entry goes once acknowledged
         self.redis = redis  # binary replies (bodies are bytes)
         self.consumer = consumer or consumer_name()
@@ -195,7 +225,7 @@ class Inbox:
         self._stopping.set()
 
     async def run(self) -> None:
-        await ensure_group(self.redis)
+        await ensure_group(self.redis, self.stream)
         while not self._stopping.is_set():
             try:
                 if self._own_from is not None:
@@ -228,15 +258,15 @@ class Inbox:
             reply = await self.redis.xreadgroup(
                 GROUP,
                 self.consumer,
-                {WEBHOOK_STREAM: own_from if own_from is not None else ">"},
+                {self.stream: own_from if own_from is not None else ">"},
                 count=self.batch,
                 block=None if own_from is not None else self.block_ms,
             )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            log.warning("inbox_group_recreated", stream=WEBHOOK_STREAM)
-            await ensure_group(self.redis)
+            log.warning("inbox_group_recreated", stream=self.stream)
+            await ensure_group(self.redis, self.stream)
             return []
         entries: list[Entry] = []
         gone: list[bytes] = []
@@ -248,14 +278,14 @@ class Inbox:
                 else:
                     entries.append(entry)
         if gone:
-            await self.redis.xack(WEBHOOK_STREAM, GROUP, *gone)
+            await self.redis.xack(self.stream, GROUP, *gone)
         return entries
 
     async def _claim_stale(self) -> list[Entry]:
         """Entries other workers (or this one) took and did not acknowledge in time."""
         try:
             pending = await self.redis.xpending_range(
-                WEBHOOK_STREAM, GROUP, min="-", max="+", count=self.batch, idle=self.claim_idle_ms
+                self.stream, GROUP, min="-", max="+", count=self.batch, idle=self.claim_idle_ms
             )
         except ResponseError as exc:
             if "NOGROUP" in str(exc):
@@ -272,30 +302,36 @@ class Inbox:
         if not retry:
             return []
         claimed = await self.redis.xclaim(
-            WEBHOOK_STREAM, GROUP, self.consumer, self.claim_idle_ms, retry
+            self.stream, GROUP, self.consumer, self.claim_idle_ms, retry
         )
         entries = [e for sid, fields in claimed if (e := _entry(sid, fields)) is not None]
         found = {e.stream_id for e in entries}
         if missing := [sid for sid in retry if sid not in found]:  # trimmed or deleted meanwhile
-            await self.redis.xack(WEBHOOK_STREAM, GROUP, *missing)
+            await self.redis.xack(self.stream, GROUP, *missing)
         if entries:
             log.warning("inbox_entries_claimed", count=len(entries))
         return entries
 
     async def _abandon(self, stream_id: bytes, tries: int) -> None:
-        fields = await self.redis.xrange(WEBHOOK_STREAM, min=stream_id, max=stream_id)
+        fields = await self.redis.xrange(self.stream, min=stream_id, max=stream_id)
         entry = _entry(stream_id, fields[0][1]) if fields else None
         log.error(
             "event_abandoned",
+            stream=self.stream,
             stream_id=stream_id.decode(),
             tries=tries,
             delivery=entry.delivery if entry else None,
             trace_id=entry.trace_id if entry else None,
             merchant=entry.merchant if entry else None,
-            why="processing failed every time; the webhook stays in the replay log",
+            why="processing failed every time; "
+            + (
+                "the webhook stays in the replay log"
+                if self.keep_for_replay
+                else "it was deleted (this stream keeps nothing)"
+            ),
         )
         metrics.EVENTS.labels("abandoned").inc()
-        await self.redis.xack(WEBHOOK_STREAM, GROUP, stream_id)
+        await self._done([stream_id])
 
     async def process(self, entries: Sequence[Entry]) -> int:
         """Hand a batch to the handler; acknowledge the entries it says are done (an entry it
@@ -303,10 +339,16 @@ class Inbox:
         if not entries:
             return 0
         done = await self.handler(entries)
-        if done:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xack(WEBHOOK_STREAM, GROUP, *done)
-                if not self.keep_for_replay:
-                    pipe.xdel(WEBHOOK_STREAM, *done)
-                await pipe.execute()
+        await self._done(done)
         return len(done)
+
+    async def _done(self, stream_ids: list[bytes]) -> None:
+        """Acknowledge; in a stream that keeps nothing, delete and trim too (`TRIM_DONE`)."""
+        if not stream_ids:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(self.stream, GROUP, *stream_ids)
+            if not self.keep_for_replay:
+                pipe.xdel(self.stream, *stream_ids)
+                pipe.eval(TRIM_DONE, 1, self.stream)
+            await pipe.execute()

@@ -1,8 +1,10 @@
 """The web's writes: each webhook delivery persisted before its 200.
 
 Rule events go to the inbox stream (read by the workers' `service.inbox`), group-committed in
-one script call; app lifecycle events become arq jobs through `service.queue`. This module is
-the web's side of ingest only: nothing here reads the inbox or processes an event.
+one script call; app lifecycle events go to a stream of their own (`sr:{inbox}:app-events`, the
+same script), which the workers empty as they process it. Both are on the state store
+(`REDIS_URL`), never on arq's queue, whose failover may lose its last writes. This module is
+the web's side of ingest only: nothing here reads a stream or processes an event.
 """
 
 from __future__ import annotations
@@ -12,11 +14,10 @@ import time
 from typing import Any
 
 import orjson
-from arq.connections import ArqRedis
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service import autopipe, queue
-from service.keys import INBOX_GROUP, SEEN_PREFIX, WEBHOOK_STREAM
+from service.keys import APP_EVENTS_STREAM, INBOX_GROUP, SEEN_PREFIX, WEBHOOK_STREAM
 
 # KEYS: the inbox stream, then each delivery's "seen" key; ARGV: seen TTL s, MINID ("" = keep
 # all), the workers' group, then per delivery: its JSON header [merchant, event, delivery,
@@ -75,16 +76,18 @@ class EventWriter:
     not a Redis command. App events (few; each its own arq job) go through the pool's
     auto-pipeline. Each delivery still gets its own answer: a Redis error fails exactly the
     deliveries of that call (they answer 503; Salla re-sends, and the "seen" mark makes any that
-    did land a duplicate, not a loss).
+    did land a duplicate, not a loss). App events (few) are written one call each
+    (`accept_app_event`), with the same script, on the state store's pool.
     """
 
-    def __init__(self, pool: ArqRedis, *, seen_ttl_s: int, retention_days: int) -> None:
+    def __init__(self, pool: Redis, *, seen_ttl_s: int, retention_days: int) -> None:
         self.pool = pool
         self.seen_ttl_s = seen_ttl_s
         self.retention_days = retention_days
         # A connection held for the writer: no pool checkout (and its liveness probe) per call.
         self._conn = pool.client()
         self._accept = self._conn.register_script(ACCEPT_WEBHOOKS)  # EVALSHA; loads if missing
+        self._accept_app = pool.register_script(ACCEPT_WEBHOOKS)
         self._waiting: list[tuple[str, list[Any], asyncio.Future[Any]]] = []
         self._sender: asyncio.Task[None] | None = None
 
@@ -146,20 +149,19 @@ class EventWriter:
             return ""
         return str(int((time.time() - self.retention_days * 86400) * 1000))
 
-    async def enqueue(self, delivery: str, body: bytes, trace_id: str) -> bool:
-        """Persist one delivery as its own arq job (app lifecycle events); False when it is
-        queued or was processed already (the worker marks it seen once it is processed).
+    async def accept_app_event(
+        self, *, merchant: int, event: str, delivery: str, body: bytes, trace_id: str
+    ) -> bool:
+        """Persist one app lifecycle event in its stream; False when it was accepted before.
 
-        Through arq's public `enqueue_job` (about four round trips: the "seen" check, then
-        arq's WATCH, EXISTS and MULTI/EXEC) rather than a script writing arq's job format by
-        hand in one: that format is arq's private business and changes with it. The cost is
-        paid by app lifecycle events only (a handful per store's lifetime); every webhook for
-        the rules still costs its share of one group-committed script call (`accept`). The
-        check and the enqueue are two steps: a duplicate that lands between them runs the job
-        a second time, which lifecycle handlers (upserts, ordered by event time) allow.
+        Marked seen as it is written, as the inbox's deliveries are: a duplicate that arrives
+        before a worker processed the first is refused here (lifecycle handlers are upserts
+        ordered by event time, so one processed twice would be harmless too). Never retained:
+        the worker deletes it once processed (service/inbox.py).
         """
-        if await autopipe.auto(self.pool).execute("EXISTS", SEEN_PREFIX + delivery):
-            return False
-        return await queue.enqueue(
-            self.pool, queue.PROCESS_EVENT, body, delivery, trace_id, job_id=f"evt:{delivery}"
+        header = orjson.dumps([str(merchant), event, delivery, trace_id])
+        results: list[Any] = await self._accept_app(
+            keys=[APP_EVENTS_STREAM, SEEN_PREFIX + delivery],
+            args=[self.seen_ttl_s, "", INBOX_GROUP, header, body],
         )
+        return bool(results[0])

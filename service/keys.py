@@ -28,11 +28,20 @@ hashes to one Redis Cluster slot and one Lua script can touch any of it:
     sr:{m:M}:rl / sr:{m:M}:rl-plan    hash  the customers and plan rate-limit buckets
     sr:{m:M}:orders-rec               hash  a reconciliation's place
     sr:{m:M}:orders-rec-slot          str   the period a reconciliation last started in
+    sr:{m:M}:orders-rec-done          str   the period a reconciliation last finished in (a
+                                            started one that neither finished nor is on the
+                                            queue was lost with it: the scheduler queues it again)
 
 Keys written together with the inbox stream (the web's group commit) carry the inbox's tag:
 
     sr:{inbox}:webhooks               stream every accepted webhook (the inbox and replay log)
+    sr:{inbox}:app-events             stream app lifecycle events (`app.*`, some carry tokens)
+                                            until a worker processed them: each entry is
+                                            deleted once acknowledged, never kept for replay
     sr:{inbox}:seen:<delivery>        str   a delivery already accepted (dedupe)
+
+arq's own keys (`arq:queue`, `arq:job:<id>`, ...) live on the queue's Redis (`QUEUE_REDIS_URL`,
+by default this one): nothing there is the only copy of anything (service/queue.py).
 
 Cross-store keys are few, and never written inside a script that works on one store's keys
 (they live in other slots): the ledger adds a store to a set in a separate command.
@@ -61,8 +70,9 @@ GRANT_LOG = f"{PREFIX}grant-log"
 
 INBOX_TAG = "{inbox}"
 WEBHOOK_STREAM = f"{PREFIX}{INBOX_TAG}:webhooks"
+APP_EVENTS_STREAM = f"{PREFIX}{INBOX_TAG}:app-events"
 SEEN_PREFIX = f"{PREFIX}{INBOX_TAG}:seen:"
-#: The consumer group the workers read the inbox as (a name inside the stream, not a key).
+#: The consumer group the workers read both streams as (a name inside a stream, not a key).
 INBOX_GROUP = "workers"
 
 
@@ -177,6 +187,10 @@ def orders_reconcile(merchant: int) -> str:
 
 def orders_reconcile_slot(merchant: int) -> str:
     return f"{PREFIX}{{m:{merchant}}}:orders-rec-slot"
+
+
+def orders_reconcile_done(merchant: int) -> str:
+    return f"{store_prefix(merchant)}orders-rec-done"
 
 
 def seen(delivery: str) -> str:

@@ -1,7 +1,10 @@
 """App lifecycle events (`app.*`): the store's tokens, its install, its app settings.
 
-Few, and they carry the store's tokens, so they are not kept in the inbox: each is its own arq
-job (`queue.PROCESS_EVENT`). Handlers are registered by event name in `HANDLERS`; the names
+Few, and they carry the store's tokens, so they are not kept in the inbox: they travel in a
+stream of their own on the state store (`sr:{inbox}:app-events`), deleted once processed, and
+one store's events are applied one at a time in their event time's order (service/batch.py).
+Handlers are upserts; those whose order matters (`ORDERED_APP_EVENTS`) also refuse an event
+older than the last one applied. Handlers are registered by event name in `HANDLERS`; the names
 are `service.events.LIFECYCLE_EVENTS` (the web reads those without importing this).
 """
 

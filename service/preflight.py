@@ -4,8 +4,12 @@ hint, exit 2) before anything starts, instead of a traceback or a minute of retr
 from __future__ import annotations
 
 import socket
+from typing import TYPE_CHECKING
 
 from service.errors import ConfigError
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 #: How long start-up waits for Redis to answer before calling it unreachable.
 REDIS_CHECK_TIMEOUT_S = 3.0
@@ -64,3 +68,61 @@ def redis_reachable(url: str, timeout_s: float = REDIS_CHECK_TIMEOUT_S) -> str:
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().rstrip(".")
     return text or type(exc).__name__
+
+
+def queue_reachable(
+    settings: Settings, state_url: str, timeout_s: float = REDIS_CHECK_TIMEOUT_S
+) -> None:
+    """Refuse to start when the queue's own Redis (`QUEUE_REDIS_URL`, or the master the
+    `QUEUE_REDIS_SENTINELS` name) does not answer; nothing to check when the queue shares the
+    state store's Redis."""
+    from redis import Redis
+    from redis.exceptions import RedisError
+    from redis.sentinel import MasterNotFoundError, Sentinel
+
+    from service import queue
+    from service import redis_url as urls
+
+    where = queue.target(settings, state_url)
+    if not where.sentinels:
+        if settings.queue_redis_url:
+            try:
+                redis_reachable(where.url, timeout_s)
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"QUEUE_REDIS_URL: {exc.message}",
+                    hint="start it, fix QUEUE_REDIS_URL, or unset it (the queue then shares "
+                    "REDIS_URL)",
+                ) from None
+        return
+    options = urls.arq_settings(where.url)
+    # With timeouts, unlike arq's Sentinel mode: a start-up check must not hang.
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        where.sentinels,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        sentinel_kwargs={"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s},
+        db=options.database,
+        username=options.username,
+        password=options.password,
+    )
+    try:
+        host, port = sentinel.discover_master(where.master)  # type: ignore[no-untyped-call]
+    except MasterNotFoundError:
+        raise ConfigError(
+            f"no Sentinel of {settings.queue_redis_sentinels} answers with a master named "
+            f"{where.master!r}",
+            hint="check QUEUE_REDIS_SENTINELS and QUEUE_REDIS_SENTINEL_MASTER "
+            "(redis-cli -p 26379 SENTINEL masters lists the names)",
+        ) from None
+    master: Redis = sentinel.master_for(where.master)  # type: ignore[no-untyped-call]
+    try:
+        master.ping()
+    except (RedisError, OSError) as exc:
+        raise ConfigError(
+            f"the queue's master {host}:{port} (named by the Sentinels) does not answer: "
+            f"{_reason(exc)}",
+            hint="check that it is up and the master's password in QUEUE_REDIS_URL",
+        ) from None
+    finally:
+        master.close()

@@ -1,8 +1,8 @@
 """process_event: one persisted webhook → ledger changes.
 
-Called for the inbox's webhooks (service/batch.py) and by the arq job of an app lifecycle
-event. App events go to their handler (service/lifecycle.py); every other event goes through
-the rules into the ledger (`apply_rules`).
+Called for the entries of both inbox streams (service/batch.py): the rules' webhooks and the app
+lifecycle events. App events go to their handler (service/lifecycle.py); every other event goes
+through the rules into the ledger (`apply_rules`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import structlog
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
-from service import keys, ledger, lifecycle, metrics, process_state, queue, tokens
+from service import ledger, lifecycle, metrics, process_state, queue, tokens
 from service.events import KNOWN_ORDER_STATUSES, LIFECYCLE_EVENTS, normalise, order_doc
 from service.logging import get_logger
 from service.orders import verdicts
@@ -48,15 +48,13 @@ async def process_event(
     delivery: str,
     trace_id: str,
     *,
-    kept_at_ingest: bool = False,
     app_settings: dict[str, Any] | None = None,
     arrival: tuple[int, int] | None = None,
     envelope: Envelope | None = None,
 ) -> dict[str, Any]:
     """Apply one webhook. Safe to run twice: the ledger only ever adds differences.
 
-    `kept_at_ingest`: the webhook came from the inbox, where the web process already marked it
-    seen and kept it for replay. Otherwise (an app event's arq job) this marks it seen here.
+    The web process marked the delivery seen when it wrote it to its stream.
     `app_settings`: the store's app settings, when the caller read them for a whole batch.
     `arrival`: the inbox entry id; `envelope`: `body` already parsed by the caller.
     One `event_processed` line tells what happened: each rule's verdict and each grant queued.
@@ -83,8 +81,6 @@ async def process_event(
             result = await apply_rules(
                 deps, env, delivery, trace_id, arrival=arrival, app_settings=app_settings
             )
-        if not kept_at_ingest:  # an app event's job: the web did not mark it seen
-            await deps.redis.set(keys.seen(delivery), "1", ex=deps.settings.dedupe_ttl_s)
         metrics.EVENTS.labels(result.get("outcome", "unknown")).inc()
         log.info(
             "event_processed",

@@ -1,8 +1,15 @@
-"""The thin layer over arq: job names, job ids, the job format and enqueueing. Nothing else
-imports arq's API.
+"""The thin layer over arq: where the queue lives, job names, job ids, the job format and
+enqueueing. Nothing else imports arq's API.
 
-arq runs every job at least once; job ids (`evt:<delivery>`, `flush:<store>:<window>`) avoid
-needless duplicates, and the ledger makes the rest harmless.
+arq runs every job at least once; job ids (`flush:<store>:<window>`, `reconcile:<store>:<10 s>`)
+avoid needless duplicates, and the ledger makes the rest harmless.
+
+The queue may live on a Redis of its own (`QUEUE_REDIS_URL`), standalone or managed by Sentinel
+(`QUEUE_REDIS_SENTINELS`): see `QueueTarget`. Nothing on it is the only copy of anything. A
+failover with asynchronous replication can lose the last writes of the old master, so every job
+can be made again from the state on `REDIS_URL`: flushes and reconciliations by the worker's
+sweep (service/worker.py), app lifecycle events are not jobs at all (an inbox stream of their
+own, service/ingest.py).
 
 Jobs are msgpack, never pickle (arq's default): a job is data read from Redis, and unpickling
 it would run whatever callable it names, so anyone able to write to Redis could run commands
@@ -15,11 +22,13 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.jobs import Job, JobStatus
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -29,9 +38,11 @@ from service import process_state, redis_url
 from service.errors import JobRefused
 from service.logging import get_logger
 
+if TYPE_CHECKING:
+    from service.settings import Settings
+
 log = get_logger("service.queue")
 
-PROCESS_EVENT = "process_event"
 FLUSH = "flush"
 RECONCILE = "reconcile"
 #: Ask Salla's orders API what an order is (service/orders/truth.py).
@@ -83,15 +94,53 @@ def decode_job(data: bytes) -> dict[str, Any]:
     return job
 
 
-def redis_settings(url: str, *, ride_out_outages: bool = False) -> RedisSettings:
-    """arq's connection settings for `url` (see service/redis_url.py). `ride_out_outages` (the
-    worker): a command that meets a lost or refused connection is retried with backoff (for
-    0.7 s to about 3 s), so a Redis blip costs in-flight jobs a pause rather than a failure.
-    OSError is named because redis-py retries connecting only for the errors named here, and
-    a refused connect is a plain `ConnectionRefusedError`; a command retries its connect too,
-    so the two budgets multiply: both are kept small. Longer outages end arq's loop;
-    `worker.run_worker` waits for Redis and starts it again."""
-    settings = redis_url.arq_settings(url)
+@dataclass(frozen=True, slots=True)
+class QueueTarget:
+    """Where arq's queue lives: a standalone Redis at `url`, or, with `sentinels`, the master
+    the Sentinels know as `master` (then `url` gives only the user, password and db)."""
+
+    url: str
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master: str = ""
+
+    def __str__(self) -> str:
+        if self.sentinels:
+            hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+            return f"Sentinel master {self.master!r} via {hosts}"
+        return redis_url.redact(self.url)
+
+
+def target(settings: Settings, state_url: str) -> QueueTarget:
+    """The queue of this deployment: `QUEUE_REDIS_URL` / `QUEUE_REDIS_SENTINELS`, else the state
+    store's own Redis (`state_url`, which may be the embedded one)."""
+    sentinels = tuple(settings.queue_sentinels)
+    url = settings.queue_redis_url or ("redis://queue/0" if sentinels else state_url)
+    return QueueTarget(url, sentinels, settings.queue_redis_sentinel_master.strip())
+
+
+def redis_settings(where: QueueTarget | str, *, ride_out_outages: bool = False) -> RedisSettings:
+    """arq's connection settings for the queue (a URL: see service/redis_url.py).
+    `ride_out_outages` (the worker): a command that meets a lost or refused connection is
+    retried with backoff (for 0.7 s to about 3 s), so a Redis blip costs in-flight jobs a pause
+    rather than a failure. OSError is named because redis-py retries connecting only for the
+    errors named here, and a refused connect is a plain `ConnectionRefusedError`; a command
+    retries its connect too, so the two budgets multiply: both are kept small. Longer outages
+    end arq's loop; `worker.run_worker` waits for Redis and starts it again.
+
+    With Sentinels, arq's own Sentinel mode (`RedisSettings.sentinel`): it asks the Sentinels
+    for the master on every new connection and drops a connection whose server turned replica
+    (redis-py's `SentinelConnectionPool`), so after a failover arq's loop fails once and
+    `run_worker` starts it again on the new master. Where arq falls short (arq 0.28,
+    `create_pool`): in Sentinel mode it passes only db, user, password and `ssl` on, so the
+    connect timeout, the retry policy below, `max_connections` and every TLS certificate option
+    are dropped (TLS is refused by the settings rather than half applied), and the Sentinels
+    themselves are asked without a password (Sentinels with `requirepass` are not supported)."""
+    where = where if isinstance(where, QueueTarget) else QueueTarget(where)
+    settings = redis_url.arq_settings(where.url)
+    if where.sentinels:
+        settings.host = list(where.sentinels)
+        settings.sentinel = True
+        settings.sentinel_master = where.master
     if ride_out_outages:
         settings.retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3)
         settings.retry_on_error = [RedisConnectionError, RedisTimeoutError, OSError]
@@ -99,13 +148,19 @@ def redis_settings(url: str, *, ride_out_outages: bool = False) -> RedisSettings
     return settings
 
 
-async def connect(url: str) -> ArqRedis:
-    """An arq pool that writes and reads jobs as msgpack (every process that enqueues)."""
-    return await create_pool(
-        redis_settings(url),
-        job_serializer=encode_job,
-        job_deserializer=decode_job,
-    )
+async def connect(where: QueueTarget | str, *, retry_connect: bool = True) -> ArqRedis:
+    """An arq pool that writes and reads jobs as msgpack (every process that enqueues).
+    `retry_connect` False: one try (a health check), not arq's five a second apart."""
+    settings = redis_settings(where)
+    if not retry_connect:
+        settings.conn_retries = 0
+    return await create_pool(settings, job_serializer=encode_job, job_deserializer=decode_job)
+
+
+async def job_known(pool: ArqRedis, job_id: str) -> bool:
+    """Whether arq has the job queued, deferred or running (a finished job is forgotten: the
+    service keeps no results, so "unknown" is "finished" or "lost")."""
+    return await Job(job_id, pool).status() is not JobStatus.not_found
 
 
 async def enqueue(
@@ -131,9 +186,11 @@ async def enqueue(
 
 
 async def enqueue_flush(
-    pool: ArqRedis, merchant: int, window_s: float, *, delay_s: float = 0.0
+    pool: ArqRedis, merchant: int, window_s: float, *, delay_s: float = 0.0, recreate: bool = False
 ) -> None:
-    """Schedule one flush per store per batch window; grants of that window share it."""
+    """Schedule one flush per store per batch window; grants of that window share it.
+    `recreate` (the sweep): ask arq even if this process queued this window's job already, as a
+    queue failover may have lost it (arq refuses a job id it still has: harmless)."""
     at = time.time() + max(delay_s, 0.0)
     if window_s > 0:
         window = math.ceil(at / window_s)
@@ -141,7 +198,7 @@ async def enqueue_flush(
         job_id = f"flush:{merchant}:{window}"
         # Asking arq again for the same window is a no-op that costs four round trips, and
         # events of a busy store ask often: once per window per process.
-        if process_state.last_flush.get(merchant) == job_id:
+        if process_state.last_flush.get(merchant) == job_id and not recreate:
             return
     else:
         run_at = at
@@ -175,6 +232,12 @@ async def enqueue_order_truth(
     )
 
 
-async def enqueue_orders_reconcile(pool: ArqRedis, merchant: int, *, slot: int) -> None:
-    """One reconciliation run of a store per period (`slot`: the period's number)."""
-    await enqueue(pool, ORDERS_RECONCILE, merchant, job_id=f"{ORDERS_RECONCILE}:{merchant}:{slot}")
+def orders_reconcile_id(merchant: int, slot: int) -> str:
+    return f"{ORDERS_RECONCILE}:{merchant}:{slot}"
+
+
+async def enqueue_orders_reconcile(pool: ArqRedis, merchant: int, *, slot: int) -> bool:
+    """One reconciliation run of a store per period (`slot`: the period's number). False when
+    arq has it already."""
+    job_id = orders_reconcile_id(merchant, slot)
+    return await enqueue(pool, ORDERS_RECONCILE, merchant, slot, job_id=job_id)

@@ -130,3 +130,27 @@ def bytes_client(url: str) -> Redis:
     """A client whose replies are `bytes`: webhook bodies, signed byte for byte, stay bytes."""
     client: Redis = Redis.from_url(url)
     return client
+
+
+def sentinel_hosts(text: str) -> list[tuple[str, int]]:
+    """`host:port,host:port` (`QUEUE_REDIS_SENTINELS`) as pairs; "" is none. `[::1]:26379`
+    for an IPv6 address. A malformed item is a ConfigError naming it."""
+    hosts: list[tuple[str, int]] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if (
+            not sep
+            or not host
+            or not (port.isascii() and port.isdigit())
+            or not 0 < int(port) < 65536
+        ):
+            raise ConfigError(
+                f"{item[:80]!r} is not host:port (for example sentinel-1:26379,sentinel-2:26379)"
+            )
+        hosts.append((host, int(port)))
+    if text.strip() and not hosts:
+        raise ConfigError("lists no Sentinel (for example sentinel-1:26379,sentinel-2:26379)")
+    return hosts

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.errors import ConfigError
 from service.redis_url import check as check_redis_url
 from service.redis_url import password as redis_password
+from service.redis_url import sentinel_hosts
 
 #: Secrets that mean "nobody set this"; refused outside development.
 PLACEHOLDER_SECRETS = frozenset(
@@ -48,6 +49,15 @@ class Settings(BaseSettings):
     salla_client_secret: SecretStr = SecretStr("")
 
     redis_url: str | None = None
+    #: arq's queue (flush, reconciliation and order jobs, cron); unset: `REDIS_URL`. Nothing on
+    #: it is the only copy of anything: the state stays on `REDIS_URL` (see docs/operations.md).
+    #: With `QUEUE_REDIS_SENTINELS` only its user, password and db are used: the Sentinels name
+    #: the master's address.
+    queue_redis_url: str | None = None
+    #: `host:port,host:port`: the Sentinels that manage the queue's Redis (arq's Sentinel mode).
+    queue_redis_sentinels: str = ""
+    #: The name the Sentinels monitor the queue's master by (`sentinel monitor <name> ...`).
+    queue_redis_sentinel_master: str = ""
     embedded_redis_port: int = 6390
     data_dir: Path = Path("var")
 
@@ -133,7 +143,7 @@ class Settings(BaseSettings):
     #: Webhooks the rules saw are kept this long for `replay`; 0 keeps none.
     webhook_retention_days: int = Field(default=7, ge=0, le=365)
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "queue_redis_url")
     @classmethod
     def _check_redis_url(cls, url: str | None) -> str | None:
         if not url:
@@ -142,6 +152,15 @@ class Settings(BaseSettings):
             return check_redis_url(url)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
+
+    @field_validator("queue_redis_sentinels")
+    @classmethod
+    def _check_sentinels(cls, text: str) -> str:
+        try:
+            sentinel_hosts(text)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return text.strip()
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -165,13 +184,16 @@ class Settings(BaseSettings):
                 "SALLA_WEBHOOK_SECRET is empty or a placeholder; set it to the webhook secret "
                 "from the Salla Partner Portal (or APP_ENV=development for local work)"
             )
-        if self.app_env != "development" and self.redis_url:
-            redis_secret = redis_password(self.redis_url)
+        for name, url in (("REDIS_URL", self.redis_url), ("QUEUE_REDIS_URL", self.queue_redis_url)):
+            if self.app_env == "development" or not url:
+                continue
+            redis_secret = redis_password(url)
             if redis_secret.lower() in PLACEHOLDER_SECRETS - {""} or redis_secret.startswith("<"):
                 raise ValueError(
-                    "REDIS_URL's password is a placeholder; put Redis's real password in it "
+                    f"{name}'s password is a placeholder; put Redis's real password in it "
                     "(the deploy files read it from REDIS_PASSWORD)"
                 )
+        self._check_queue_sentinel()
         admin = self.admin_token.get_secret_value()
         if admin and self.app_env != "development" and len(admin) < MIN_ADMIN_TOKEN_LENGTH:
             raise ValueError(
@@ -180,6 +202,31 @@ class Settings(BaseSettings):
                 "or leave it empty to turn the admin routes off"
             )
         return self
+
+    def _check_queue_sentinel(self) -> None:
+        """Sentinels and the master's name go together; TLS is refused in Sentinel mode because
+        arq passes no certificate options to the Sentinel client (service/queue.py)."""
+        sentinels, master = self.queue_redis_sentinels, self.queue_redis_sentinel_master.strip()
+        if sentinels and not master:
+            raise ValueError(
+                "QUEUE_REDIS_SENTINELS is set without QUEUE_REDIS_SENTINEL_MASTER; set it to the "
+                "name the Sentinels monitor the queue's Redis by (sentinel monitor <name> ...)"
+            )
+        if master and not sentinels:
+            raise ValueError(
+                "QUEUE_REDIS_SENTINEL_MASTER is set without QUEUE_REDIS_SENTINELS; list the "
+                "Sentinels as host:port,host:port (or unset it for a standalone queue Redis)"
+            )
+        if sentinels and (self.queue_redis_url or "").startswith("rediss://"):
+            raise ValueError(
+                "QUEUE_REDIS_URL is rediss:// but arq's Sentinel mode cannot pass TLS "
+                "certificates; use redis:// behind Sentinels, or a standalone queue Redis"
+            )
+
+    @property
+    def queue_sentinels(self) -> list[tuple[str, int]]:
+        """`QUEUE_REDIS_SENTINELS` as (host, port) pairs (empty: a standalone queue Redis)."""
+        return sentinel_hosts(self.queue_redis_sentinels)
 
     @property
     def is_development(self) -> bool:

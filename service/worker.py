@@ -1,4 +1,11 @@
-"""arq `WorkerSettings`: jobs, the sweep cron, and resources built once in startup."""
+"""arq `WorkerSettings`: jobs, the sweep cron, and resources built once in startup.
+
+Every job can be made again from the state store: the sweep queues a flush for every store with
+due grants and a reconciliation for every store with unknown outcomes, and the orders
+reconciliation scheduler queues again a run that started and is neither finished nor on the
+queue. A failover of the queue's Redis that loses its last writes (service/queue.py) costs a
+delay of a few seconds, never a grant.
+"""
 
 from __future__ import annotations
 
@@ -21,21 +28,12 @@ from service.delivery.refresh import refresh_expiring_tokens
 from service.logging import configure_logging, get_logger
 from service.orders import reconcile as orders_reconcile
 from service.orders import truth
-from service.processing import process_event
 from service.settings import Settings
 from service.worker_resources import CTX_KEY, WorkerResources, of
 
 log = get_logger("service.worker")
 
 _REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError)
-
-
-async def _process_event_job(ctx: dict[str, Any], body: bytes, delivery: str, trace_id: str) -> Any:
-    """An app lifecycle event (webhooks for the rules come through the inbox)."""
-    try:
-        return await process_event(of(ctx).processing, body, delivery, trace_id)
-    except _REDIS_TRANSIENT as exc:
-        raise Retry(defer=min(2 ** ctx["job_try"], 60)) from exc
 
 
 async def _flush_job(ctx: dict[str, Any], merchant: int) -> Any:
@@ -59,9 +57,13 @@ async def _order_truth_job(ctx: dict[str, Any], merchant: int, order_id: int) ->
         raise Retry(defer=min(2 ** ctx["job_try"], 60)) from exc
 
 
-async def _orders_reconcile_job(ctx: dict[str, Any], merchant: int) -> Any:
+async def _orders_reconcile_job(ctx: dict[str, Any], merchant: int, slot: int = 0) -> Any:
+    deps = of(ctx).orders
     try:
-        report = await orders_reconcile.run_store(of(ctx).orders, merchant)
+        report = await orders_reconcile.run_store(deps, merchant)
+        if slot:  # the scheduler's run of this period is done (see `schedule_orders_reconcile`)
+            every = deps.processing.settings.orders_reconcile_every_s
+            await deps.redis.set(keys.orders_reconcile_done(merchant), str(slot), ex=every * 2)
     except _REDIS_TRANSIENT as exc:
         raise Retry(defer=min(2 ** ctx["job_try"], 60)) from exc
     return report.as_log()
@@ -69,7 +71,12 @@ async def _orders_reconcile_job(ctx: dict[str, Any], merchant: int) -> Any:
 
 async def schedule_orders_reconcile(ctx: dict[str, Any]) -> int:
     """Start each authorized store's reconciliation once per `ORDERS_RECONCILE_EVERY_S`, spread
-    over the period (a store's offset comes from its id) so that no minute is heavy."""
+    over the period (a store's offset comes from its id) so that no minute is heavy.
+
+    A run this period started (its marker is set) that arq no longer has and that did not
+    finish was lost with the queue (a failover): it is queued again. arq is asked first, the
+    finish mark read second: a job finishes by setting its mark before arq forgets it, so a
+    run that finished in between is not queued twice."""
     deps = of(ctx).delivery
     every = deps.settings.orders_reconcile_every_s
     if every <= 0:
@@ -81,7 +88,11 @@ async def schedule_orders_reconcile(ctx: dict[str, Any]) -> int:
         slot = (now + merchant % every) // every
         marker = keys.orders_reconcile_slot(merchant)
         if await deps.redis.set(marker, str(slot), ex=every * 2, get=True) == str(slot):
-            continue
+            if await queue.job_known(deps.pool, queue.orders_reconcile_id(merchant, slot)):
+                continue
+            if await deps.redis.get(keys.orders_reconcile_done(merchant)) == str(slot):
+                continue
+            log.warning("job_recreated", job=queue.ORDERS_RECONCILE, merchant=merchant, slot=slot)
         await queue.enqueue_orders_reconcile(deps.pool, merchant, slot=slot)
         started += 1
     return started
@@ -119,7 +130,10 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
         for kind in ("failed", "review", "parked"):
             metrics.ATTENTION.labels(str(merchant), kind).set(gauges[kind])
         if await ledger.due_count(deps.redis, merchant):
-            await queue.enqueue_flush(deps.pool, merchant, deps.settings.batch_window_s)
+            # `recreate`: the job this process queued for this window may have been lost with
+            # the queue's master; arq refuses the id if it still has it.
+            window_s = deps.settings.batch_window_s
+            await queue.enqueue_flush(deps.pool, merchant, window_s, recreate=True)
             flushed += 1
         else:
             await ledger.forget_store_if_idle(deps.redis, merchant)
@@ -129,7 +143,8 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
 
 
 def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
-    """The keyword arguments of `arq.Worker` for this service (also used by tests)."""
+    """The keyword arguments of `arq.Worker` for this service (also used by tests). `redis_url`
+    is the state store; arq's queue is `queue.target(settings, redis_url)`."""
     arq_log.install()  # arq's job lines: named events, no job arguments, cron runs at DEBUG
 
     async def startup(ctx: dict[str, Any]) -> None:
@@ -161,7 +176,6 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
             await of(ctx).close()
 
     functions: list[Function] = [
-        func(_process_event_job, name=queue.PROCESS_EVENT, keep_result=0, max_tries=10),
         func(_flush_job, name=queue.FLUSH, keep_result=0, max_tries=10),
         func(_reconcile_job, name=queue.RECONCILE, keep_result=0, max_tries=10),
         # Deferring for the plan bucket counts as a try: allow a long wait.
@@ -176,7 +190,9 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
             cron(refresh_tokens, minute=set(range(0, 60, 10)), second=30, unique=True),
             cron(schedule_orders_reconcile, second=45, unique=True, run_at_startup=True),
         ],
-        "redis_settings": queue.redis_settings(redis_url, ride_out_outages=True),
+        "redis_settings": queue.redis_settings(
+            queue.target(settings, redis_url), ride_out_outages=True
+        ),
         "job_serializer": queue.encode_job,
         "job_deserializer": queue.decode_job,
         "on_startup": startup,
@@ -262,13 +278,13 @@ async def _wait_for_redis(pool: ArqRedis) -> None:
         return
 
 
-async def worker_alive(redis_url: str) -> bool:
-    """Whether some worker reported in within its health interval (arq's health-check key)."""
+async def worker_alive(where: queue.QueueTarget) -> bool:
+    """Whether some worker reported in within its health interval (arq's health-check key, on
+    the queue's Redis)."""
     from arq.constants import default_queue_name, health_check_key_suffix
-    from redis.asyncio import Redis as AsyncRedis
 
-    client = AsyncRedis.from_url(redis_url)
+    pool = await queue.connect(where, retry_connect=False)
     try:
-        return bool(await client.exists(default_queue_name + health_check_key_suffix))
+        return bool(await pool.exists(default_queue_name + health_check_key_suffix))
     finally:
-        await client.aclose()
+        await pool.aclose()

@@ -16,9 +16,10 @@ import httpx
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
-from service import inbox, redis_url
+from service import inbox, keys, redis_url
 from service.batch import BatchHandler
 from service.delivery.deps import Deps
+from service.inbox import Inbox
 from service.logging import get_logger
 from service.orders import truth
 from service.processing import ProcessingDeps
@@ -39,7 +40,7 @@ class WorkerResources:
     redis: Redis
     #: Replies as `bytes`: the inbox's webhook bodies.
     inbox_redis: Redis
-    #: arq's pool: enqueueing jobs.
+    #: arq's pool on the queue's Redis (`QUEUE_REDIS_URL`): enqueueing jobs, nothing else.
     pool: ArqRedis
     http: httpx.AsyncClient
     rules: RulesHolder
@@ -47,8 +48,11 @@ class WorkerResources:
     #: The outgoing side: Salla calls, flushes, token refresh.
     delivery: Deps
     orders: truth.Deps
-    inbox: inbox.Inbox
+    inbox: Inbox
     inbox_task: asyncio.Task[None]
+    #: The app lifecycle events' stream: same reader and handler, nothing kept once processed.
+    app_events: Inbox
+    app_events_task: asyncio.Task[None]
     _rules_watch: contextlib.AbstractAsyncContextManager[Any]
 
     @classmethod
@@ -65,10 +69,19 @@ class WorkerResources:
         watch = live_rules(rules, watch=settings.is_development)
         await watch.__aenter__()
         processing = ProcessingDeps(settings, redis, pool, rules)
+        handler = BatchHandler(processing)
         reader = inbox.Inbox(
             inbox_redis,
-            BatchHandler(processing),
+            handler,
             keep_for_replay=settings.webhook_retention_days > 0,
+            batch=settings.inbox_batch,
+            claim_idle_s=settings.inbox_claim_after_s,
+        )
+        app_events = inbox.Inbox(
+            inbox_redis,
+            handler,
+            stream=keys.APP_EVENTS_STREAM,
+            keep_for_replay=False,  # tokens: gone once processed
             batch=settings.inbox_batch,
             claim_idle_s=settings.inbox_claim_after_s,
         )
@@ -85,14 +98,20 @@ class WorkerResources:
             orders=truth.Deps(processing, delivery),
             inbox=reader,
             inbox_task=asyncio.create_task(reader.run(), name="inbox"),
+            app_events=app_events,
+            app_events_task=asyncio.create_task(app_events.run(), name="app-events"),
             _rules_watch=watch,
         )
 
     async def close(self) -> None:
-        """The batch in progress finishes and is acknowledged; then every client closes."""
+        """The batches in progress finish and are acknowledged; then every client closes."""
         self.inbox.stop()
+        self.app_events.stop()
         try:
-            await asyncio.wait_for(self.inbox_task, timeout=self.settings.job_timeout_s)
+            await asyncio.wait_for(
+                asyncio.gather(self.inbox_task, self.app_events_task),
+                timeout=self.settings.job_timeout_s,
+            )
         except TimeoutError:
             log.error("inbox_stop_timeout", why="the batch in progress is claimed again later")
         await self.inbox_redis.aclose()

@@ -21,7 +21,7 @@ from service.errors import RuleError
 from service.ids import ID
 from service.orders import reconcile, truth
 from service.processing import ProcessingDeps
-from service.queue import connect
+from service.queue import connect, target
 from service.rules.reloader import RulesHolder
 from service.salla import SallaClient
 from service.settings import Settings
@@ -104,7 +104,7 @@ def _run(
 @asynccontextmanager
 async def _deps(settings: Settings, url: str, holder: RulesHolder) -> AsyncIterator[truth.Deps]:
     redis = Redis.from_url(url, decode_responses=True)
-    pool = await connect(url)
+    pool = await connect(target(settings, url))
     http = httpx.AsyncClient(timeout=settings.salla_timeout_s)
     try:
         processing = ProcessingDeps(settings, redis, pool, holder)
