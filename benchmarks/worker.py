@@ -57,12 +57,12 @@ async def arq_ceiling(redis_url: str, jobs: int = 5000) -> int:
         for start in range(0, jobs, 500):
             await asyncio.gather(
                 *(
-                    queue.enqueue(pool, queue.PROCESS_EVENT, SAMPLE, f"d{n}", "t", job_id=f"e{n}")
+                    queue.enqueue(pool, queue.FLUSH, SAMPLE, f"d{n}", "t", job_id=f"e{n}")
                     for n in range(start, start + 500)
                 )
             )
         worker = Worker(
-            functions=[func(_noop, name=queue.PROCESS_EVENT)],
+            functions=[func(_noop, name=queue.FLUSH)],
             redis_settings=settings,
             job_serializer=queue.encode_job,
             job_deserializer=queue.decode_job,

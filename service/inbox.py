@@ -12,8 +12,8 @@ acknowledges and gives up, and imports no processing code.
 App lifecycle events are not in that stream (they carry the store's tokens and the stream is
 kept for days): they have a stream of their own, `sr:{inbox}:app-events`, read by a second
 `Inbox` of each worker (`stream=`) with `keep_for_replay=False`: an entry is deleted as it is
-acknowledged, and the stream trimmed past it (`TRIM_DONE`), so a token stays in Redis only
-until its event is processed. Not on arq's queue: that may live on a Redis whose failover can
+acknowledged, so a token stays in Redis only until its event (and the events written next to
+it) are processed. Not on arq's queue: that may live on a Redis whose failover can
 lose its last writes (service/queue.py); this stream is state, on `REDIS_URL`.
 """
 
@@ -138,28 +138,6 @@ class Entry:
     trace_id: str
     body: bytes
 
-
-# KEYS[1] a stream whose entries are deleted once processed. XDEL only marks an entry deleted
-# inside its node (up to 100 entries); the node's memory, and the entry's bytes in a snapshot,
-# go when the whole node is removed. XTRIM MINID removes every node that ends before the oldest
-# entry still there (or, with none left, past the newest id ever written), so what was processed
-# is gone from memory, RDB and DUMP alike, not just hidden.
-TRIM_DONE = """
-local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
-local minid
-if #first > 0 then
-  minid = first[1][1]
-else
-  local info = redis.call('XINFO', 'STREAM', KEYS[1])
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then
-      local ms, seq = string.match(info[i + 1], '^(%d+)-(%d+)$')
-      minid = ms .. '-' .. tostring(tonumber(seq) + 1)
-    end
-  end
-end
-return redis.call('XTRIM', KEYS[1], 'MINID', minid)
-"""
 
 #: What the reader hands each batch to: it returns the stream ids of the entries that are done
 #: (processed, or refused for good); the others stay pending.
@@ -343,12 +321,14 @@ class Inbox:
         return len(done)
 
     async def _done(self, stream_ids: list[bytes]) -> None:
-        """Acknowledge; in a stream that keeps nothing, delete and trim too (`TRIM_DONE`)."""
+        """Acknowledge; in a stream that keeps nothing, delete too."""
         if not stream_ids:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xack(self.stream, GROUP, *stream_ids)
             if not self.keep_for_replay:
+                # XDEL marks an entry deleted inside its node (up to 100 entries or 4 KB); the
+                # node, and the entry's bytes in memory and in a snapshot, go with the node's
+                # last live entry: once every event in it is processed.
                 pipe.xdel(self.stream, *stream_ids)
-                pipe.eval(TRIM_DONE, 1, self.stream)
             await pipe.execute()

@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 
 from service import keys
 from service.app import create_app, openapi_document
-from service.keys import WEBHOOK_STREAM
+from service.keys import APP_EVENTS_STREAM, WEBHOOK_STREAM
 from service.webhooks import delivery_id, parse_envelope, sign
 from tests.conftest import SECRET, fixture_bytes, make_settings
 from tests.support.servers import serve_in_thread
@@ -171,9 +171,12 @@ def fuzz_url(redis: Redis, redis_url: str) -> Iterator[str]:
 
 
 async def _queued_deliveries(redis: Redis) -> set[str]:
-    """Every delivery persisted: inbox entries and app events' arq jobs."""
-    jobs = {key.removeprefix("arq:job:evt:") async for key in redis.scan_iter("arq:job:evt:*")}
-    return jobs | {fields["delivery"] for _, fields in await redis.xrange(WEBHOOK_STREAM)}
+    """Every delivery persisted: inbox entries and app events (their own stream)."""
+    return {
+        fields["delivery"]
+        for stream in (WEBHOOK_STREAM, APP_EVENTS_STREAM)
+        for _, fields in await redis.xrange(stream)
+    }
 
 
 def _expected_delivery(body: bytes) -> str | None:

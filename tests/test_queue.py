@@ -50,7 +50,7 @@ class _Touch:
 
 def pickled_job(marker: Path) -> bytes:
     """A job in arq's default (pickle) format whose loading runs `Path(marker).touch()`."""
-    job = {"t": 1, "f": queue.PROCESS_EVENT, "a": (_Touch(marker),), "k": {}, "et": 0}
+    job = {"t": 1, "f": queue.FLUSH, "a": (_Touch(marker),), "k": {}, "et": 0}
     return pickle.dumps(job)
 
 
