@@ -478,7 +478,7 @@ class TestSentinelChaos:
             _install(cluster, FIRST)
             _install(cluster, SECOND)
             customers: dict[int, set[int]] = {FIRST: set(), SECOND: set()}
-            order_id = 0
+            order_id = lost_jobs = 0
             for _round in range(3):
                 group.hold_replica()
                 for _ in range(10):
@@ -487,14 +487,23 @@ class TestSentinelChaos:
                         _order(cluster, FIRST if order_id % 2 else SECOND, order_id)
                     )
                 old = group.master_port()
+                before = group.client(old)
+                wait_until(lambda: _queued_flushes(before, FIRST), timeout_s=20)  # noqa: B023
+                queued = _queued_flushes(before, FIRST) | _queued_flushes(before, SECOND)
+                before.close()
                 group.kill(old)
                 for _ in range(6):
                     order_id += 1
                     customers[SECOND].add(_order(cluster, SECOND, order_id))
-                group.wait_promoted(old)
+                after = group.client(group.wait_promoted(old))
+                lost_jobs += len(
+                    queued - _queued_flushes(after, FIRST) - _queued_flushes(after, SECOND)
+                )
+                after.close()
                 group.restart(old)  # it comes back as the new master's replica
                 wait_until(lambda: group.known_replicas() >= 1, timeout_s=30)
                 wait_until(
                     lambda: httpx.get(f"http://127.0.0.1:{cluster.web_port}/readyz").is_success
                 )
             _settled(cluster, state, customers)
+            assert lost_jobs  # the failovers did lose queued flushes, and nothing was lost
