@@ -358,3 +358,71 @@ class TestRedisPasswordAndOpenFiles:
         unit = configparser.ConfigParser(interpolation=None, strict=False)
         unit.read_string((DEPLOY / "systemd" / "salla-rewards-web.service").read_text())
         assert int(unit["Service"]["LimitNOFILE"]) >= OPEN_FILES_NEEDED
+
+
+def _filled(env: dict[str, str]) -> dict[str, str]:
+    """Compose's `${VAR:?message}` filled with a value, as compose would with the variable set,
+    and `${VAR:-default}` with its default."""
+    filled = {k: re.sub(r"\$\{(\w+):\?[^}]*\}", "s3cret-value", str(v)) for k, v in env.items()}
+    return {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", v) for k, v in filled.items()}
+
+
+class TestQueueSentinelVariants:
+    """The Sentinel variants of compose and Kubernetes give web and worker settings that load,
+    naming Sentinels and a master that the files themselves set up."""
+
+    compose = yaml.safe_load((DEPLOY / "compose.sentinel.yaml").read_text())
+    base = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+    def test_compose_sentinels_watch_the_master_the_service_asks_for(self) -> None:
+        services = self.compose["services"]
+        web_env, worker_env = services["web"]["environment"], services["worker"]["environment"]
+        assert web_env == worker_env and set(web_env) <= SETTINGS
+        settings = Settings(**{**_filled(self.base["services"]["web"]["environment"]),
+                               **_filled(web_env)})  # fmt: skip
+        master = settings.queue_redis_sentinel_master
+        sentinels = settings.queue_sentinels
+        assert sentinels and all(port == 26379 for _, port in sentinels)
+        for host, _ in sentinels:
+            # each Sentinel the service names is a service here, configured to watch `master`
+            command = " ".join(services[host]["command"])
+            config = re.search(r"printf\s+'([^']*)'", command)
+            assert config is not None, host
+            lines = config.group(1).split("\\n")
+            monitor = next(line.split() for line in lines if line.startswith("sentinel monitor"))
+            _, _, name, node, port, quorum = monitor
+            assert name == master and f'sentinel auth-pass {master} "%s"' in lines
+            assert node in services and f"--replica-announce-ip {node}" in " ".join(
+                services[node]["command"]
+            )
+            assert int(port) == 6379 and 1 < int(quorum) <= len(sentinels)
+            assert "sentinel resolve-hostnames yes" in lines  # before `monitor` names a host
+            assert lines.index("sentinel resolve-hostnames yes") < lines.index(" ".join(monitor))
+            assert "/data" in " ".join(services[host]["volumes"])  # its rewritten config kept
+        replicas = [s for s in services.values() if "--replicaof" in " ".join(s.get("command", []))]
+        assert replicas, "a master and no replica: nothing to fail over to"
+        # the queue nodes' password is the one in QUEUE_REDIS_URL, and required
+        assert "${QUEUE_REDIS_PASSWORD:?" in web_env["QUEUE_REDIS_URL"]
+        assert settings.queue_redis_url and "s3cret-value" in settings.queue_redis_url
+
+    def test_k8s_overlay_patches_web_and_worker_with_settings_that_load(self) -> None:
+        overlay = DEPLOY / "k8s" / "queue-sentinel"
+        kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+        assert kustomization["resources"] == ["../"]
+        deployments = k8s_deployments()
+        patched = {p["target"]["name"] for p in kustomization["patches"]}
+        assert patched == set(deployments)  # every Deployment: web and worker
+        for patch in kustomization["patches"]:
+            deployment = deployments[patch["target"]["name"]]
+            [container] = deployment["spec"]["template"]["spec"]["containers"]
+            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            for op in yaml.safe_load((overlay / patch["path"]).read_text()):
+                assert op["op"] == "add"
+                assert op["path"] == "/spec/template/spec/containers/0/env/-"
+                env[op["value"]["name"]] = op["value"]["value"]
+            assert set(env) <= SETTINGS
+            settings = make_settings(**{k.lower(): v for k, v in env.items()})
+            assert settings.queue_sentinels and settings.queue_redis_sentinel_master
+        [secret] = [d for d in k8s_docs() if d["kind"] == "Secret"]
+        assert "QUEUE_REDIS_URL" in (DEPLOY / "k8s" / "secret.example.yaml").read_text()
+        assert secret  # the Secret it tells to fill in exists
