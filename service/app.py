@@ -11,7 +11,7 @@ import contextlib
 import gc
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -186,22 +186,17 @@ async def salla_webhook(scope: Scope, receive: Receive, send: Send) -> None:
         return
     delivery = delivery_id(env.merchant, env.event, body)
     try:
-        if env.event in LIFECYCLE_EVENTS:  # few, and they carry tokens: a stream of their own
-            accepted = await state.writer.accept_app_event(
-                merchant=env.merchant,
-                event=env.event,
-                delivery=delivery,
-                body=body,
-                trace_id=trace_id,
-            )
-        else:
-            accepted = await state.writer.accept(
-                merchant=env.merchant,
-                event=env.event,
-                delivery=delivery,
-                body=body,
-                trace_id=trace_id,
-            )
+        # App events (few, and they carry tokens) have a stream of their own.
+        write: Callable[..., Awaitable[Any]] = (
+            state.writer.accept_app_event if env.event in LIFECYCLE_EVENTS else state.writer.accept
+        )
+        accepted = await write(
+            merchant=env.merchant,
+            event=env.event,
+            delivery=delivery,
+            body=body,
+            trace_id=trace_id,
+        )
     except RedisError as exc:
         # Not persisted: a non-2xx answer makes Salla deliver it again later.
         log.error(

@@ -9,6 +9,7 @@ import json
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,6 @@ from tests.conftest import (
     Service,
     authorize_data_first,
     eventually,
-    fixture_json,
     make_settings,
     running_worker,
 )
@@ -36,6 +36,7 @@ from tests.support.cli import CLI
 from tests.support.cluster import Cluster
 from tests.support.sentinel import MASTER_NAME, SentinelGroup
 from tests.support.servers import free_port, serve_in_thread, wait_until
+from tests.support.store import authorize_body
 
 STORE = 4411
 
@@ -58,15 +59,7 @@ async def queue_redis(queue_url: str) -> AsyncIterator[Redis]:
 
 
 def authorize(merchant: int, box: Sandbox) -> bytes:
-    store = box.add_store(merchant)
-    doc = fixture_json("app.store.authorize.json")
-    doc["merchant"] = merchant
-    doc["data"].update(
-        access_token=store.access_token,
-        refresh_token=store.refresh_token,
-        expires=int(store.access_expires_at),
-    )
-    return json.dumps(doc).encode()
+    return authorize_body(merchant, box.add_store(merchant))
 
 
 def completed_order(merchant: int, order_id: int, customer: int, total: int = 100) -> bytes:
@@ -187,105 +180,105 @@ def web_on(settings: Any, state_url: str) -> Iterator[Service]:
         yield Service(url, settings)
 
 
+@dataclass
+class Split:
+    """The state on the session's Redis, arq's queue on a second one, and the sandbox."""
+
+    state: Redis
+    state_url: str
+    queue: Redis
+    queue_url: str
+    box: Sandbox
+    sandbox_url: str
+
+    def settings(self, **overrides: Any) -> Any:
+        return make_settings(self.sandbox_url, queue_redis_url=self.queue_url, **overrides)
+
+    @contextlib.asynccontextmanager
+    async def running(self, **overrides: Any) -> AsyncIterator[tuple[Service, Any]]:
+        """The web (on a thread) and a worker (in this loop), both with the queue apart."""
+        settings = self.settings(**overrides)
+        with web_on(settings, self.state_url) as web:
+            async with running_worker(settings, self.state_url) as worker:
+                yield web, worker
+
+    async def queued(self, prefix: str) -> list[str]:
+        return [j for j in await self.queue.zrange("arq:queue", 0, -1) if j.startswith(prefix)]
+
+
+@pytest.fixture
+def split(
+    redis: Redis,
+    redis_url: str,
+    queue_url: str,
+    queue_redis: Redis,
+    sandbox: tuple[str, Sandbox],
+) -> Split:
+    return Split(redis, redis_url, queue_redis, queue_url, sandbox[1], sandbox[0])
+
+
 class TestSeparateQueue:
     """The queue on its own Redis: jobs there, state here, and the state remakes the jobs."""
 
-    async def test_jobs_live_on_the_queue_and_state_on_redis_url(
-        self,
-        redis: Redis,
-        redis_url: str,
-        queue_url: str,
-        queue_redis: Redis,
-        sandbox: tuple[str, Sandbox],
-    ) -> None:
-        url, box = sandbox
-        settings = make_settings(url, queue_redis_url=queue_url, batch_window_s=0.05)
-        with web_on(settings, redis_url) as web:
-            async with running_worker(settings, redis_url):
-                assert web.post_webhook(authorize(STORE, box)).status_code == 200
-                assert web.post_webhook(completed_order(STORE, 1, 501)).status_code == 200
-                await eventually(lambda: box.stores[STORE].balances.get(501) == 10)
-                assert [k async for k in queue_redis.scan_iter("arq:*")]  # cron, health check
-        assert not [k async for k in redis.scan_iter("arq:*")]  # nothing of arq's on the state
-        assert await redis.exists(keys.store(STORE))
-        assert not [k async for k in queue_redis.scan_iter("sr:*")]
+    async def test_jobs_live_on_the_queue_and_state_on_redis_url(self, split: Split) -> None:
+        async with split.running(batch_window_s=0.05) as (web, _):
+            assert web.post_webhook(authorize(STORE, split.box)).status_code == 200
+            assert web.post_webhook(completed_order(STORE, 1, 501)).status_code == 200
+            await eventually(lambda: split.box.stores[STORE].balances.get(501) == 10)
+            assert [k async for k in split.queue.scan_iter("arq:*")]  # cron, health check
+        assert not [k async for k in split.state.scan_iter("arq:*")]  # no arq key on the state
+        assert await split.state.exists(keys.store(STORE))
+        assert not [k async for k in split.queue.scan_iter("sr:*")]
 
-    async def test_the_sweep_queues_again_a_flush_the_queue_lost(
-        self,
-        redis: Redis,
-        redis_url: str,
-        queue_url: str,
-        queue_redis: Redis,
-        sandbox: tuple[str, Sandbox],
-    ) -> None:
-        url, box = sandbox
+    async def test_the_sweep_queues_again_a_flush_the_queue_lost(self, split: Split) -> None:
         # A long batch window: the order's flush job waits on the queue, to be lost there.
-        settings = make_settings(url, queue_redis_url=queue_url, batch_window_s=2.0)
-        with web_on(settings, redis_url) as web:
-            async with running_worker(settings, redis_url):
-                assert web.post_webhook(authorize(STORE, box)).status_code == 200
-                await eventually(lambda: tokens.get(redis, STORE), timeout_s=10)
-                assert web.post_webhook(completed_order(STORE, 2, 502)).status_code == 200
-                await eventually(lambda: ledger.due_count(redis, STORE))
+        async with split.running(batch_window_s=2.0) as (web, _):
+            assert web.post_webhook(authorize(STORE, split.box)).status_code == 200
+            await eventually(lambda: tokens.get(split.state, STORE))
+            assert web.post_webhook(completed_order(STORE, 2, 502)).status_code == 200
+            await eventually(lambda: ledger.due_count(split.state, STORE))
+            await eventually(lambda: split.queued(f"flush:{STORE}:"))
+            await split.queue.flushall()  # what a failover to a replica that missed it loses
+            # Nothing but the sweep (every 5 s) can queue the store's flush again.
+            await eventually(lambda: split.box.stores[STORE].balances.get(502) == 10, 20)
+        assert await split.state.zcard(keys.grant_set("pending", STORE)) == 0
 
-                async def flush_queued() -> list[str]:
-                    jobs = await queue_redis.zrange("arq:queue", 0, -1)
-                    return [j for j in jobs if j.startswith(f"flush:{STORE}:")]
-
-                await eventually(flush_queued)
-                await queue_redis.flushall()  # what a failover to a replica that missed it loses
-                # Nothing but the sweep (every 5 s) can queue the store's flush again.
-                await eventually(lambda: box.stores[STORE].balances.get(502) == 10, timeout_s=20)
-        assert await redis.zcard(keys.grant_set("pending", STORE)) == 0
-
-    async def test_a_lost_orders_reconciliation_is_queued_again(
-        self,
-        redis: Redis,
-        redis_url: str,
-        queue_url: str,
-        queue_redis: Redis,
-        sandbox: tuple[str, Sandbox],
-    ) -> None:
-        url, box = sandbox
-        settings = make_settings(url, queue_redis_url=queue_url, orders_reconcile_every_s=3600)
-        with web_on(settings, redis_url) as web:
-            async with running_worker(settings, redis_url) as worker:
-                assert web.post_webhook(authorize(STORE, box)).status_code == 200
-                await eventually(lambda: redis.sismember(keys.STORES_AUTHORIZED, str(STORE)))
-                # This period's run: started once, and finished (its mark is set).
-                await schedule_orders_reconcile(worker.ctx)
-                slot = await redis.get(keys.orders_reconcile_slot(STORE))
-                await eventually(lambda: redis.get(keys.orders_reconcile_done(STORE)))
-                assert await redis.get(keys.orders_reconcile_done(STORE)) == slot
-                assert await schedule_orders_reconcile(worker.ctx) == 0  # done: not again
-                # The same period, started but lost with the queue before it finished.
-                await redis.delete(keys.orders_reconcile_done(STORE))
-                await queue_redis.flushall()
-                assert await schedule_orders_reconcile(worker.ctx) == 1
-                await eventually(lambda: redis.get(keys.orders_reconcile_done(STORE)))
-                # Still queued or running: never twice.
-                await redis.delete(keys.orders_reconcile_done(STORE))
-                job_id = queue.orders_reconcile_id(STORE, int(slot))
-                await queue.enqueue(
-                    worker.pool, queue.ORDERS_RECONCILE, STORE, int(slot), job_id=job_id,
-                    defer_s=60,
-                )  # fmt: skip
-                assert await schedule_orders_reconcile(worker.ctx) == 0
+    async def test_a_lost_orders_reconciliation_is_queued_again(self, split: Split) -> None:
+        redis = split.state
+        async with split.running(orders_reconcile_every_s=3600) as (web, worker):
+            assert web.post_webhook(authorize(STORE, split.box)).status_code == 200
+            await eventually(lambda: redis.sismember(keys.STORES_AUTHORIZED, str(STORE)))
+            # This period's run: started once, and finished (its mark is set).
+            await schedule_orders_reconcile(worker.ctx)
+            slot = await redis.get(keys.orders_reconcile_slot(STORE))
+            await eventually(lambda: redis.get(keys.orders_reconcile_done(STORE)))
+            assert await redis.get(keys.orders_reconcile_done(STORE)) == slot
+            assert await schedule_orders_reconcile(worker.ctx) == 0  # done: not again
+            # The same period, started but lost with the queue before it finished.
+            await redis.delete(keys.orders_reconcile_done(STORE))
+            await split.queue.flushall()
+            assert await schedule_orders_reconcile(worker.ctx) == 1
+            await eventually(lambda: redis.get(keys.orders_reconcile_done(STORE)))
+            # Still queued or running: never twice.
+            await redis.delete(keys.orders_reconcile_done(STORE))
+            job_id = queue.orders_reconcile_id(STORE, int(slot))
+            await queue.enqueue(
+                worker.pool, queue.ORDERS_RECONCILE, STORE, int(slot), job_id=job_id, defer_s=60
+            )
+            assert await schedule_orders_reconcile(worker.ctx) == 0
 
 
 class TestAppEventsStream:
     """App lifecycle events: in a stream of the state store, never arq jobs, gone once done."""
 
-    async def test_tokens_are_not_kept_once_the_event_is_processed(
-        self,
-        redis: Redis,
-        redis_url: str,
-        queue_url: str,
-        queue_redis: Redis,
-        sandbox: tuple[str, Sandbox],
-    ) -> None:
-        url, _ = sandbox
-        settings = make_settings(url, queue_redis_url=queue_url)
+    async def test_tokens_are_not_kept_once_the_event_is_processed(self, split: Split) -> None:
+        redis, redis_url, queue_url, queue_redis = (
+            split.state,
+            split.state_url,
+            split.queue_url,
+            split.queue,
+        )
+        settings = split.settings()
         access_token = "AT-stream-" + "k" * 30
         with web_on(settings, redis_url) as web:
             first = authorize_data_first(STORE, access_token, "RT-stream-refresh")
@@ -351,11 +344,7 @@ FIRST, SECOND = 7_100_001, 7_100_002  # the store whose jobs the failover loses;
 def _install(cluster: Cluster, merchant: int) -> None:
     store = cluster.box.add_store(merchant, rate_limit=1000, rate_window_s=60,
                                   plan_rate_limit=1000, plan_rate_window_s=60)  # fmt: skip
-    doc = fixture_json("app.store.authorize.json")
-    doc["merchant"] = merchant
-    doc["data"].update(access_token=store.access_token, refresh_token=store.refresh_token,
-                       expires=int(store.access_expires_at))  # fmt: skip
-    cluster.post(doc)
+    cluster.post(json.loads(authorize_body(merchant, store)))
 
 
 def _order(cluster: Cluster, merchant: int, order_id: int) -> int:
@@ -386,9 +375,12 @@ def _grants_sent(state: SyncRedis, merchant: int) -> dict[int, int]:
 
 
 @contextlib.contextmanager
-def sentinel_cluster(tmp_path: Path) -> Iterator[tuple[Cluster, SentinelGroup, SyncRedis]]:
+def sentinel_cluster(
+    tmp_path: Path, workers: int
+) -> Iterator[tuple[Cluster, SentinelGroup, SyncRedis]]:
     """The state on a standalone Redis; arq's queue on a master + replica behind a Sentinel;
-    one web and one worker process that know the queue only through the Sentinel."""
+    one web and `workers` worker processes that know the queue only through the Sentinel;
+    the stores FIRST and SECOND installed."""
     box = Sandbox(rate_limit=1000, rate_window_s=60)
     (tmp_path / "sentinel").mkdir()
     group = SentinelGroup(tmp_path / "sentinel")
@@ -406,6 +398,9 @@ def sentinel_cluster(tmp_path: Path) -> Iterator[tuple[Cluster, SentinelGroup, S
         )  # fmt: skip
         client = SyncRedis.from_url(state.url)
         stack.callback(client.close)
+        cluster.start(workers=workers)
+        _install(cluster, FIRST)
+        _install(cluster, SECOND)
         yield cluster, group, client
 
 
@@ -429,10 +424,7 @@ def _settled(cluster: Cluster, state: SyncRedis, customers: dict[int, set[int]])
 @pytest.mark.timeout(240)  # five processes and a failover on a loaded 2-core machine
 class TestSentinelFailover:
     def test_a_failover_mid_traffic_loses_nothing_and_pays_once(self, tmp_path: Path) -> None:
-        with sentinel_cluster(tmp_path) as (cluster, group, state):
-            cluster.start(workers=1)
-            _install(cluster, FIRST)
-            _install(cluster, SECOND)
+        with sentinel_cluster(tmp_path, workers=1) as (cluster, group, state):
             customers: dict[int, set[int]] = {FIRST: set(), SECOND: set()}
             # End to end through the Sentinel: an order becomes points.
             customers[FIRST].add(_order(cluster, FIRST, 1))
@@ -473,10 +465,7 @@ def _inbox_left(state: SyncRedis) -> int:
 class TestSentinelChaos:
     def test_repeated_failovers_under_steady_traffic(self, tmp_path: Path) -> None:
         """Three failovers, each with the replica held behind, while orders keep coming."""
-        with sentinel_cluster(tmp_path) as (cluster, group, state):
-            cluster.start(workers=2)
-            _install(cluster, FIRST)
-            _install(cluster, SECOND)
+        with sentinel_cluster(tmp_path, workers=2) as (cluster, group, state):
             customers: dict[int, set[int]] = {FIRST: set(), SECOND: set()}
             order_id = lost_jobs = 0
             for _round in range(3):
