@@ -8,7 +8,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from service.keys import WEBHOOK_STREAM
+from service.keys import APP_EVENTS_STREAM, WEBHOOK_STREAM
 from service.webhooks import sign
 from tests.conftest import SECRET, Service, fixture_bytes
 
@@ -16,8 +16,10 @@ ORDER = fixture_bytes("order.status.updated.json")
 
 
 async def queued_jobs(redis: Redis) -> int:
-    """Deliveries persisted: inbox entries (webhooks for the rules) and app events' arq jobs."""
-    return int(await redis.xlen(WEBHOOK_STREAM)) + int(await redis.zcard("arq:queue"))
+    """Deliveries persisted: inbox entries (webhooks for the rules), app events (their own
+    stream) and any arq job (none is made by the web)."""
+    streams = [await redis.xlen(stream) for stream in (WEBHOOK_STREAM, APP_EVENTS_STREAM)]
+    return sum(streams) + int(await redis.zcard("arq:queue"))
 
 
 class TestRefusals:
@@ -108,6 +110,7 @@ class TestAcceptance:
         assert response.json()["status"] == "accepted"
         assert sign(fixture_bytes("app.store.authorize.json"), SECRET)  # the FACTS vector body
         assert await queued_jobs(redis) == 1
+        assert await redis.xlen(APP_EVENTS_STREAM) == 1  # in its own stream, not an arq job
 
 
 class TestOtherRoutes:
