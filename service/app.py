@@ -18,7 +18,6 @@ from typing import Any
 
 import orjson
 import yaml
-from arq.connections import ArqRedis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -52,10 +51,9 @@ log = get_logger("service.web")
 @dataclass
 class AppState:
     settings: Settings
-    #: The state store (`REDIS_URL`): every webhook and app event is written here.
+    #: The state store (`REDIS_URL`): every webhook and app event is written here. The web
+    #: needs no other Redis: only the admin routes (when on) hold a pool on arq's queue.
     redis: Redis
-    #: arq's queue (`QUEUE_REDIS_URL`): only the admin routes enqueue.
-    pool: ArqRedis
     holder: RulesHolder
     writer: ingest.EventWriter
 
@@ -239,7 +237,7 @@ async def healthz(request: Request) -> JSONResponse:
 
 async def readyz(request: Request) -> JSONResponse:
     """Ready when the state store answers: webhooks need nothing else (the queue's Redis is
-    the worker's business; the admin routes that enqueue answer 503 on their own)."""
+    the worker's business)."""
     state = _state(request)
     try:
         await state.redis.ping()
@@ -303,15 +301,15 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
         # Both groups before the first webhook is accepted: the worker reads from here.
         for stream in (WEBHOOK_STREAM, APP_EVENTS_STREAM):
             await ensure_group(state_redis, stream)
-        pool = await queue.connect(queue.target(settings, redis_url))
         writer = ingest.EventWriter(
             state_redis,
             seen_ttl_s=settings.dedupe_ttl_s,
             retention_days=settings.webhook_retention_days,
         )
-        app.state.service = AppState(settings, state_redis, pool, holder, writer)
-        admin_redis = None
-        if admin_token:
+        app.state.service = AppState(settings, state_redis, holder, writer)
+        admin_redis = pool = None
+        if admin_token:  # the only part of the web that enqueues (a retry, a campaign)
+            pool = await queue.connect(queue.target(settings, redis_url))
             admin_redis = Redis.from_url(redis_url, decode_responses=True)
             deps = ProcessingDeps(settings, admin_redis, pool, holder)
             app.state.admin = AdminState(admin_token, admin_redis, deps)
@@ -331,10 +329,11 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
                 yield
         finally:
             await writer.aclose()
-            await pool.aclose()
             await state_redis.aclose()
             if admin_redis is not None:
                 await admin_redis.aclose()
+            if pool is not None:
+                await pool.aclose()
 
     return Starlette(
         routes=[

@@ -451,6 +451,9 @@ class TestSentinelFailover:
             _settled(cluster, state, customers)
             worker_log = (tmp_path / "worker0.log").read_text()
             assert "worker_redis_back" in worker_log  # arq's loop met the failover and resumed
+            check = subprocess.run([*CLI, "worker", "--check"], env=cluster.env, cwd=ROOT_DIR,
+                                   capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert check.returncode == 0, check.stderr  # through the Sentinel, after it all
             print(f"failover: {failover_s:.1f} s from SIGKILL to a promoted master")
 
 
