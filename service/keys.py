@@ -28,6 +28,7 @@ hashes to one Redis Cluster slot and one Lua script can touch any of it:
     sr:{m:M}:rl / sr:{m:M}:rl-plan    hash  the customers and plan rate-limit buckets
     sr:{m:M}:orders-rec               hash  a reconciliation's place
     sr:{m:M}:orders-rec-slot          str   the period a reconciliation last started in
+                                            (`<period>+`: started, lost, and queued again)
     sr:{m:M}:orders-rec-done          str   the period a reconciliation last finished in (a
                                             started one that neither finished nor is on the
                                             queue was lost with it: the scheduler queues it again)

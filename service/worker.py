@@ -74,9 +74,10 @@ async def schedule_orders_reconcile(ctx: dict[str, Any]) -> int:
     over the period (a store's offset comes from its id) so that no minute is heavy.
 
     A run this period started (its marker is set) that arq no longer has and that did not
-    finish was lost with the queue (a failover): it is queued again. arq is asked first, the
-    finish mark read second: a job finishes by setting its mark before arq forgets it, so a
-    run that finished in between is not queued twice."""
+    finish was lost with the queue (a failover): it is queued again, once per period (the
+    marker then reads `<slot>+`), so a run that fails for good waits for the next period as
+    before. arq is asked first, the finish mark read second: a job finishes by setting its
+    mark before arq forgets it, so a run that finished in between is not queued twice."""
     deps = of(ctx).delivery
     every = deps.settings.orders_reconcile_every_s
     if every <= 0:
@@ -87,12 +88,17 @@ async def schedule_orders_reconcile(ctx: dict[str, Any]) -> int:
         merchant = int(raw)
         slot = (now + merchant % every) // every
         marker = keys.orders_reconcile_slot(merchant)
-        if await deps.redis.set(marker, str(slot), ex=every * 2, get=True) == str(slot):
+        last = await deps.redis.get(marker)
+        if last == f"{slot}+":  # queued again once this period already
+            continue
+        if last == str(slot):
             if await queue.job_known(deps.pool, queue.orders_reconcile_id(merchant, slot)):
                 continue
             if await deps.redis.get(keys.orders_reconcile_done(merchant)) == str(slot):
                 continue
             log.warning("job_recreated", job=queue.ORDERS_RECONCILE, merchant=merchant, slot=slot)
+        # Two schedulers at once (arq's cron lock makes it rare) queue one job: same id.
+        await deps.redis.set(marker, f"{slot}+" if last == str(slot) else str(slot), ex=every * 2)
         await queue.enqueue_orders_reconcile(deps.pool, merchant, slot=slot)
         started += 1
     return started
