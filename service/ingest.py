@@ -73,8 +73,7 @@ class EventWriter:
     call at a time, on a connection of its own, carries every delivery that arrived while the
     previous call was out (a burst's deliveries share a round trip and a script run; a lone
     one goes at once). Per delivery, the web process pays a list append and an awaited future,
-    not a Redis command. App events (few; each its own arq job) go through the pool's
-    auto-pipeline. Each delivery still gets its own answer: a Redis error fails exactly the
+    not a Redis command. Each delivery still gets its own answer: a Redis error fails exactly the
     deliveries of that call (they answer 503; Salla re-sends, and the "seen" mark makes any that
     did land a duplicate, not a loss). App events (few) are written one call each
     (`accept_app_event`), with the same script, on the state store's pool.

@@ -119,7 +119,8 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
     metrics.INBOX_BACKLOG.labels("pending").set(waiting.pending)
     metrics.INBOX_BACKLOG.labels("unread").set(waiting.unread)
     metrics.INBOX_OLDEST.set(waiting.oldest_age_s)
-    await inbox.forget_idle_consumers(deps.redis)
+    for stream in (keys.WEBHOOK_STREAM, keys.APP_EVENTS_STREAM):
+        await inbox.forget_idle_consumers(deps.redis, stream=stream)
     await ledger.trim_grant_log(deps.redis)
     returned = unknown = flushed = 0
     for merchant in await ledger.stores_with_work(deps.redis):
