@@ -33,6 +33,8 @@ Keys written together with the inbox stream (the web's group commit) carry the i
 
     sr:{inbox}:webhooks               stream every accepted webhook (the inbox and replay log)
     sr:{inbox}:seen:<delivery>        str   a delivery already accepted (dedupe)
+    sr:{inbox}:durable-mark           str   written by the web after an app event's job, so
+                                            that WAITAOF on its own connection covers the job
 
 Cross-store keys are few, and never written inside a script that works on one store's keys
 (they live in other slots): the ledger adds a store to a set in a separate command.
@@ -62,6 +64,7 @@ GRANT_LOG = f"{PREFIX}grant-log"
 INBOX_TAG = "{inbox}"
 WEBHOOK_STREAM = f"{PREFIX}{INBOX_TAG}:webhooks"
 SEEN_PREFIX = f"{PREFIX}{INBOX_TAG}:seen:"
+DURABLE_MARK = f"{PREFIX}{INBOX_TAG}:durable-mark"
 #: The consumer group the workers read the inbox as (a name inside the stream, not a key).
 INBOX_GROUP = "workers"
 

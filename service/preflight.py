@@ -1,5 +1,6 @@
-"""Start-up checks: a busy port or an unreachable Redis is a `ConfigError` (one sentence and a
-hint, exit 2) before anything starts, instead of a traceback or a minute of retries later."""
+"""Start-up checks: a busy port, an unreachable Redis, or a Redis that cannot give the
+`WEBHOOK_DURABILITY` asked for is a `ConfigError` (one sentence and a hint, exit 2) before
+anything starts, instead of a traceback, a minute of retries, or every webhook answering 503."""
 
 from __future__ import annotations
 
@@ -59,6 +60,56 @@ def redis_reachable(url: str, timeout_s: float = REDIS_CHECK_TIMEOUT_S) -> str:
     finally:
         client.close()
     return url
+
+
+def durable_writes(url: str, durability: str, timeout_s: float = REDIS_CHECK_TIMEOUT_S) -> None:
+    """Refuse `WEBHOOK_DURABILITY=fsync|replica` against a Redis that cannot confirm a write
+    on disk: one without `WAITAOF` (before Redis 7.2 / Valkey 8.0), or with `appendonly no`.
+
+    Asked of the server, not read from its version: `WAITAOF 1 0` on this fresh connection,
+    which has written nothing, answers at once, or with the server's refusal: an unknown
+    command (older servers, or renamed away), AOF off, a replica. (`COMMAND INFO` would say
+    whether the command exists, but redis-py's parser of its answer fails on the nil an
+    unknown command gets.) `replica` does not need a replica connected at start-up: until
+    one is, webhooks answer 503, and Salla sends them again."""
+    from redis import Redis
+    from redis.exceptions import RedisError, ResponseError
+
+    from service import redis_url as urls
+
+    if durability == "buffered":
+        return
+    where = urls.redact(url)
+    client = Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        try:
+            client.waitaof(1, 0, 1)
+        except ResponseError as exc:
+            if "unknown command" in str(exc).lower():
+                raise ConfigError(
+                    f"WEBHOOK_DURABILITY={durability} needs WAITAOF, which the Redis at {where} "
+                    "does not have (Redis 7.2+ and Valkey 8+ have it)",
+                    hint="upgrade Redis, or set WEBHOOK_DURABILITY=buffered",
+                ) from None
+            if "appendonly" in str(exc):
+                raise ConfigError(
+                    f"WEBHOOK_DURABILITY={durability} needs Redis's AOF, but the Redis at "
+                    f"{where} runs with appendonly no",
+                    hint="turn it on (appendonly yes in its configuration, or CONFIG SET "
+                    "appendonly yes), or set WEBHOOK_DURABILITY=buffered",
+                ) from None
+            raise ConfigError(
+                f"WEBHOOK_DURABILITY={durability}: the Redis at {where} refuses WAITAOF "
+                f"({_reason(exc)})",
+                hint="point REDIS_URL at the primary, or set WEBHOOK_DURABILITY=buffered",
+            ) from None
+    except (RedisError, OSError) as exc:
+        raise ConfigError(
+            f"cannot reach Redis at {where}: {_reason(exc)}",
+            hint="start it, fix REDIS_URL, or unset REDIS_URL to use the embedded Redis",
+        ) from None
+    finally:
+        client.close()
 
 
 def _reason(exc: BaseException) -> str:

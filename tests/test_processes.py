@@ -317,8 +317,8 @@ class TestConfigurationMistakes:
         if command == "run":  # checked before anything starts
             assert refusal["error"] == f"cannot listen on 127.0.0.1:{taken}: Address already in use"
             assert "EMBEDDED_REDIS_PORT" in refusal["hint"]
-        else:  # redis-server's own reason, from its log file
-            assert refusal["error"].startswith("the embedded redis-server exited with status 1")
+        else:  # valkey-server's own reason, from its log file
+            assert refusal["error"].startswith("the embedded valkey-server exited with status 1")
             assert (
                 f"listening socket 127.0.0.1:{taken}: bind: Address already in use"
                 in (refusal["error"])
