@@ -22,11 +22,19 @@ from service.embedded import EmbeddedRedis
 from service.errors import ConfigError
 from service.keys import WEBHOOK_STREAM
 from service.settings import load_settings
-from tests.conftest import ROOT_DIR, SECRET, Service, fixture_json, make_settings
+from tests.conftest import (
+    ROOT_DIR,
+    SECRET,
+    Service,
+    authorize_data_first,
+    fixture_json,
+    make_settings,
+)
 from tests.support.processes import run_env
 from tests.support.servers import free_port, serve_in_thread, wait_until
 
 CLI = [sys.executable, "-m", "service"]
+MERCHANT = 193718979  # the store of Salla's sample order
 #: Short, so that a delivery Redis cannot confirm answers 503 quickly.
 TIMEOUT_S = 0.5
 
@@ -118,17 +126,22 @@ class TestFsync:
     def test_a_redis_whose_aof_is_turned_off_answers_503_and_the_resend_lands_once(
         self, primary: EmbeddedRedis
     ) -> None:
+        authorize = authorize_data_first(MERCHANT, "access-token", "refresh-token")
         with web_on(primary.url) as web, Redis.from_url(primary.url) as client:
             client.config_set("appendonly", "no")
             first = web.post_webhook(order_webhook(1))
             assert first.status_code == 503  # written in memory, not confirmed on disk
             assert first.json()["status"] == "error"
+            # An app event (its own arq job, on a pooled connection) waits the same way.
+            assert web.post_webhook(authorize).status_code == 503
             client.config_set("appendonly", "yes")  # Redis rewrites its AOF from memory
             wait_until(lambda: client.info("persistence")["aof_rewrite_in_progress"] == 0)
             again = web.post_webhook(order_webhook(1))  # Salla sends it again
             assert again.status_code == 200
             assert again.json()["status"] == "duplicate"
             assert len(deliveries(client)) == 1  # landed once: not lost, not doubled
+            assert web.post_webhook(authorize).json()["status"] == "duplicate"  # queued once
+            assert client.zcard("arq:queue") == 1
 
 
 class TestStartUpRefusal:
