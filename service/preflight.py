@@ -53,10 +53,7 @@ def redis_reachable(url: str, timeout_s: float = REDIS_CHECK_TIMEOUT_S) -> str:
     try:
         client.ping()
     except (RedisError, OSError) as exc:
-        raise ConfigError(
-            f"cannot reach Redis at {urls.redact(url)}: {_reason(exc)}",
-            hint="start it, fix REDIS_URL, or unset REDIS_URL to use the embedded Redis",
-        ) from None
+        raise _unreachable(url, exc) from None
     finally:
         client.close()
     return url
@@ -104,12 +101,18 @@ def durable_writes(url: str, durability: str, timeout_s: float = REDIS_CHECK_TIM
                 hint="point REDIS_URL at the primary, or set WEBHOOK_DURABILITY=buffered",
             ) from None
     except (RedisError, OSError) as exc:
-        raise ConfigError(
-            f"cannot reach Redis at {where}: {_reason(exc)}",
-            hint="start it, fix REDIS_URL, or unset REDIS_URL to use the embedded Redis",
-        ) from None
+        raise _unreachable(url, exc) from None
     finally:
         client.close()
+
+
+def _unreachable(url: str, exc: BaseException) -> ConfigError:
+    from service import redis_url as urls
+
+    return ConfigError(
+        f"cannot reach Redis at {urls.redact(url)}: {_reason(exc)}",
+        hint="start it, fix REDIS_URL, or unset REDIS_URL to use the embedded Redis",
+    )
 
 
 def _reason(exc: BaseException) -> str:
