@@ -180,9 +180,9 @@ class TestRun:
         sweeps = [j for j in jobs if j["function"] == "cron:sweep"]
         assert sweeps and all(j["level"] == "debug" for j in sweeps)
         # The embedded Redis wrote its own output to its file, not into this stream.
-        assert "Redis is starting" not in text
+        assert "Valkey is starting" not in text
         redis_log = (session.data_dir / "redis" / "redis-server.log").read_text()
-        assert "Redis is starting" in redis_log
+        assert "Valkey is starting" in redis_log
         order = [
             line
             for line in story

@@ -77,7 +77,7 @@ class TestServeAndWorkerStopTheirRedis:
             assert not listening(redis_port)
             assert wait_session_empty(proc.pid) == []
         # Its own output went to its file, not into the service's log.
-        assert "Redis is starting" not in log.read_text()
+        assert "Valkey is starting" not in log.read_text()
         assert (tmp_path / "var" / "redis" / "redis-server.log").stat().st_size > 0
 
     def test_a_redis_it_did_not_start_is_left_running(self, tmp_path: Path, redis_url: str) -> None:
