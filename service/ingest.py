@@ -21,9 +21,10 @@ from redis.exceptions import RedisError
 
 from service import autopipe, queue
 from service.keys import DURABLE_MARK, INBOX_GROUP, SEEN_PREFIX, WEBHOOK_STREAM
+from service.settings import Durability
 
 #: `WEBHOOK_DURABILITY` -> the replicas `WAITAOF` asks for (None: no wait).
-REPLICAS_TO_WAIT_FOR = {"buffered": None, "fsync": 0, "replica": 1}
+REPLICAS_TO_WAIT_FOR: dict[Durability, int | None] = {"buffered": None, "fsync": 0, "replica": 1}
 
 # KEYS: the inbox stream, then each delivery's "seen" key; ARGV: seen TTL s, MINID ("" = keep
 # all), the workers' group, then per delivery: its JSON header [merchant, event, delivery,
@@ -123,7 +124,7 @@ class EventWriter:
         *,
         seen_ttl_s: int,
         retention_days: int,
-        durability: str = "buffered",
+        durability: Durability = "buffered",
         durability_timeout_s: float = 2.0,
     ) -> None:
         self.pool = pool
@@ -238,6 +239,9 @@ class EventWriter:
                 self.pool, queue.PROCESS_EVENT, body, delivery, trace_id, job_id=f"evt:{delivery}"
             )
         if self._replicas is not None:
-            await self._conn.set(DURABLE_MARK, "1")
+            try:
+                await self._conn.set(DURABLE_MARK, "1")
+            except RedisConnectionError:  # the held connection went stale: once more, anew
+                await self._conn.set(DURABLE_MARK, "1")
             await self._wait_durable()
         return queued

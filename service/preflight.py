@@ -10,6 +10,9 @@ from service.errors import ConfigError
 
 #: How long start-up waits for Redis to answer before calling it unreachable.
 REDIS_CHECK_TIMEOUT_S = 3.0
+#: How long start-up waits for Redis to confirm a test write on disk (`durable_writes`; a
+#: primary with `appendfsync everysec` does it at once for a waiting `WAITAOF`).
+FSYNC_CHECK_TIMEOUT_S = 1.0
 
 
 def bind(host: str, port: int, option: str) -> socket.socket:
@@ -61,18 +64,21 @@ def redis_reachable(url: str, timeout_s: float = REDIS_CHECK_TIMEOUT_S) -> str:
 
 def durable_writes(url: str, durability: str, timeout_s: float = REDIS_CHECK_TIMEOUT_S) -> None:
     """Refuse `WEBHOOK_DURABILITY=fsync|replica` against a Redis that cannot confirm a write
-    on disk: one without `WAITAOF` (before Redis 7.2 / Valkey 8.0), or with `appendonly no`.
+    on disk: one without `WAITAOF` (before Redis 7.2 / Valkey 8.0), with `appendonly no`, or
+    with `appendfsync no`.
 
     Asked of the server, not read from its version: `WAITAOF 1 0` on this fresh connection,
     which has written nothing, answers at once, or with the server's refusal: an unknown
     command (older servers, or renamed away), AOF off, a replica. (`COMMAND INFO` would say
     whether the command exists, but redis-py's parser of its answer fails on the nil an
-    unknown command gets.) `replica` does not need a replica connected at start-up: until
+    unknown command gets.) Then one write (the `DURABLE_MARK` key, the web's own) and the wait
+    the web makes for it. `replica` does not need a replica connected at start-up: until
     one is, webhooks answer 503, and Salla sends them again."""
     from redis import Redis
     from redis.exceptions import RedisError, ResponseError
 
     from service import redis_url as urls
+    from service.keys import DURABLE_MARK
 
     if durability == "buffered":
         return
@@ -100,6 +106,19 @@ def durable_writes(url: str, durability: str, timeout_s: float = REDIS_CHECK_TIM
                 f"({_reason(exc)})",
                 hint="point REDIS_URL at the primary, or set WEBHOOK_DURABILITY=buffered",
             ) from None
+        # A write, then the wait the web will make: `appendfsync no` accepts WAITAOF and never
+        # confirms anything (every webhook would wait its timeout and answer 503).
+        client.set(DURABLE_MARK, "1")
+        # redis-py types its sync and async clients' answers alike (Awaitable | Any).
+        wait_ms = round(FSYNC_CHECK_TIMEOUT_S * 1000)
+        confirmed: list[int] = client.waitaof(1, 0, wait_ms)  # type: ignore[assignment]
+        if confirmed[0] < 1:
+            raise ConfigError(
+                f"WEBHOOK_DURABILITY={durability}: the Redis at {where} did not confirm a write "
+                f"on disk within {FSYNC_CHECK_TIMEOUT_S:g}s (with appendfsync no it never does)",
+                hint="set its appendfsync to everysec or always, "
+                "or set WEBHOOK_DURABILITY=buffered",
+            )
     except (RedisError, OSError) as exc:
         raise _unreachable(url, exc) from None
     finally:

@@ -33,6 +33,10 @@ DEVELOPMENT_WEBHOOK_SECRET = "dev-webhook-secret"  # noqa: S105 - development on
 ENV_FILE_VARIABLE = "SALLA_REWARDS_ENV_FILE"
 
 
+#: `WEBHOOK_DURABILITY`: what a webhook's 200 waits for (see `service.ingest`).
+Durability = Literal["buffered", "fsync", "replica"]
+
+
 class Settings(BaseSettings):
     """Every knob of the service. Field names map to upper-case environment variables."""
 
@@ -71,7 +75,7 @@ class Settings(BaseSettings):
     #: When a webhook's 200 is sent: `buffered`, once Redis holds it in memory (its AOF is
     #: fsynced within the second: a crash can lose that second); `fsync`, once it is in Redis's
     #: AOF on disk (`WAITAOF 1 0`); `replica`, once also in a replica's AOF (`WAITAOF 1 1`).
-    webhook_durability: Literal["buffered", "fsync", "replica"] = "fsync"
+    webhook_durability: Durability = "fsync"
     #: How long a group commit waits for that; deliveries not confirmed by then answer 503.
     webhook_durability_timeout_s: float = Field(default=2.0, gt=0, le=60)
 

@@ -152,8 +152,9 @@ class TestStartUpRefusal:
         [
             (("--appendonly", "no"), "runs with appendonly no", "appendonly yes"),
             (("--rename-command", "WAITAOF", ""), "needs WAITAOF, which the Redis", "buffered"),
+            (("--appendfsync", "no"), "did not confirm a write on disk", "appendfsync"),
         ],
-        ids=["aof_off", "no_waitaof"],
+        ids=["aof_off", "no_waitaof", "never_fsyncs"],
     )
     @pytest.mark.parametrize("mode", ["fsync", "replica"])
     def test_one_sentence_and_a_hint_exit_2(
@@ -182,7 +183,7 @@ class TestStartUpRefusal:
         assert result.returncode == 2
         (line,) = (result.stdout + result.stderr).splitlines()  # no traceback
         refusal = json.loads(line)
-        assert refusal["error"].startswith(f"WEBHOOK_DURABILITY={mode} needs ")
+        assert refusal["error"].startswith(f"WEBHOOK_DURABILITY={mode}")
         assert error in refusal["error"]
         assert hint in refusal["hint"]
 
