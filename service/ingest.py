@@ -14,10 +14,17 @@ import time
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from service.keys import APP_EVENTS_STREAM, INBOX_GROUP, SEEN_PREFIX, WEBHOOK_STREAM
+from service.settings import Durability
+
+#: `WEBHOOK_DURABILITY` -> the replicas `WAITAOF` asks for (None: no wait).
+REPLICAS_TO_WAIT_FOR: dict[Durability, int | None] = {"buffered": None, "fsync": 0, "replica": 1}
 
 # KEYS: the inbox stream, then each delivery's "seen" key; ARGV: seen TTL s, MINID ("" = keep
 # all), the workers' group, then per delivery: its JSON header [merchant, event, delivery,
@@ -26,7 +33,11 @@ from service.keys import APP_EVENTS_STREAM, INBOX_GROUP, SEEN_PREFIX, WEBHOOK_ST
 # cost, for a group of deliveries at once (`EventWriter`): each is refused if seen, else marked
 # seen and appended to the inbox (which is also the replay log); a script runs atomically. A
 # stream this creates gets the workers' group with its first entry, so no entry can fall before
-# the group's start, whenever a worker first looks.
+# the group's start, whenever a worker first looks. A delivery seen before is written again
+# (its mark, unchanged): a write of this call, after the first attempt's, so the `WAITAOF` that
+# follows covers the first attempt too. Without it, a re-send of a delivery whose first attempt
+# answered 503 (written, not yet on disk) would answer 200 at once, and a crash could still
+# lose it.
 ACCEPT_WEBHOOKS = """
 local stream, ttl, minid = KEYS[1], ARGV[1], ARGV[2]
 local new = redis.call('EXISTS', stream) == 0
@@ -44,6 +55,7 @@ for i = 2, #KEYS do
     end
     out[#out + 1] = 1
   else
+    redis.call('SET', KEYS[i], '1', 'XX', 'KEEPTTL')
     out[#out + 1] = 0
   end
 end
@@ -55,6 +67,29 @@ return out
 
 #: Deliveries per `ACCEPT_WEBHOOKS` call at most: more waiting go in the next call.
 ACCEPT_BATCH = 256
+
+
+class NotDurable(RedisError):
+    """Redis did not confirm, within the timeout, that a write is in its AOF on disk (or on a
+    replica's, as `WEBHOOK_DURABILITY` asks): what it holds may still be lost, so the
+    deliveries answer 503 like any other failed write, and Salla sends them again."""
+
+
+def _held_connection(pool: Redis) -> Redis:
+    """A client on one connection of its own, like the pool's, that never sends a command
+    again by itself (redis-py does after a timeout when the URL says `retry_on_timeout`): a
+    `WAITAOF` sent again on a new connection would wait for that connection's writes (none)
+    and confirm at once what was never confirmed. A failed command fails its call; the next
+    call connects again."""
+    source = pool.connection_pool
+    options = {
+        **source.connection_kwargs,
+        "retry": Retry(NoBackoff(), 0),
+        "retry_on_timeout": False,
+        "retry_on_error": [],
+    }
+    one = ConnectionPool(connection_class=source.connection_class, max_connections=1, **options)
+    return Redis(connection_pool=one, single_connection_client=True)
 
 
 def _settle(batch: list[tuple[str, list[Any], asyncio.Future[Any]]], results: list[Any]) -> None:
@@ -76,17 +111,32 @@ class EventWriter:
     not a Redis command. Each delivery still gets its own answer: a Redis error fails exactly the
     deliveries of that call (they answer 503; Salla re-sends, and the "seen" mark makes any that
     did land a duplicate, not a loss). App events (few) are written one call each
-    (`accept_app_event`), with the same script, on the state store's pool.
+    (`accept_app_event`), with the same script, on the same connection.
+
+    `durability` (`WEBHOOK_DURABILITY`): with `fsync` or `replica`, each call is followed, on
+    the same connection, by one `WAITAOF` (its cost shared by the call's deliveries); a call
+    Redis does not confirm within `durability_timeout_s` fails as a whole (`NotDurable`).
     """
 
-    def __init__(self, pool: Redis, *, seen_ttl_s: int, retention_days: int) -> None:
+    def __init__(
+        self,
+        pool: Redis,
+        *,
+        seen_ttl_s: int,
+        retention_days: int,
+        durability: Durability = "buffered",
+        durability_timeout_s: float = 2.0,
+    ) -> None:
         self.pool = pool
         self.seen_ttl_s = seen_ttl_s
         self.retention_days = retention_days
-        # A connection held for the writer: no pool checkout (and its liveness probe) per call.
-        self._conn = pool.client()
+        self.durability = durability
+        self._replicas = REPLICAS_TO_WAIT_FOR[durability]
+        self._wait_ms = max(1, round(durability_timeout_s * 1000))
+        # A connection held for the writer: no pool checkout (and its liveness probe) per call,
+        # and the connection `WAITAOF` asks about is the one that wrote.
+        self._conn = _held_connection(pool)
         self._accept = self._conn.register_script(ACCEPT_WEBHOOKS)  # EVALSHA; loads if missing
-        self._accept_app = pool.register_script(ACCEPT_WEBHOOKS)
         self._waiting: list[tuple[str, list[Any], asyncio.Future[Any]]] = []
         self._sender: asyncio.Task[None] | None = None
 
@@ -129,8 +179,10 @@ class EventWriter:
             except RedisConnectionError:
                 # The held connection went stale (say Redis restarted since the last call): once
                 # more, on a new one. Safe even if the first call ran: "seen" marks make a
-                # delivery that landed answer as a duplicate, never land twice.
+                # delivery that landed answer as a duplicate, never land twice (and the second
+                # call writes its marks again, so the wait below covers the first call's writes).
                 results = await self._accept(keys=keys, args=args)
+            await self._wait_durable()
         except Exception as exc:  # nothing of this call is known to be persisted: all fail
             results = [exc] * len(batch)
         except BaseException:  # cancelled: the process is stopping
@@ -138,9 +190,23 @@ class EventWriter:
             raise
         _settle(batch, results)
 
+    async def _wait_durable(self) -> None:
+        """Return once every write this connection made is in Redis's AOF on disk (and in a
+        replica's, for `replica`); raise `NotDurable` if that takes longer than the timeout.
+        `WAITAOF` counts the writes of the connection it is sent on, up to its last one."""
+        if self._replicas is None:  # buffered: Redis fsyncs its AOF each second on its own
+            return
+        local, replicas = await self._conn.waitaof(1, self._replicas, self._wait_ms)
+        if local < 1 or replicas < self._replicas:
+            where = "on disk" if self._replicas == 0 else f"on disk and on {self._replicas} replica"
+            raise NotDurable(
+                f"Redis did not confirm the write {where} within {self._wait_ms} ms"
+                f" (WAITAOF: local {local}, replicas {replicas})"
+            )
+
     async def aclose(self) -> None:
-        """Give the writer's connection back to the pool."""
-        await self._conn.aclose()
+        """Close the writer's connection."""
+        await self._conn.aclose(close_connection_pool=True)
 
     def _minid(self) -> str:
         """The oldest entry id retention keeps ("" keeps all)."""
@@ -156,11 +222,16 @@ class EventWriter:
         Marked seen as it is written, as the inbox's deliveries are: a duplicate that arrives
         before a worker processed the first is refused here (lifecycle handlers are upserts
         ordered by event time, so one processed twice would be harmless too). Never retained:
-        the worker deletes it once processed (service/inbox.py).
+        the worker deletes it once processed (service/inbox.py). On the writer's own
+        connection, so the same `WAITAOF` covers it (a call of the group commit may run
+        between the two: the wait then covers that call's writes too, which is harmless).
         """
         header = orjson.dumps([str(merchant), event, delivery, trace_id])
-        results: list[Any] = await self._accept_app(
-            keys=[APP_EVENTS_STREAM, SEEN_PREFIX + delivery],
-            args=[self.seen_ttl_s, "", INBOX_GROUP, header, body],
-        )
+        keys: list[Any] = [APP_EVENTS_STREAM, SEEN_PREFIX + delivery]
+        args: list[Any] = [self.seen_ttl_s, "", INBOX_GROUP, header, body]
+        try:
+            results: list[Any] = await self._accept(keys=keys, args=args)
+        except RedisConnectionError:  # the held connection went stale: once more, anew
+            results = await self._accept(keys=keys, args=args)
+        await self._wait_durable()
         return bool(results[0])

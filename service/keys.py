@@ -40,6 +40,8 @@ Keys written together with the inbox stream (the web's group commit) carry the i
                                             until a worker processed them: each entry is
                                             deleted once acknowledged, never kept for replay
     sr:{inbox}:seen:<delivery>        str   a delivery already accepted (dedupe)
+    sr:{inbox}:durable-mark           str   written by `serve`'s start-up check, to see that a
+                                            write reaches the AOF on disk (service/preflight.py)
 
 arq's own keys (`arq:queue`, `arq:job:<id>`, ...) live on the queue's Redis (`QUEUE_REDIS_URL`,
 by default this one): nothing there is the only copy of anything (service/queue.py).
@@ -73,6 +75,7 @@ INBOX_TAG = "{inbox}"
 WEBHOOK_STREAM = f"{PREFIX}{INBOX_TAG}:webhooks"
 APP_EVENTS_STREAM = f"{PREFIX}{INBOX_TAG}:app-events"
 SEEN_PREFIX = f"{PREFIX}{INBOX_TAG}:seen:"
+DURABLE_MARK = f"{PREFIX}{INBOX_TAG}:durable-mark"
 #: The consumer group the workers read both streams as (a name inside a stream, not a key).
 INBOX_GROUP = "workers"
 

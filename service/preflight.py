@@ -1,5 +1,6 @@
-"""Start-up checks: a busy port or an unreachable Redis is a `ConfigError` (one sentence and a
-hint, exit 2) before anything starts, instead of a traceback or a minute of retries later."""
+"""Start-up checks: a busy port, an unreachable Redis, or a Redis that cannot give the
+`WEBHOOK_DURABILITY` asked for is a `ConfigError` (one sentence and a hint, exit 2) before
+anything starts, instead of a traceback, a minute of retries, or every webhook answering 503."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ if TYPE_CHECKING:
 
 #: How long start-up waits for Redis to answer before calling it unreachable.
 REDIS_CHECK_TIMEOUT_S = 3.0
+#: How long start-up waits for Redis to confirm a test write on disk (`durable_writes`; a
+#: primary with `appendfsync everysec` does it at once for a waiting `WAITAOF`).
+FSYNC_CHECK_TIMEOUT_S = 1.0
 
 
 def bind(host: str, port: int, option: str) -> socket.socket:
@@ -56,13 +60,82 @@ def redis_reachable(url: str, timeout_s: float = REDIS_CHECK_TIMEOUT_S) -> str:
     try:
         client.ping()
     except (RedisError, OSError) as exc:
-        raise ConfigError(
-            f"cannot reach Redis at {urls.redact(url)}: {_reason(exc)}",
-            hint="start it, fix REDIS_URL, or unset REDIS_URL to use the embedded Redis",
-        ) from None
+        raise _unreachable(url, exc) from None
     finally:
         client.close()
     return url
+
+
+def durable_writes(url: str, durability: str, timeout_s: float = REDIS_CHECK_TIMEOUT_S) -> None:
+    """Refuse `WEBHOOK_DURABILITY=fsync|replica` against a Redis that cannot confirm a write
+    on disk: one without `WAITAOF` (before Redis 7.2 / Valkey 8.0), with `appendonly no`, or
+    with `appendfsync no`.
+
+    Asked of the server, not read from its version: `WAITAOF 1 0` on this fresh connection,
+    which has written nothing, answers at once, or with the server's refusal: an unknown
+    command (older servers, or renamed away), AOF off, a replica. (`COMMAND INFO` would say
+    whether the command exists, but redis-py's parser of its answer fails on the nil an
+    unknown command gets.) Then one write (the `DURABLE_MARK` key, the web's own) and the wait
+    the web makes for it. `replica` does not need a replica connected at start-up: until
+    one is, webhooks answer 503, and Salla sends them again."""
+    from redis import Redis
+    from redis.exceptions import RedisError, ResponseError
+
+    from service import redis_url as urls
+    from service.keys import DURABLE_MARK
+
+    if durability == "buffered":
+        return
+    where = urls.redact(url)
+    client = Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        try:
+            client.waitaof(1, 0, 1)
+        except ResponseError as exc:
+            if "unknown command" in str(exc).lower():
+                raise ConfigError(
+                    f"WEBHOOK_DURABILITY={durability} needs WAITAOF, which the Redis at {where} "
+                    "does not have (Redis 7.2+ and Valkey 8+ have it)",
+                    hint="upgrade Redis, or set WEBHOOK_DURABILITY=buffered",
+                ) from None
+            if "appendonly" in str(exc):
+                raise ConfigError(
+                    f"WEBHOOK_DURABILITY={durability} needs Redis's AOF, but the Redis at "
+                    f"{where} runs with appendonly no",
+                    hint="turn it on (appendonly yes in its configuration, or CONFIG SET "
+                    "appendonly yes), or set WEBHOOK_DURABILITY=buffered",
+                ) from None
+            raise ConfigError(
+                f"WEBHOOK_DURABILITY={durability}: the Redis at {where} refuses WAITAOF "
+                f"({_reason(exc)})",
+                hint="point REDIS_URL at the primary, or set WEBHOOK_DURABILITY=buffered",
+            ) from None
+        # A write, then the wait the web will make: `appendfsync no` accepts WAITAOF and never
+        # confirms anything (every webhook would wait its timeout and answer 503).
+        client.set(DURABLE_MARK, "1")
+        # redis-py types its sync and async clients' answers alike (Awaitable | Any).
+        wait_ms = round(FSYNC_CHECK_TIMEOUT_S * 1000)
+        confirmed: list[int] = client.waitaof(1, 0, wait_ms)  # type: ignore[assignment]
+        if confirmed[0] < 1:
+            raise ConfigError(
+                f"WEBHOOK_DURABILITY={durability}: the Redis at {where} did not confirm a write "
+                f"on disk within {FSYNC_CHECK_TIMEOUT_S:g}s (with appendfsync no it never does)",
+                hint="set its appendfsync to everysec or always, "
+                "or set WEBHOOK_DURABILITY=buffered",
+            )
+    except (RedisError, OSError) as exc:
+        raise _unreachable(url, exc) from None
+    finally:
+        client.close()
+
+
+def _unreachable(url: str, exc: BaseException) -> ConfigError:
+    from service import redis_url as urls
+
+    return ConfigError(
+        f"cannot reach Redis at {urls.redact(url)}: {_reason(exc)}",
+        hint="start it, fix REDIS_URL, or unset REDIS_URL to use the embedded Redis",
+    )
 
 
 def _reason(exc: BaseException) -> str:

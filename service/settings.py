@@ -34,6 +34,10 @@ DEVELOPMENT_WEBHOOK_SECRET = "dev-webhook-secret"  # noqa: S105 - development on
 ENV_FILE_VARIABLE = "SALLA_REWARDS_ENV_FILE"
 
 
+#: `WEBHOOK_DURABILITY`: what a webhook's 200 waits for (see `service.ingest`).
+Durability = Literal["buffered", "fsync", "replica"]
+
+
 class Settings(BaseSettings):
     """Every knob of the service. Field names map to upper-case environment variables."""
 
@@ -78,6 +82,12 @@ class Settings(BaseSettings):
     max_connections: int = Field(default=1000, ge=1)
     #: How long a webhook delivery is remembered for deduplication (Salla retries for ~15 min).
     dedupe_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+    #: When a webhook's 200 is sent: `buffered`, once Redis holds it in memory (its AOF is
+    #: fsynced within the second: a crash can lose that second); `fsync`, once it is in Redis's
+    #: AOF on disk (`WAITAOF 1 0`); `replica`, once also in a replica's AOF (`WAITAOF 1 1`).
+    webhook_durability: Durability = "fsync"
+    #: How long a group commit waits for that; deliveries not confirmed by then answer 503.
+    webhook_durability_timeout_s: float = Field(default=2.0, gt=0, le=60)
 
     #: Pending grants of a store are coalesced for this long before one flush sends them.
     batch_window_s: float = Field(default=2.0, ge=0)
@@ -171,9 +181,9 @@ class Settings(BaseSettings):
             return "WARNING" if upper == "WARN" else upper
         return value
 
-    @field_validator("log_format", mode="before")
+    @field_validator("log_format", "webhook_durability", mode="before")
     @classmethod
-    def _format_in_any_case(cls, value: Any) -> Any:
+    def _choice_in_any_case(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")

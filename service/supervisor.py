@@ -215,6 +215,7 @@ def _check(settings: Settings, port: int, sandbox_port: int) -> None:
     preflight.port_free(LOOPBACK, sandbox_port, "--sandbox-port")
     if settings.redis_url:
         preflight.redis_reachable(settings.redis_url)
+        preflight.durable_writes(settings.redis_url, settings.webhook_durability)
     else:
         preflight.port_free(LOOPBACK, settings.embedded_redis_port, "EMBEDDED_REDIS_PORT")
     from service.rules import load_rules

