@@ -20,7 +20,7 @@ from redis import Redis
 from service.app import create_app
 from service.embedded import EmbeddedRedis
 from service.errors import ConfigError
-from service.keys import WEBHOOK_STREAM
+from service.keys import APP_EVENTS_STREAM, WEBHOOK_STREAM
 from service.settings import load_settings
 from tests.conftest import (
     ROOT_DIR,
@@ -132,7 +132,7 @@ class TestFsync:
             first = web.post_webhook(order_webhook(1))
             assert first.status_code == 503  # written in memory, not confirmed on disk
             assert first.json()["status"] == "error"
-            # An app event (its own arq job, on a pooled connection) waits the same way.
+            # An app event (its own stream, the same connection) waits the same way.
             assert web.post_webhook(authorize).status_code == 503
             client.config_set("appendonly", "yes")  # Redis rewrites its AOF from memory
             wait_until(lambda: client.info("persistence")["aof_rewrite_in_progress"] == 0)
@@ -140,8 +140,8 @@ class TestFsync:
             assert again.status_code == 200
             assert again.json()["status"] == "duplicate"
             assert len(deliveries(client)) == 1  # landed once: not lost, not doubled
-            assert web.post_webhook(authorize).json()["status"] == "duplicate"  # queued once
-            assert client.zcard("arq:queue") == 1
+            assert web.post_webhook(authorize).json()["status"] == "duplicate"  # written once
+            assert client.xlen(APP_EVENTS_STREAM) == 1
 
 
 class TestStartUpRefusal:
