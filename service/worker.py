@@ -104,6 +104,17 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
     metrics.INBOX_OLDEST.set(waiting.oldest_age_s)
     await inbox.forget_idle_consumers(deps.redis)
     await ledger.trim_grant_log(deps.redis)
+    compacted = await ledger.compact_due_stores(
+        deps.redis, ledger.now_ms(), deps.settings.ledger_retention_days
+    )
+    if compacted.compacted or compacted.retired:
+        log.info(
+            "ledger_compacted",
+            stores=compacted.stores,
+            orders=compacted.compacted,
+            retired=compacted.retired,
+            kept_full=compacted.kept_full,
+        )
     returned = unknown = flushed = 0
     for merchant in await ledger.stores_with_work(deps.redis):
         for order_id in await ledger.verifying_overdue(deps.redis, merchant):
