@@ -15,7 +15,7 @@ import orjson
 from arq.connections import ArqRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service import autopipe, queue
+from service import autopipe, body_codec, queue
 from service.keys import INBOX_GROUP, SEEN_PREFIX, WEBHOOK_STREAM
 
 # KEYS: the inbox stream, then each delivery's "seen" key; ARGV: seen TTL s, MINID ("" = keep
@@ -96,7 +96,8 @@ class EventWriter:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         header = orjson.dumps([str(merchant), event, delivery, trace_id])
-        self._waiting.append((SEEN_PREFIX + delivery, [header, body], future))
+        kept = body_codec.encode(body)  # compressed for the replay log (service/body_codec.py)
+        self._waiting.append((SEEN_PREFIX + delivery, [header, kept], future))
         if self._sender is None:  # its first step runs after this loop turn's other requests
             self._sender = loop.create_task(self._send_waiting())
         return future

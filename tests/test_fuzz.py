@@ -28,9 +28,9 @@ from redis.asyncio import Redis
 
 from service import keys
 from service.app import create_app, openapi_document
-from service.keys import WEBHOOK_STREAM
 from service.webhooks import delivery_id, parse_envelope, sign
 from tests.conftest import SECRET, fixture_bytes, make_settings
+from tests.support.kept import kept_webhooks
 from tests.support.servers import serve_in_thread
 
 ADMIN_TOKEN = "fuzzing-admin-token-0123456789"
@@ -173,7 +173,7 @@ def fuzz_url(redis: Redis, redis_url: str) -> Iterator[str]:
 async def _queued_deliveries(redis: Redis) -> set[str]:
     """Every delivery persisted: inbox entries and app events' arq jobs."""
     jobs = {key.removeprefix("arq:job:evt:") async for key in redis.scan_iter("arq:job:evt:*")}
-    return jobs | {fields["delivery"] for _, fields in await redis.xrange(WEBHOOK_STREAM)}
+    return jobs | {fields["delivery"] for _, fields in await kept_webhooks(redis)}
 
 
 def _expected_delivery(body: bytes) -> str | None:
