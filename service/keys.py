@@ -51,6 +51,8 @@ Cross-store keys are few, and never written inside a script that works on one st
     sr:stores:authorized              set   stores with tokens
     sr:grant-log                      zset  every grant id by creation (export)
     sr:stores:compact                 zset  stores by when their compaction is next due
+    sr:archive-lock / -intent / -cursor     the grant archiver's lock, its note of the files'
+                                            lengths before a batch, its place in the log
 
 Nothing was released before this schema, so no data is migrated (CHANGELOG).
 """
@@ -69,6 +71,9 @@ STORES_UNKNOWN = f"{PREFIX}stores:unknown"
 STORES_AUTHORIZED = f"{PREFIX}stores:authorized"
 GRANT_LOG = f"{PREFIX}grant-log"
 STORES_COMPACT = f"{PREFIX}stores:compact"
+ARCHIVE_LOCK = f"{PREFIX}archive-lock"
+ARCHIVE_INTENT = f"{PREFIX}archive-intent"
+ARCHIVE_CURSOR = f"{PREFIX}archive-cursor"
 #: Tombstone sets per store: an order's is chosen by its id. 128 sets hold 65,536 retired
 #: orders as intsets (512 each, Redis's default `set-max-intset-entries`) before any converts.
 TOMBSTONE_SETS = 128

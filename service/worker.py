@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import arq_log, inbox, keys, ledger, metrics, queue, tokens
+from service.admin import archive
 from service.delivery.flush import flush
 from service.delivery.reconcile import reconcile
 from service.delivery.refresh import refresh_expiring_tokens
@@ -103,6 +104,8 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
     metrics.INBOX_BACKLOG.labels("unread").set(waiting.unread)
     metrics.INBOX_OLDEST.set(waiting.oldest_age_s)
     await inbox.forget_idle_consumers(deps.redis)
+    if deps.settings.grant_archive_dir is not None:  # before the log forgets them
+        await archive.archive_due(deps.redis, deps.settings.grant_archive_dir, ledger.now_ms())
     await ledger.trim_grant_log(deps.redis)
     compacted = await ledger.compact_due_stores(
         deps.redis, ledger.now_ms(), deps.settings.ledger_retention_days
