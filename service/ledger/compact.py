@@ -130,7 +130,7 @@ class Pass:
 
 
 async def compact_due_stores(
-    redis: Redis, now_ms: int, retention_days: int, *, stores: int = 20, per_store: int = 200
+    redis: Redis, now_ms: int, retention_days: int, *, stores: int = 10, per_store: int = 100
 ) -> Pass:
     """The sweep's share: up to `stores` stores whose compaction is due, `per_store` orders
     each (a store with more is visited again next cycle)."""
