@@ -17,7 +17,10 @@ from redis.asyncio import Redis
 
 from service import keys, ledger, queue
 from service.ledger import apply, compact
-from service.ledger.order_state import RuleRecord
+from service.ledger.event_key import EventKey
+from service.ledger.facts import OrderFacts
+from service.ledger.order_state import RuleRecord, Verdict
+from service.ledger.packed import NotPackable, pack, unpack
 from service.logging import captured
 from service.processing import ProcessingDeps, apply_rules
 from service.rules import parse_rules_text
@@ -313,3 +316,51 @@ class TestSweep:
         assert (done.stores, done.compacted) == (1, 1)
         assert await redis.zscore(keys.STORES_COMPACT, str(M)) > later  # next due tomorrow
         assert (await compact.compact_due_stores(redis, later, 400)).stores == 0
+
+
+class TestPacking:
+    """The packed form reads back as the full entry it stands for (pure)."""
+
+    def test_an_unusual_entry_reads_back_exactly(self) -> None:
+        order = 2_116_149_737
+        done = EventKey(1, 1_790_000_000, 81_234_567, (1_790_000_000_412, 3))
+        fetched = EventKey(2, 1_790_086_400, None, (1_790_086_400_000, 0), True)
+        cancel = EventKey(1, None, None, (1_790_000_900_000, 1))
+        facts = OrderFacts(
+            newest=fetched,
+            revoked=cancel,
+            rules={"purchase": (done, f"order:{order}"), "first": (done, "customer:55")},
+            completed=True,
+            status="custom_status",
+            total="154.50",
+            customer=55,
+            gone=True,
+        )
+        record = RuleRecord(
+            verdicts={order: Verdict(done, order, 77, -40, reason="x", hold_s=86400)},
+            granted={55: 15, 77: -40},
+            deserved={55: 0, 77: -40},
+            reason="نقاط الطلب رقم 0042 و 7",
+            channels=("sms", "email"),
+            version="v9",
+        )
+        fields = {"v": "12", "r:purchase": record.encoded(), **facts.to_fields()}
+        value = pack(fields, order, ["customer:55", "campaign:ramadan"])
+        back = unpack(value.value, order, value.texts)
+        assert OrderFacts.from_fields(back.fields) == facts
+        assert back.fields["v"] == "12"
+        again = RuleRecord.decode(back.fields["r:purchase"])
+        assert (again.granted, again.deserved) == ({55: 15, 77: -40}, {77: -40})
+        assert (again.reason, again.channels, again.version) == (
+            record.reason,
+            record.channels,
+            record.version,
+        )
+        [(_, verdict)] = again.verdicts.items()
+        assert (verdict.key, verdict.customer, verdict.points) == (done, 77, -40)
+        assert back.linked == ("campaign:ramadan", "customer:55")
+
+    def test_free_text_with_a_separator_is_left_full(self) -> None:
+        facts = OrderFacts(newest=EventKey(1, 1, None, (1000, 0)), status="a|b")
+        with pytest.raises(NotPackable):
+            pack({"v": "1", **facts.to_fields()}, 5, [])

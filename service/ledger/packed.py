@@ -21,7 +21,7 @@ The encoding is one string (`|` between parts, `,` between fields, numbers in ba
 a string key (not a hash: a hash value over 64 bytes leaves the compact listpack encoding). A
 reversal's reason usually differs between orders only by numbers ("points for order 1234"):
 its text with the digit runs taken out, the rule, channels and version are interned once per
-store (`texts`, id → JSON) and the runs stay here. An entry this cannot represent (free text
+store (`texts`, id → text) and the runs stay here. An entry this cannot represent (free text
 containing a separator, a verdict of another order) is not compacted: it stays as it was,
 which is correct, only larger.
 """
@@ -32,9 +32,6 @@ import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import orjson
 
 from service.ledger.event_key import EventKey
 from service.ledger.facts import OrderFacts
@@ -43,7 +40,12 @@ from service.ledger.order_state import RuleRecord, Verdict
 _SEPARATORS = frozenset("|,;/\x00'~@")
 _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 _RUNS = re.compile(r"[0-9]+")
-_HOLE = "\x00"
+#: Where a run of digits was taken out of a reason (a private-use character: 3 bytes, and no
+#: reason has it; one that does is not compacted).
+_HOLE = "\ue000"
+#: Between a text's parts, and between channels (control characters: no escaping, so a text of
+#: a short reason stays under a listpack's 64 bytes).
+_PART, _ITEM = "\x1f", "\x1e"
 #: Statuses stored as one character; append only (a compacted entry names them by position).
 _STATUSES = (
     "completed",
@@ -149,8 +151,8 @@ def pack(fields: Mapping[str, str], order_id: int, linked: Sequence[str]) -> Pac
             raise NotPackable("a verdict without a key")
         template = _RUNS.sub(_HOLE, record.reason)
         if _HOLE in record.reason:
-            raise NotPackable("a reason with a NUL")
-        text_id = _intern(texts, [rule, template, list(record.channels), record.version])
+            raise NotPackable("a reason with the placeholder character")
+        text_id = _intern(texts, [rule, template, _ITEM.join(record.channels), record.version])
         v_customer = verdict.customer if verdict else 0
         v_points = verdict.points if verdict else 0
         granted = _amounts(record.granted, v_customer, v_points)
@@ -215,7 +217,7 @@ def unpack(value: str, order_id: int, texts: Mapping[str, str | None]) -> Unpack
             given if deserved == "=" else _unamounts(deserved, 0, 0),
             (),
             _fill(template, runs),
-            tuple(channels),
+            tuple(channels.split(_ITEM)) if channels else (),
             rule_version,
         )
         fields[f"r:{rule}"] = record.encoded()
@@ -239,22 +241,23 @@ def unpack(value: str, order_id: int, texts: Mapping[str, str | None]) -> Unpack
     return Unpacked(fields, tuple(sorted(linked)))
 
 
-def _intern(texts: dict[str, str], value: list[object]) -> str:
+def _intern(texts: dict[str, str], parts: list[str]) -> str:
     """A text's id: 5 base-36 digits of its hash (the compaction refuses an id already taken by
     another text of the store, so a collision costs compactness, never correctness)."""
-    text = orjson.dumps(value).decode()
+    if any(_PART in p or (_ITEM in p and i != 2) for i, p in enumerate(parts)):
+        raise NotPackable("a rule, reason or version with a control character")
+    text = _PART.join(parts)
     digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest())
     text_id = b36(digest % 36**5)
     texts[text_id] = text
     return text_id
 
 
-def _text(texts: Mapping[str, str | None], text_id: str) -> list[Any]:
+def _text(texts: Mapping[str, str | None], text_id: str) -> list[str]:
     text = texts.get(text_id)
     if text is None:
         raise NotPackable(f"the text {text_id} of a compacted entry is missing")
-    value: list[Any] = orjson.loads(text)
-    return value
+    return text.split(_PART)
 
 
 def _scope(scope: str) -> str:
