@@ -201,6 +201,8 @@ async def measure(
         grant_bytes = await _usage(redis, [keys.grant(g) for g in grant_ids]) / max(
             len(grant_ids), 1
         )
+        index_bytes = await _grant_index_bytes(redis, merchants[:200])
+        grants_per_order = await redis.zcard(keys.GRANT_LOG) / max(stores * orders, 1)
         webhook = await _webhook_bytes(redis, pool, settings, webhooks)
         retired = await _retired_bytes(redis, merchants, orders, later)
     finally:
@@ -218,8 +220,26 @@ async def measure(
         "bytes_per_kept_webhook": round(webhook, 1),
         "bytes_per_retired_order": round(retired, 1),
         "bytes_per_grant_record": round(grant_bytes, 1),
+        "bytes_per_grant_in_indexes": round(index_bytes, 1),
+        "grants_per_order": round(grants_per_order, 2),
         "commands_per_order_event": round(calls / max(events, 1), 2),
     }
+
+
+async def _grant_index_bytes(redis: Redis, merchants: list[int]) -> float:
+    """The admin indexes (by scope, by customer) and the export's log, per grant: kept as long
+    as grant records (90 days)."""
+    names: list[str] = []
+    for merchant in merchants:
+        async for name in redis.scan_iter(f"{keys.store_prefix(merchant)}gidx:*", count=1000):
+            names.append(name)
+    grants = 0
+    for name in names:
+        if ":gidx:scope:" in name:
+            grants += int(await redis.zcard(name))
+    in_log = await redis.zcard(keys.GRANT_LOG)
+    log_share = (await redis.memory_usage(keys.GRANT_LOG, samples=0) or 0) / max(in_log, 1)
+    return await _usage(redis, names) / max(grants, 1) + log_share
 
 
 def _order_keys(merchant: int, order_id: int) -> list[str]:
