@@ -62,7 +62,7 @@ async def stored_webhooks(
             )
             if merchant is None or webhook.merchant == merchant:
                 yield webhook
-        cursor = "(" + entries[-1][0]
+        cursor = "(" + entries[-1][0].decode()
 
 
 # KEYS[1] stream; ARGV: min id, max id (exclusive form allowed), merchant ("" = any), count.
