@@ -31,6 +31,8 @@ M = 7_100_001
 CUSTOMER = 900_017
 DAY_MS = 86_400_000
 JS = "%a %b %d %Y %H:%M:%S GMT+0300"
+# duplicates: rule files as test data, like test_order_truth's and benchmarks/orders.py's; each
+# file reads alone.
 RULES = """
 version: 1
 rules:
@@ -49,6 +51,7 @@ rules:
     type: plus
     reason: "first order bonus"
 """
+# duplicates: the held purchase rule of benchmarks/orders.py (test data).
 HELD = """
 version: 1
 rules:

@@ -119,6 +119,7 @@ def store_due(redis: Redis, merchant: int, due_ms: int) -> asyncio.Future[Any] |
     return autopipe.auto(redis).execute("ZADD", keys.STORES_COMPACT, "NX", due_ms, str(merchant))
 
 
+# duplicates: a tally dataclass like admin/replay.py's ReplayTally (the shape only).
 @dataclass
 class Pass:
     """What one compaction pass did."""
