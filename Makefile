@@ -6,13 +6,14 @@ STAMP := $(VENV)/.installed
 UV_VERSION := 0.13.8
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test chaos lint format typecheck bench bench-tools clean lock
+.PHONY: help install run test chaos lint format typecheck bench bench-tools bench-scale bench-scale-tools clean lock
 
 help:
 	@echo "make run        run the service on embedded defaults (Redis, Salla sandbox, rules/)"
 	@echo "make test       install what is needed, run the tests, the rules' tests, lint, types"
 	@echo "make lint       ruff check + format check    make format   apply ruff fixes/format"
 	@echo "make typecheck  mypy --strict on service/    make bench    benchmarks"
+	@echo "make bench-scale  Redis bytes per order and webhook (SCALE_ARGS=\"--stores 1000\" for less)"
 	@echo "make chaos      the randomized fault suite (real workers, SIGKILL, Salla faults)"
 	@echo "make lock       re-pin both lock files       make clean    remove .venv and var/"
 
@@ -64,6 +65,18 @@ bench-tools:
 
 bench: install bench-tools
 	$(BIN)/python -m benchmarks
+
+# Debian's redis-server (jemalloc) next to the embedded one (libc malloc): memory figures differ
+# by allocator. RUNLEVEL=1 keeps the package from starting a server of its own; the benchmark
+# starts and stops its own, on a free port.
+bench-scale-tools:
+	@test -x /usr/bin/redis-server || { \
+		echo "installing redis-server (Debian package, jemalloc) for the memory benchmark"; \
+		$(SUDO) apt-get update -qq && $(SUDO) env RUNLEVEL=1 apt-get install -y -qq redis-server >/dev/null; }
+
+SCALE_ARGS ?=
+bench-scale: install bench-scale-tools
+	$(BIN)/python -m benchmarks.scale $(SCALE_ARGS)
 
 lock: install
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock

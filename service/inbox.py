@@ -33,7 +33,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import StreamIdT
 
-from service import keys, metrics
+from service import body_codec, keys, metrics
 from service.logging import get_logger
 
 log = get_logger("service.inbox")
@@ -144,6 +144,15 @@ class Entry:
 Handler = Callable[[Sequence[Entry]], Awaitable[list[bytes]]]
 
 
+def _body(kept: bytes) -> bytes:
+    """The body as received; one that does not decode is handed on as kept, so processing
+    refuses it with its usual log line instead of it vanishing here."""
+    try:
+        return body_codec.decode(kept)
+    except ValueError:
+        return kept
+
+
 def _entry(stream_id: bytes, fields: dict[bytes, bytes] | None) -> Entry | None:
     """A stream entry as the web wrote it; None for one that is gone or not ours."""
     if not fields or b"body" not in fields:
@@ -157,7 +166,7 @@ def _entry(stream_id: bytes, fields: dict[bytes, bytes] | None) -> Entry | None:
         merchant,
         fields.get(b"delivery", b"").decode(),
         fields.get(b"trace_id", b"").decode(),
-        fields[b"body"],
+        _body(fields[b"body"]),
     )
 
 

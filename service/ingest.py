@@ -20,6 +20,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from service import body_codec
 from service.keys import APP_EVENTS_STREAM, INBOX_GROUP, SEEN_PREFIX, WEBHOOK_STREAM
 from service.settings import Durability
 
@@ -148,7 +149,8 @@ class EventWriter:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         header = orjson.dumps([str(merchant), event, delivery, trace_id])
-        self._waiting.append((SEEN_PREFIX + delivery, [header, body], future))
+        kept = body_codec.encode(body)  # compressed for the replay log (service/body_codec.py)
+        self._waiting.append((SEEN_PREFIX + delivery, [header, kept], future))
         if self._sender is None:  # its first step runs after this loop turn's other requests
             self._sender = loop.create_task(self._send_waiting())
         return future

@@ -32,6 +32,15 @@ hashes to one Redis Cluster slot and one Lua script can touch any of it:
     sr:{m:M}:orders-rec-done          str   the period a reconciliation last finished in (a
                                             started one that neither finished nor is on the
                                             queue was lost with it: the scheduler queues it again)
+    sr:{m:M}:lc:<id>                  str   a settled order's entry, compacted (its full entry
+                                            and index are gone; service/ledger/packed.py)
+    sr:{m:M}:to-compact               zset  orders whose entry is full, by when to look at
+                                            compacting it (service/ledger/compact.py)
+    sr:{m:M}:texts                    hash  texts compacted entries name (reasons, rules)
+    sr:{m:M}:compacted:<week>         set   orders compacted that week (retired after
+                                            LEDGER_RETENTION_DAYS)
+    sr:{m:M}:retired-upto             str   the last week whose compacted orders were retired
+    sr:{m:M}:retired:<n>              set   retired orders (tombstones), n = order id mod 128
 
 Keys written together with the inbox stream (the web's group commit) carry the inbox's tag:
 
@@ -53,6 +62,9 @@ Cross-store keys are few, and never written inside a script that works on one st
     sr:stores:unknown                 set   stores with grants whose call got no answer
     sr:stores:authorized              set   stores with tokens
     sr:grant-log                      zset  every grant id by creation (export)
+    sr:stores:compact                 zset  stores by when their compaction is next due
+    sr:archive-lock / -intent / -cursor     the grant archiver's lock, its note of the files'
+                                            lengths before a batch, its place in the log
 
 Nothing was released before this schema, so no data is migrated (CHANGELOG).
 """
@@ -70,6 +82,13 @@ STORES_PENDING = f"{PREFIX}stores:pending"
 STORES_UNKNOWN = f"{PREFIX}stores:unknown"
 STORES_AUTHORIZED = f"{PREFIX}stores:authorized"
 GRANT_LOG = f"{PREFIX}grant-log"
+STORES_COMPACT = f"{PREFIX}stores:compact"
+ARCHIVE_LOCK = f"{PREFIX}archive-lock"
+ARCHIVE_INTENT = f"{PREFIX}archive-intent"
+ARCHIVE_CURSOR = f"{PREFIX}archive-cursor"
+#: Tombstone sets per store: an order's is chosen by its id. 128 sets hold 65,536 retired
+#: orders as intsets (512 each, Redis's default `set-max-intset-entries`) before any converts.
+TOMBSTONE_SETS = 128
 
 INBOX_TAG = "{inbox}"
 WEBHOOK_STREAM = f"{PREFIX}{INBOX_TAG}:webhooks"
@@ -195,6 +214,31 @@ def orders_reconcile_slot(merchant: int) -> str:
 
 def orders_reconcile_done(merchant: int) -> str:
     return f"{store_prefix(merchant)}orders-rec-done"
+
+
+def compacted(merchant: int, order_id: int) -> str:
+    """A settled order's compacted entry (short: at ~200 bytes an order, the name counts)."""
+    return f"{store_prefix(merchant)}lc:{order_id}"
+
+
+def compact_queue(merchant: int) -> str:
+    return f"{store_prefix(merchant)}to-compact"
+
+
+def texts(merchant: int) -> str:
+    return f"{store_prefix(merchant)}texts"
+
+
+def compacted_week(merchant: int, week: int) -> str:
+    return f"{store_prefix(merchant)}compacted:{week}"
+
+
+def retired_upto(merchant: int) -> str:
+    return f"{store_prefix(merchant)}retired-upto"
+
+
+def tombstones(merchant: int, order_id: int) -> str:
+    return f"{store_prefix(merchant)}retired:{order_id % TOMBSTONE_SETS}"
 
 
 def seen(delivery: str) -> str:

@@ -20,6 +20,10 @@ last_flush: dict[int, str] = {}
 #: store's events do not each pay that cross-store command (`service.ledger.apply`).
 listed_stores: dict[int, float] = {}
 
+#: When this process last made sure each store is in `stores:compact` (`time.time()`): once per
+#: store and hour, not once per new order (`service.ledger.compact.store_due`).
+compaction_listed: dict[int, float] = {}
+
 #: Labelled metric children already looked up, per label pair (`service.app`).
 metric_children: dict[tuple[str, str], Any] = {}
 
@@ -36,6 +40,7 @@ def reset() -> None:
     global arrivals
     last_flush.clear()
     listed_stores.clear()
+    compaction_listed.clear()
     metric_children.clear()
     auto_pipes.clear()
     arrivals = itertools.count()

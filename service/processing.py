@@ -195,6 +195,16 @@ async def apply_rules(
         dry_run=dry_run,
         diffs=diffs,
     )
+    if applied.retired:
+        # Its entry is gone (LEDGER_RETENTION_DAYS after it settled): a completion sent again
+        # would pay a second time, so nothing this event says is applied.
+        log.warning(
+            "order_retired",
+            order_id=order_id,
+            retention_days=deps.settings.ledger_retention_days,
+            consequence="event refused: the order was retired, nothing granted or taken back",
+        )
+        return {"outcome": "order_retired", "order_id": order_id, "grants": 0}
     if applied.ask_salla and not dry_run:
         await queue.enqueue_order_truth(deps.pool, env.merchant, order_id)
     result = await _result(

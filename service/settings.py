@@ -152,6 +152,12 @@ class Settings(BaseSettings):
     admin_token: SecretStr = SecretStr("")
     #: Webhooks the rules saw are kept this long for `replay`; 0 keeps none.
     webhook_retention_days: int = Field(default=7, ge=0, le=365)
+    #: A settled order's compacted ledger entry is kept this long; then it becomes a tombstone
+    #: that refuses any later event of the order (docs/operations.md, "Memory").
+    ledger_retention_days: int = Field(default=400, ge=30)
+    #: Where grant records past their 90 days are written as JSONL (one file a day) before
+    #: they leave Redis. Unset: they leave Redis unarchived (as before).
+    grant_archive_dir: Path | None = None
 
     @field_validator("redis_url", "queue_redis_url")
     @classmethod

@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import arq_log, inbox, keys, ledger, metrics, queue, tokens
+from service.admin import archive
 from service.delivery.flush import flush
 from service.delivery.reconcile import reconcile
 from service.delivery.refresh import refresh_expiring_tokens
@@ -121,7 +122,20 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
     metrics.INBOX_OLDEST.set(waiting.oldest_age_s)
     for stream in (keys.WEBHOOK_STREAM, keys.APP_EVENTS_STREAM):
         await inbox.forget_idle_consumers(deps.redis, stream=stream)
+    if deps.settings.grant_archive_dir is not None:  # before the log forgets them
+        await archive.archive_due(deps.redis, deps.settings.grant_archive_dir, ledger.now_ms())
     await ledger.trim_grant_log(deps.redis)
+    compacted = await ledger.compact_due_stores(
+        deps.redis, ledger.now_ms(), deps.settings.ledger_retention_days
+    )
+    if compacted.compacted or compacted.retired:
+        log.info(
+            "ledger_compacted",
+            stores=compacted.stores,
+            orders=compacted.compacted,
+            retired=compacted.retired,
+            kept_full=compacted.kept_full,
+        )
     returned = unknown = flushed = 0
     for merchant in await ledger.stores_with_work(deps.redis):
         for order_id in await ledger.verifying_overdue(deps.redis, merchant):

@@ -28,9 +28,10 @@ from redis.asyncio import Redis
 
 from service import keys
 from service.app import create_app, openapi_document
-from service.keys import APP_EVENTS_STREAM, WEBHOOK_STREAM
+from service.keys import APP_EVENTS_STREAM
 from service.webhooks import delivery_id, parse_envelope, sign
 from tests.conftest import SECRET, fixture_bytes, make_settings
+from tests.support.kept import kept_webhooks
 from tests.support.servers import serve_in_thread
 
 ADMIN_TOKEN = "fuzzing-admin-token-0123456789"
@@ -171,12 +172,10 @@ def fuzz_url(redis: Redis, redis_url: str) -> Iterator[str]:
 
 
 async def _queued_deliveries(redis: Redis) -> set[str]:
-    """Every delivery persisted: inbox entries and app events (their own stream)."""
-    return {
-        fields["delivery"]
-        for stream in (WEBHOOK_STREAM, APP_EVENTS_STREAM)
-        for _, fields in await redis.xrange(stream)
-    }
+    """Every delivery persisted: inbox entries (bodies compressed) and app events (their own
+    stream)."""
+    apps = {fields["delivery"] for _, fields in await redis.xrange(APP_EVENTS_STREAM)}
+    return apps | {fields["delivery"] for _, fields in await kept_webhooks(redis)}
 
 
 def _expected_delivery(body: bytes) -> str | None:

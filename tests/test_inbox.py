@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from service import autopipe, inbox, ingest, keys, queue
+from service import autopipe, body_codec, inbox, ingest, keys, queue
 from service.batch import BatchHandler
 from service.keys import WEBHOOK_STREAM
 from service.logging import captured, configure_logging
@@ -312,7 +312,8 @@ class TestEventWriter:
             b"order.updated",
             b"t0",
         )
-        assert first[b"body"] == bodies[0]
+        assert body_codec.decode(first[b"body"]) == bodies[0]
+        assert first[b"body"][:1] == body_codec.MARK  # kept compressed
 
     async def test_redis_unreachable_fails_every_delivery_of_the_call(self, redis_url: str) -> None:
         unreachable = ArqRedis.from_url(redis_url.rsplit(":", 1)[0] + ":1")  # nothing there

@@ -11,7 +11,13 @@ from service import keys, ledger, process_state
 from tests.support.outcomes import grant_outcome
 
 M, OTHER = 555, 556
-CROSS_STORE = {keys.STORES_PENDING, keys.STORES_UNKNOWN, keys.STORES_AUTHORIZED, keys.GRANT_LOG}
+CROSS_STORE = {
+    keys.STORES_PENDING,
+    keys.STORES_UNKNOWN,
+    keys.STORES_AUTHORIZED,
+    keys.STORES_COMPACT,
+    keys.GRANT_LOG,
+}
 
 
 async def _life_of_two_stores(redis: Redis) -> None:

@@ -17,8 +17,10 @@ from service.admin.times import iso_ms
 from service.delivery.deps import plan_bucket
 from service.delivery.ratelimit import RateLimiter
 from service.ledger import order_state
+from service.ledger.compact import read_stored
 from service.ledger.facts import OrderFacts
 from service.ledger.order_state import RuleRecord
+from service.ledger.views import entry_fields
 from service.settings import Settings
 
 
@@ -106,7 +108,7 @@ async def store_state(redis: Redis, settings: Settings, merchant: int) -> dict[s
 
 
 async def _scope_view(redis: Redis, merchant: int, scope: str) -> dict[str, Any]:
-    raw: dict[str, str] = await redis.hgetall(keys.entry(merchant, scope))  # type: ignore[misc]
+    raw = await entry_fields(redis, merchant, scope)
     rules = {}
     for name, value in raw.items():
         if name.startswith("r:"):
@@ -145,6 +147,7 @@ async def _scope_view(redis: Redis, merchant: int, scope: str) -> dict[str, Any]
 async def order_ledger(redis: Redis, merchant: int, order_id: int) -> dict[str, Any]:
     """Everything the ledger holds because of one order: per rule, and each grant."""
     others: set[str] = await redis.smembers(keys.order_index(merchant, order_id))  # type: ignore[misc]
+    others |= set((await read_stored(redis, merchant, order_id)).linked)  # compacted: folded in
     scopes = [f"order:{order_id}", *sorted(others)]
     views = [await _scope_view(redis, merchant, scope) for scope in scopes]
     views = [v for v in views if v["rules"] or v["grants"]]

@@ -13,6 +13,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from service import body_codec
 from service.errors import WebhookError
 from service.keys import WEBHOOK_STREAM
 from service.processing import ProcessingDeps, replay_event
@@ -40,20 +41,28 @@ async def stored_webhooks(
     """Webhooks kept for replay, in the order they were first processed."""
     cursor = str(start_ms)
     while True:
-        entries = await redis.xrange(WEBHOOK_STREAM, min=cursor, max=f"({end_ms}", count=PAGE)
+        # Bodies are binary (service/body_codec.py): read undecoded whatever the client does.
+        entries = await redis.execute_command(  # type: ignore[no-untyped-call]
+            "XRANGE", WEBHOOK_STREAM, cursor, f"({end_ms}", "COUNT", PAGE, NEVER_DECODE=True
+        )
         if not entries:
             return
-        for stream_id, fields in entries:
+        for raw_id, fields in entries:
+            stream_id = raw_id.decode()
+            try:
+                body = body_codec.decode(fields.get(b"body", b""))
+            except ValueError:
+                body = fields.get(b"body", b"")  # refused as unreadable by the replay, reported
             webhook = StoredWebhook(
                 stream_id=stream_id,
-                merchant=int(fields.get("merchant", 0)),
-                event=fields.get("event", ""),
-                delivery=fields.get("delivery", ""),
-                body=fields.get("body", "").encode(),
+                merchant=int(fields.get(b"merchant", 0)),
+                event=fields.get(b"event", b"").decode(),
+                delivery=fields.get(b"delivery", b"").decode(),
+                body=body,
             )
             if merchant is None or webhook.merchant == merchant:
                 yield webhook
-        cursor = "(" + entries[-1][0]
+        cursor = "(" + entries[-1][0].decode()
 
 
 # KEYS[1] stream; ARGV: min id, max id (exclusive form allowed), merchant ("" = any), count.

@@ -26,6 +26,8 @@ Modules, one concept each:
     grants       a grant's transitions after it was made (claim, send, finish, park...)
     sweep        recovering from dead workers and lost answers
     views        read-only views (admin, metrics, the CLI)
+    packed       a settled order's entry in a few dozen bytes (pure)
+    compact      compacting settled orders, retiring them after LEDGER_RETENTION_DAYS
 Keys: service/keys.py. Callers use `from service import ledger` and the names below.
 """
 
@@ -37,6 +39,7 @@ from service.ledger.apply import (
     read_order,
     verdict_of,
 )
+from service.ledger.compact import compact_due_stores, compact_store
 from service.ledger.grants import (
     VERIFY_RETRY_MS,
     Claim,
@@ -95,6 +98,8 @@ __all__ = [
     "apply_event",
     "apply_outcomes",
     "claim_due",
+    "compact_due_stores",
+    "compact_store",
     "count_reconcile_attempt",
     "due_count",
     "entry",

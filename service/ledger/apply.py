@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from service import autopipe, keys, process_state
-from service.ledger import order_state, settle
+from service.ledger import compact, order_state, settle
 from service.ledger.commit import Writes, commit
 from service.ledger.event_key import EventKey
 from service.ledger.facts import OrderFacts
@@ -34,20 +34,26 @@ class Applied:
     #: Something was written (False: a re-sent event, or one older than what decided every
     #: rule it touched).
     changed: bool = False
+    #: The order was retired (`LEDGER_RETENTION_DAYS`): the event was refused, nothing changed.
+    retired: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class OrderRead:
-    """The order's entry as read: its facts and its version."""
+    """The order's entry as read: its facts and its version (a compacted entry: its packed
+    value, which changes whenever it does); `stored`: its form (service/ledger/compact.py)."""
 
     facts: OrderFacts
     version: str
     raw: Mapping[str, str]
+    stored: compact.Stored = field(default_factory=lambda: compact.Stored({}))
 
 
 async def read_order(redis: Redis, merchant: int, order_id: int) -> OrderRead:
-    raw = await autopipe.auto(redis).execute("HGETALL", keys.entry(merchant, f"order:{order_id}"))
-    return OrderRead(OrderFacts.from_fields(raw), raw.get("v", ""), raw)
+    stored = await compact.read_stored(redis, merchant, order_id)
+    raw = stored.raw
+    version = stored.compact or raw.get("v", "")
+    return OrderRead(OrderFacts.from_fields(raw), version, raw, stored)
 
 
 async def apply_event(
@@ -75,6 +81,8 @@ async def apply_event(
         read = await read_order(redis, merchant, order_id) if order_id else None
         if expect_version is not None and read is not None and read.version != expect_version:
             return Applied(conflict=True)
+        if read is not None and read.stored.retired:
+            return Applied(retired=True)
         event = judge(read.facts if read else OrderFacts())
         result = await _apply_once(
             redis, merchant, order_id, event, read, trace_id, skew_s, dry_run, diffs
@@ -102,6 +110,7 @@ async def _apply_once(
         # Read after the order's entry: a scope linked since changed its version, which the
         # commit checks.
         linked = await pipe.execute("SMEMBERS", keys.order_index(merchant, order_id))
+        linked |= set(read.stored.linked if read else ())
     names = sorted(order_state.scopes_of(event, order_id, linked, read.facts if read else None))
     others = [s for s in names if read is None or s != order_scope]  # the order's is read
     # Futures of one auto-pipeline: queued together, awaited in turn (no gather: most events
@@ -154,8 +163,19 @@ async def _apply_once(
     writes = Writes()
     # The order's version (as the judge read its facts) guards every scope of the commit.
     for scope in {s for s, _ in moved} | ({order_scope} if order_scope else set()):
-        writes.check(keys.entry(merchant, scope), "v", entries[scope].get("v"))
+        expected = entries[scope].get("v")
+        if read is not None and scope == order_scope and read.stored.compact:
+            # Compacted: the full entry must still be absent and the compacted one unchanged.
+            writes.check(keys.compacted(merchant, order_id), "", read.stored.compact)
+            expected = None
+        writes.check(keys.entry(merchant, scope), "v", expected)
         writes.hset(keys.entry(merchant, scope), "v", str(int(entries[scope].get("v") or 0) + 1))
+    compaction_due = 0
+    if read is not None and (read.stored.compact or not read.raw):
+        if read.stored.compact:  # written in full again: every record, the facts, the index
+            _expand(writes, merchant, order_id, read, records[order_scope], settlements)
+            facts_changed = True
+        compaction_due = compact.queue(writes, merchant, order_id, now_ms())
     for grant_id in open_ids:
         writes.check(keys.grant(grant_id), "state", state_seen.get(grant_id))
     for name, value in cap_raw.items():
@@ -182,6 +202,9 @@ async def _apply_once(
     if new_grants:  # one ZADD for the grants of every event committing in this loop turn
         logged = [x for g in new_grants for x in (g.created_ms, g.id)]
         cross.append(pipe.merged("ZADD", keys.GRANT_LOG, *logged))
+    listed = compact.store_due(redis, merchant, compaction_due) if compaction_due else None
+    if listed is not None:
+        cross.append(listed)
     committed = await commit(redis, writes)
     for reply in cross:
         await reply
@@ -206,6 +229,25 @@ def _listing(writes: Writes, merchant: int) -> float | None:
     # Kept an hour: only a listing younger than the sweep's guard (about a minute) matters.
     writes.set(keys.listed_at(merchant), str(int(now * 1000)), ex=3600)
     return now
+
+
+def _expand(
+    writes: Writes,
+    merchant: int,
+    order_id: int,
+    read: OrderRead,
+    records: Mapping[str, RuleRecord],
+    settlements: Mapping[tuple[str, str], settle.Settlement],
+) -> None:
+    """A compacted entry that an event changes is written in full again: the records the event
+    did not move as they were read, the facts (by the caller), the index it had folded in."""
+    key = keys.entry(merchant, f"order:{order_id}")
+    for rule, record in records.items():
+        if (f"order:{order_id}", rule) not in settlements:
+            writes.hset(key, f"r:{rule}", record.encoded())
+    writes.delete(keys.compacted(merchant, order_id))
+    for scope in read.stored.linked:
+        writes.sadd(keys.order_index(merchant, order_id), scope)
 
 
 def _grant_ids(merchant: int) -> Callable[[], str]:

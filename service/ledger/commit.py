@@ -54,8 +54,8 @@ class Writes:
             pairs += [name, item]
         self._op("HSET", key, *pairs)
 
-    def set(self, key: str, value: str, *, ex: int) -> None:
-        self._op("SET", key, value, "EX", ex)
+    def set(self, key: str, value: str, *, ex: int | None = None) -> None:
+        self._op("SET", key, value, *(("EX", ex) if ex is not None else ()))
 
     def expire(self, key: str, seconds: int) -> None:
         self._op("EXPIRE", key, seconds)
@@ -74,6 +74,18 @@ class Writes:
 
     def sadd(self, key: str, member: str) -> None:
         self._op("SADD", key, member)
+
+    def delete(self, key: str) -> None:
+        self._op("DEL", key)
+
+    def hdel(self, key: str, field: str) -> None:
+        self._op("HDEL", key, field)
+
+    def hsetnx(self, key: str, field: str, value: str) -> None:
+        self._op("HSETNX", key, field, value)
+
+    def setnx(self, key: str, value: str) -> None:
+        self._op("SET", key, value, "NX")
 
     def encoded(self) -> bytes:
         return orjson.dumps({"checks": self.checks, "writes": self.writes})

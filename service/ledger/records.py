@@ -26,8 +26,9 @@ GrantState = Literal[
 REVERSAL_PREFIX = order_state.REVERSAL_PREFIX
 NETTABLE_STATES = order_state.NETTABLE_STATES
 OPEN_STATES = order_state.OPEN_STATES
-#: How long the record of a settled (sent or netted) grant is kept. The ledger entries, which
-#: reversals are computed from, are kept for good; this only bounds the per-grant history.
+#: How long the record of a settled (sent or netted) grant is kept (or until the archiver takes
+#: it, `GRANT_ARCHIVE_DIR`). Reversals are computed from the ledger entries, not from these:
+#: a settled order's entry is compacted, not dropped (service/ledger/compact.py).
 SETTLED_GRANT_TTL_S = 90 * 86400
 #: A worker lists a store in `stores:pending` at most once per this many seconds; the sweep
 #: forgets no store listed more recently than this plus `LISTING_MARGIN_S` (clocks of

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from redis.asyncio import Redis
 
 from service import keys
+from service.ledger.compact import read_stored
 from service.ledger.order_state import RuleRecord
 from service.ledger.records import Grant, now_ms
 
@@ -62,9 +63,18 @@ async def store_gauges(redis: Redis, merchant: int) -> dict[str, float]:
     }
 
 
+async def entry_fields(redis: Redis, merchant: int, scope: str) -> Mapping[str, str]:
+    """A scope's entry as its full fields, a compacted order's read back."""
+    order = scope.removeprefix("order:")
+    if scope.startswith("order:") and order.isascii() and order.isdigit():
+        return (await read_stored(redis, merchant, int(order))).raw
+    raw: dict[str, str] = await redis.hgetall(keys.entry(merchant, scope))  # type: ignore[misc]
+    return raw
+
+
 async def entry(redis: Redis, merchant: int, scope: str) -> dict[str, int]:
     """What the ledger says `scope` was granted, per rule (signed points, all customers)."""
-    raw: dict[str, str] = await redis.hgetall(keys.entry(merchant, scope))  # type: ignore[misc]
+    raw = await entry_fields(redis, merchant, scope)
     return {
         name[2:]: RuleRecord.decode(value).granted_total
         for name, value in raw.items()

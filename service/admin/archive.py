@@ -1,0 +1,149 @@
+"""Grant records leave Redis through an archive: JSONL files, one per day, in GRANT_ARCHIVE_DIR.
+
+A settled grant's record expires `SETTLED_GRANT_TTL_S` (90 days) after it settled. With
+`GRANT_ARCHIVE_DIR` set, the worker's sweep takes them out first: every settled (sent or
+netted) grant created `ARCHIVE_AFTER_DAYS` ago or more is written to
+`<dir>/grants-<its creation day, UTC>.jsonl` in `admin export`'s JSONL format, the files are
+fsynced, and only then is the record deleted from Redis (with its id in the grant log). Ten
+days before the earliest its TTL can fire: a worker down for less than that loses nothing.
+
+A process that dies mid-way loses nothing and writes nothing twice: before appending, the
+archiver records each file's length in Redis (`sr:archive-intent`); the records are deleted
+and the note cleared in one transaction once the files are on disk. A run that finds a note
+(its predecessor died between the two) cuts each file back to its noted length and does the
+batch again. One archiver runs at a time (`sr:archive-lock`); the files are its own.
+
+Not archived: a grant still unsettled when the grant log drops its id (90 days after it was
+made; an unknown outcome or a review left that long). Its record stays in Redis until it
+settles, then expires 90 days later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import orjson
+from redis.asyncio import Redis
+
+from service import keys
+from service.admin.export import export_line
+from service.admin.queries import grant_view
+from service.logging import get_logger
+
+log = get_logger("service.admin")
+
+#: Settled grants this old (from creation) are archived: ten days before their 90-day TTL
+#: (which counts from settlement, never earlier than creation) can remove them.
+ARCHIVE_AFTER_DAYS = 80
+BATCH = 500
+DAY_MS = 86_400_000
+_SETTLED = frozenset({"sent", "netted"})
+_LOCK_MS = 120_000
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def day_file(directory: Path, created_ms: int) -> Path:
+    day = dt.datetime.fromtimestamp(created_ms / 1000, dt.UTC).date().isoformat()
+    return directory / f"grants-{day}.jsonl"
+
+
+async def archive_due(redis: Redis, directory: Path, now_ms: int, *, batch: int = BATCH) -> int:
+    """Archive one batch of due grant records; returns how many left Redis for the files."""
+    token = os.urandom(8).hex()
+    if not await redis.set(keys.ARCHIVE_LOCK, token, nx=True, px=_LOCK_MS):
+        return 0  # another worker is archiving
+    try:
+        await _finish_interrupted(redis)
+        return await _archive_batch(redis, directory, now_ms, batch)
+    finally:
+        await redis.eval(_RELEASE, 1, keys.ARCHIVE_LOCK, token)  # type: ignore[misc]
+
+
+async def _finish_interrupted(redis: Redis) -> None:
+    """A batch whose files were written and whose records were not deleted: its lines go (the
+    records are still in Redis, the batch is done again)."""
+    note = await redis.get(keys.ARCHIVE_INTENT)
+    if note is None:
+        return
+    lengths: dict[str, int] = orjson.loads(note)
+    await asyncio.to_thread(_truncate, lengths)
+    await redis.delete(keys.ARCHIVE_INTENT)
+    log.warning("grant_archive_resumed", files=sorted(lengths))
+
+
+async def _archive_batch(redis: Redis, directory: Path, now_ms: int, batch: int) -> int:
+    cutoff = now_ms - ARCHIVE_AFTER_DAYS * DAY_MS
+    cursor = await redis.get(keys.ARCHIVE_CURSOR) or "-inf"
+    found: list[tuple[str, float]] = await redis.zrangebyscore(
+        keys.GRANT_LOG, cursor, cutoff, start=0, num=batch, withscores=True
+    )
+    if not found:
+        # At the end: start over next time (grants skipped as unsettled are looked at again).
+        await redis.delete(keys.ARCHIVE_CURSOR)
+        return 0
+    ids = [grant_id for grant_id, _ in found]
+    async with redis.pipeline(transaction=False) as pipe:
+        for grant_id in ids:
+            pipe.hgetall(keys.grant(grant_id))
+        docs: list[dict[str, str]] = await pipe.execute()
+    settled = [d for d in docs if d.get("state") in _SETTLED]
+    gone = [g for g, d in zip(ids, docs, strict=True) if not d]  # expired, or never made
+    files: dict[Path, list[str]] = {}
+    for doc in settled:
+        path = day_file(directory, int(doc.get("created_ms") or 0))
+        files.setdefault(path, []).append(export_line(grant_view(doc), "jsonl"))
+    if files:
+        lengths = await asyncio.to_thread(_lengths, directory, files)
+        await redis.set(keys.ARCHIVE_INTENT, orjson.dumps(lengths))
+        await asyncio.to_thread(_append, files)
+    async with redis.pipeline(transaction=True) as pipe:
+        for doc in settled:
+            pipe.delete(keys.grant(doc["id"]))
+        done = [d["id"] for d in settled] + gone
+        if done:
+            pipe.zrem(keys.GRANT_LOG, *done)
+        pipe.delete(keys.ARCHIVE_INTENT)
+        pipe.set(keys.ARCHIVE_CURSOR, f"({int(found[-1][1])}" if len(found) == batch else "-inf")
+        await pipe.execute()
+    if settled:
+        log.info("grants_archived", grants=len(settled), files=sorted(p.name for p in files))
+    return len(settled)
+
+
+def _lengths(directory: Path, files: Iterable[Path]) -> dict[str, int]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return {str(p): p.stat().st_size if p.exists() else 0 for p in files}
+
+
+def _append(files: dict[Path, list[str]]) -> None:
+    """Append each file's lines and fsync it (and the folder, for a file it created)."""
+    created = False
+    for path, lines in files.items():
+        created = created or not path.exists()
+        with path.open("a", encoding="utf-8") as out:
+            out.write("".join(lines))
+            out.flush()
+            os.fsync(out.fileno())
+    if created:
+        folder = os.open(next(iter(files)).parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def _truncate(lengths: dict[str, int]) -> None:
+    for name, length in lengths.items():
+        path = Path(name)
+        if path.exists() and path.stat().st_size > length:
+            with path.open("r+b") as out:
+                out.truncate(length)
+                os.fsync(out.fileno())
