@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from benchmarks.ingest import ROOT, SAMPLE, peak_rss_mib
 from service import ingest, keys, queue
-from service.inbox import ensure_group
+from service.ingest import ensure_group
 from service.keys import WEBHOOK_STREAM
 from service.webhooks import delivery_id, read_head
 

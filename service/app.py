@@ -36,7 +36,6 @@ from service.admin.http import routes as admin_routes
 from service.errors import PayloadTooLarge, RequestTimeout, ServiceError, WebhookError
 from service.events import LIFECYCLE_EVENTS
 from service.ids import parse_digits
-from service.inbox import ensure_group
 from service.keys import APP_EVENTS_STREAM, WEBHOOK_STREAM
 from service.logging import configure_logging, get_logger
 from service.processing import ProcessingDeps
@@ -300,7 +299,7 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
         state_redis = urls.bytes_client(redis_url)
         # Both groups before the first webhook is accepted: the worker reads from here.
         for stream in (WEBHOOK_STREAM, APP_EVENTS_STREAM):
-            await ensure_group(state_redis, stream)
+            await ingest.ensure_group(state_redis, stream)
         writer = ingest.EventWriter(
             state_redis,
             seen_ttl_s=settings.dedupe_ttl_s,

@@ -34,6 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import StreamIdT
 
 from service import body_codec, keys, metrics
+from service.ingest import ensure_group  # the stream and its group: made by whoever comes first
 from service.logging import get_logger
 
 log = get_logger("service.inbox")
@@ -41,17 +42,6 @@ log = get_logger("service.inbox")
 GROUP = keys.INBOX_GROUP
 WEBHOOK_STREAM = keys.WEBHOOK_STREAM
 _REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
-
-
-async def ensure_group(redis: Redis, stream: str = WEBHOOK_STREAM) -> None:
-    """Create the consumer group if it is missing, from the stream's start: entries without a
-    group were never processed (a new stream, or a group lost with a restored Redis; the ledger
-    makes any processed twice harmless)."""
-    try:
-        await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
 
 
 # KEYS[1] the inbox; ARGV[1] the group, ARGV[2] how many unread entries to count at most.

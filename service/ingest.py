@@ -18,7 +18,7 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from service import body_codec
 from service.keys import APP_EVENTS_STREAM, INBOX_GROUP, SEEN_PREFIX, WEBHOOK_STREAM
@@ -26,6 +26,18 @@ from service.settings import Durability
 
 #: `WEBHOOK_DURABILITY` -> the replicas `WAITAOF` asks for (None: no wait).
 REPLICAS_TO_WAIT_FOR: dict[Durability, int | None] = {"buffered": None, "fsync": 0, "replica": 1}
+
+
+async def ensure_group(redis: Redis, stream: str = WEBHOOK_STREAM) -> None:
+    """Create the consumer group if it is missing, from the stream's start: entries without a
+    group were never processed (a new stream, or a group lost with a restored Redis; the ledger
+    makes any processed twice harmless)."""
+    try:
+        await redis.xgroup_create(stream, INBOX_GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
 
 # KEYS: the inbox stream, then each delivery's "seen" key; ARGV: seen TTL s, MINID ("" = keep
 # all), the workers' group, then per delivery: its JSON header [merchant, event, delivery,

@@ -58,7 +58,7 @@ def order(n: int) -> bytes:
 @pytest.fixture
 async def binary(redis: Redis, redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url)
-    await inbox.ensure_group(client)
+    await ingest.ensure_group(client)
     yield client
     await client.aclose()
 
