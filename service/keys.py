@@ -213,32 +213,32 @@ def orders_reconcile_slot(merchant: int) -> str:
 
 
 def orders_reconcile_done(merchant: int) -> str:
-    return f"{store_prefix(merchant)}orders-rec-done"
+    return f"{PREFIX}{{m:{merchant}}}:orders-rec-done"
 
 
 def compacted(merchant: int, order_id: int) -> str:
     """A settled order's compacted entry (short: at ~200 bytes an order, the name counts)."""
-    return f"{store_prefix(merchant)}lc:{order_id}"
+    return f"{PREFIX}{{m:{merchant}}}:lc:{order_id}"
 
 
 def compact_queue(merchant: int) -> str:
-    return f"{store_prefix(merchant)}to-compact"
+    return f"{PREFIX}{{m:{merchant}}}:to-compact"
 
 
 def texts(merchant: int) -> str:
-    return f"{store_prefix(merchant)}texts"
+    return f"{PREFIX}{{m:{merchant}}}:texts"
 
 
 def compacted_week(merchant: int, week: int) -> str:
-    return f"{store_prefix(merchant)}compacted:{week}"
+    return f"{PREFIX}{{m:{merchant}}}:compacted:{week}"
 
 
 def retired_upto(merchant: int) -> str:
-    return f"{store_prefix(merchant)}retired-upto"
+    return f"{PREFIX}{{m:{merchant}}}:retired-upto"
 
 
 def tombstones(merchant: int, order_id: int) -> str:
-    return f"{store_prefix(merchant)}retired:{order_id % TOMBSTONE_SETS}"
+    return f"{PREFIX}{{m:{merchant}}}:retired:{order_id % TOMBSTONE_SETS}"
 
 
 def seen(delivery: str) -> str:
