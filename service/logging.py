@@ -80,9 +80,14 @@ def redact(
     else:  # most lines: flat fields, none named like a secret; nothing to rewrite
         return event_dict
     for key in list(event_dict):
-        if key != "event":
+        # `exc_info` is rendered after this (`_format_exc_info`), and only from a tuple: walked
+        # into a list here, a library's or a crash's traceback was silently dropped.
+        if key not in _NOT_REDACTED:
             event_dict[key] = _redact_value(key, event_dict[key])
     return event_dict
+
+
+_NOT_REDACTED = frozenset({"event", "exc_info"})
 
 
 class _UtcStamper:

@@ -281,18 +281,24 @@ async def _ride_out_outages(worker: Worker) -> None:
             if worker.pool is None:  # Redis was never reached: a start-up failure, not an outage
                 raise
             log.warning("worker_redis_unavailable", error=repr(exc))
-        await _wait_for_redis(worker.pool)
+        await wait_for_redis(worker.pool)
 
 
-async def _wait_for_redis(pool: ArqRedis) -> None:
+async def wait_for_redis(pool: ArqRedis) -> None:
+    """Until Redis answers PING with PONG. Anything else that answers is not Redis: while
+    Redis is down another process may take its port, or a reconnecting client's socket may
+    connect to itself (TCP's simultaneous open, when its local port is the one it dials) and
+    read its own PING back."""
     wait_s = 0.5
     while True:
         await asyncio.sleep(wait_s)
         try:
             # Bounded: arq's pool has no read timeout, and a reply may never come on a
             # connection made while Redis was going down.
-            await asyncio.wait_for(pool.ping(), timeout=5.0)
+            answered = await asyncio.wait_for(pool.ping(), timeout=5.0)
         except (*_REDIS_TRANSIENT, TimeoutError):
+            answered = False
+        if answered is not True:  # no PONG: not Redis, or not yet (see the docstring)
             wait_s = min(wait_s * 2, 2.0)
             continue
         log.info("worker_redis_back")

@@ -62,6 +62,26 @@ class TestLibraryLines:
         assert "ValueError: broken" in line["exception"]
         assert line["access_token"] == "[redacted]"
 
+    def test_a_traceback_logged_after_its_except_block_is_kept(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """What the crash hook does: `sys.excepthook` runs once the `except` is gone, so the
+        traceback exists only in the record's `exc_info` (a redaction that turned it into a
+        list once dropped it, and a worker's crash said only its exception's repr)."""
+        configure_logging("json", "INFO")
+        try:
+            raise TypeError("late")
+        except TypeError as exc:
+            caught = exc
+        logging.getLogger("service.crash").critical(
+            "uncaught_exception",
+            exc_info=(type(caught), caught, caught.__traceback__),
+            extra={"log_fields": {"error": repr(caught)}},
+        )
+        (line,) = json_lines(capsys.readouterr().err)
+        assert "Traceback (most recent call last)" in line["exception"]
+        assert "TypeError: late" in line["exception"]
+
     def test_the_configured_level_holds_for_libraries(
         self, capsys: pytest.CaptureFixture[str]
     ) -> None:

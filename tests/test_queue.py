@@ -374,3 +374,46 @@ class TestFlushScheduling:
             await pool.flushall()
             await pool.aclose()
             process_state.reset()
+
+
+class TestWaitingForRedis:
+    """A worker that lost Redis resumes when Redis answers PING with PONG, not when anything
+    answers on its port (another process took it, or a reconnecting client's socket connected
+    to itself and read its own PING back)."""
+
+    async def test_an_echo_on_the_port_is_not_redis_and_a_real_redis_is(
+        self, tmp_path: Path
+    ) -> None:
+        import asyncio
+
+        from arq.connections import ArqRedis
+
+        from service.embedded import EmbeddedRedis
+        from service.worker import wait_for_redis
+
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        port = free_port()
+        impostor = await asyncio.start_server(echo, "127.0.0.1", port)
+        pool = ArqRedis.from_url(f"redis://127.0.0.1:{port}")
+        try:
+            assert await pool.ping() is False  # it answered, with our own PING
+            waiting = asyncio.create_task(wait_for_redis(pool))
+            await asyncio.sleep(2.5)  # several tries
+            assert not waiting.done()
+            impostor.close()
+            await impostor.wait_closed()
+            await pool.connection_pool.disconnect()
+            server = EmbeddedRedis(tmp_path, port)
+            server.start()
+            try:
+                await asyncio.wait_for(waiting, timeout=30)
+                assert await pool.ping() is True
+            finally:
+                server.stop()
+        finally:
+            await pool.aclose()
