@@ -29,14 +29,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import ingest, metrics, process_state, queue
-from service import redis_url as urls
+from service import ingest, metrics, process_state, queue, state_store
 from service.admin.http import AdminState
 from service.admin.http import routes as admin_routes
 from service.errors import PayloadTooLarge, RequestTimeout, ServiceError, WebhookError
 from service.events import LIFECYCLE_EVENTS
 from service.ids import parse_digits
-from service.keys import APP_EVENTS_STREAM, WEBHOOK_STREAM
+from service.keys import APP_EVENTS_STREAM, webhook_streams
 from service.logging import configure_logging, get_logger
 from service.processing import ProcessingDeps
 from service.rules import RuleSet
@@ -296,9 +295,9 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         configure_logging(settings.log_format, settings.log_level)
-        state_redis = urls.bytes_client(redis_url)
-        # Both groups before the first webhook is accepted: the worker reads from here.
-        for stream in (WEBHOOK_STREAM, APP_EVENTS_STREAM):
+        state_redis = state_store.bytes_client(redis_url, cluster=settings.redis_cluster)
+        # Every group before the first webhook is accepted: the workers read from here.
+        for stream in (*webhook_streams(settings.inbox_shards), APP_EVENTS_STREAM):
             await ingest.ensure_group(state_redis, stream)
         writer = ingest.EventWriter(
             state_redis,
@@ -306,12 +305,13 @@ def create_app(settings: Settings, redis_url: str, rules: RuleSet | None = None)
             retention_days=settings.webhook_retention_days,
             durability=settings.webhook_durability,
             durability_timeout_s=settings.webhook_durability_timeout_s,
+            shards=settings.inbox_shards,
         )
         app.state.service = AppState(settings, state_redis, holder, writer)
         admin_redis = pool = None
         if admin_token:  # the only part of the web that enqueues (a retry, a campaign)
             pool = await queue.connect(queue.target(settings, redis_url))
-            admin_redis = Redis.from_url(redis_url, decode_responses=True)
+            admin_redis = state_store.text_client(redis_url, cluster=settings.redis_cluster)
             deps = ProcessingDeps(settings, admin_redis, pool, holder)
             app.state.admin = AdminState(admin_token, admin_redis, deps)
         log.info(

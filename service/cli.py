@@ -109,7 +109,7 @@ def _redis_for(settings: Settings) -> Iterator[str]:
     from service.embedded import embedded_redis
 
     if settings.redis_url:
-        url = preflight.redis_reachable(settings.redis_url)
+        url = preflight.redis_reachable(settings.redis_url, cluster=settings.redis_cluster)
         preflight.queue_reachable(settings, url)
         yield url
         return
@@ -140,7 +140,9 @@ def serve(host: str, port: int) -> None:
         # starts, and nothing can take it between the check and the server's start.
         sock = preflight.bind(host, port, "--port")
         with sock, _redis_for(settings) as redis_url:
-            preflight.durable_writes(redis_url, settings.webhook_durability)
+            preflight.durable_writes(
+                redis_url, settings.webhook_durability, cluster=settings.redis_cluster
+            )
             # Imported after the quick checks: the app and its rule engine take seconds to
             # import on a busy machine, which a refusal should not wait for.
             import uvicorn

@@ -65,7 +65,7 @@ def redis_url(settings: Settings, given: str | None = None) -> str:
     from service import preflight
 
     url = given or settings.redis_url or f"redis://127.0.0.1:{settings.embedded_redis_port}/0"
-    return preflight.redis_reachable(url)
+    return preflight.redis_reachable(url, cluster=settings.redis_cluster)
 
 
 def admin_url(given: str | None) -> str:
@@ -79,9 +79,9 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 @contextlib.asynccontextmanager
 async def _redis(url: str) -> AsyncIterator[Redis]:
-    from redis.asyncio import Redis
+    from service import state_store
 
-    client = Redis.from_url(url, decode_responses=True)
+    client = state_store.text_client(url, cluster=operator_settings().redis_cluster)
     try:
         yield client
     finally:

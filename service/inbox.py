@@ -90,13 +90,19 @@ class Backlog:
         return self.pending + self.unread
 
 
-async def backlog(redis: Redis) -> Backlog:
-    pending, unread, oldest = await redis.eval(  # type: ignore[misc]
-        BACKLOG_SCRIPT, 1, WEBHOOK_STREAM, GROUP, str(UNREAD_COUNT_LIMIT)
-    )
-    oldest = oldest.decode() if isinstance(oldest, bytes) else str(oldest)
-    age = max(0.0, time.time() - int(oldest.split("-")[0]) / 1000) if oldest else 0.0
-    return Backlog(int(pending), int(unread), round(age, 3))
+async def backlog(redis: Redis, shards: int = 1) -> Backlog:
+    """Summed over the inbox's shards (`INBOX_SHARDS`); the age is the oldest shard's."""
+    pending = unread = 0
+    age = 0.0
+    for stream in keys.webhook_streams(shards):
+        held, new, oldest = await redis.eval(  # type: ignore[misc]
+            BACKLOG_SCRIPT, 1, stream, GROUP, str(UNREAD_COUNT_LIMIT)
+        )
+        pending, unread = pending + int(held), unread + int(new)
+        oldest = oldest.decode() if isinstance(oldest, bytes) else str(oldest)
+        if oldest:
+            age = max(age, time.time() - int(oldest.split("-")[0]) / 1000)
+    return Backlog(pending, unread, round(age, 3))
 
 
 async def forget_idle_consumers(

@@ -14,14 +14,13 @@ import time
 from typing import Any
 
 import orjson
-from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
-from service import body_codec
-from service.keys import APP_EVENTS_STREAM, INBOX_GROUP, SEEN_PREFIX, WEBHOOK_STREAM
+from service import body_codec, keys, state_store
+from service.keys import APP_EVENTS_STREAM, INBOX_GROUP, WEBHOOK_STREAM
 from service.settings import Durability
 
 #: `WEBHOOK_DURABILITY` -> the replicas `WAITAOF` asks for (None: no wait).
@@ -88,23 +87,6 @@ class NotDurable(RedisError):
     deliveries answer 503 like any other failed write, and Salla sends them again."""
 
 
-def _held_connection(pool: Redis) -> Redis:
-    """A client on one connection of its own, like the pool's, that never sends a command
-    again by itself (redis-py does after a timeout when the URL says `retry_on_timeout`): a
-    `WAITAOF` sent again on a new connection would wait for that connection's writes (none)
-    and confirm at once what was never confirmed. A failed command fails its call; the next
-    call connects again."""
-    source = pool.connection_pool
-    options = {
-        **source.connection_kwargs,
-        "retry": Retry(NoBackoff(), 0),
-        "retry_on_timeout": False,
-        "retry_on_error": [],
-    }
-    one = ConnectionPool(connection_class=source.connection_class, max_connections=1, **options)
-    return Redis(connection_pool=one, single_connection_client=True)
-
-
 def _settle(batch: list[tuple[str, list[Any], asyncio.Future[Any]]], results: list[Any]) -> None:
     """Give each waiting delivery its answer: accepted (True), seen before, or the error."""
     for (_, _, future), result in zip(batch, results, strict=True):
@@ -116,15 +98,33 @@ def _settle(batch: list[tuple[str, list[Any], asyncio.Future[Any]]], results: li
             future.set_result(bool(result))
 
 
+class _Shard:
+    """One inbox stream's writer state: its keys, its held connection, and the deliveries
+    waiting for its next call."""
+
+    def __init__(self, number: int) -> None:
+        self.stream = keys.webhook_stream(number)
+        self.seen_prefix = keys.seen_prefix(number)
+        self.conn: Redis | None = None
+        self.accept: AsyncScript | None = None
+        self.waiting: list[tuple[str, list[Any], asyncio.Future[Any]]] = []
+        self.sender: asyncio.Task[None] | None = None
+        self.connecting = asyncio.Lock()  # app events share shard 0 with its group commit
+
+
 class EventWriter:
-    """The webhook path's writes. Inbox deliveries are group-committed: one `ACCEPT_WEBHOOKS`
-    call at a time, on a connection of its own, carries every delivery that arrived while the
-    previous call was out (a burst's deliveries share a round trip and a script run; a lone
-    one goes at once). Per delivery, the web process pays a list append and an awaited future,
-    not a Redis command. Each delivery still gets its own answer: a Redis error fails exactly the
-    deliveries of that call (they answer 503; Salla re-sends, and the "seen" mark makes any that
-    did land a duplicate, not a loss). App events (few) are written one call each
-    (`accept_app_event`), with the same script, on the same connection.
+    """The webhook path's writes. Inbox deliveries are group-committed: per inbox shard, one
+    `ACCEPT_WEBHOOKS` call at a time, on a connection of its own, carries every delivery that
+    arrived while the previous call was out (a burst's deliveries share a round trip and a
+    script run; a lone one goes at once). Per delivery, the web process pays a list append and
+    an awaited future, not a Redis command. Each delivery still gets its own answer: a Redis
+    error fails exactly the deliveries of that call (they answer 503; Salla re-sends, and the
+    "seen" mark makes any that did land a duplicate, not a loss). App events (few) are written
+    one call each (`accept_app_event`), with the same script, on shard 0's connection.
+
+    `shards` (`INBOX_SHARDS`): a store's deliveries go to stream `merchant mod shards`; on a
+    cluster each shard's connection is to the master of its slot, so the shards' writes spread
+    over the masters.
 
     `durability` (`WEBHOOK_DURABILITY`): with `fsync` or `replica`, each call is followed, on
     the same connection, by one `WAITAOF` (its cost shared by the call's deliveries); a call
@@ -139,6 +139,7 @@ class EventWriter:
         retention_days: int,
         durability: Durability = "buffered",
         durability_timeout_s: float = 2.0,
+        shards: int = 1,
     ) -> None:
         self.pool = pool
         self.seen_ttl_s = seen_ttl_s
@@ -146,12 +147,9 @@ class EventWriter:
         self.durability = durability
         self._replicas = REPLICAS_TO_WAIT_FOR[durability]
         self._wait_ms = max(1, round(durability_timeout_s * 1000))
-        # A connection held for the writer: no pool checkout (and its liveness probe) per call,
-        # and the connection `WAITAOF` asks about is the one that wrote.
-        self._conn = _held_connection(pool)
-        self._accept = self._conn.register_script(ACCEPT_WEBHOOKS)  # EVALSHA; loads if missing
-        self._waiting: list[tuple[str, list[Any], asyncio.Future[Any]]] = []
-        self._sender: asyncio.Task[None] | None = None
+        # Per shard, a connection held for the writer: no pool checkout (and its liveness
+        # probe) per call, and the connection `WAITAOF` asks about is the one that wrote.
+        self._shards = [_Shard(n) for n in range(shards)]
 
     def accept(
         self, *, merchant: int, event: str, delivery: str, body: bytes, trace_id: str
@@ -162,41 +160,36 @@ class EventWriter:
         future: asyncio.Future[Any] = loop.create_future()
         header = orjson.dumps([str(merchant), event, delivery, trace_id])
         kept = body_codec.encode(body)  # compressed for the replay log (service/body_codec.py)
-        self._waiting.append((SEEN_PREFIX + delivery, [header, kept], future))
-        if self._sender is None:  # its first step runs after this loop turn's other requests
-            self._sender = loop.create_task(self._send_waiting())
+        shard = self._shards[merchant % len(self._shards)]  # keys.inbox_shard, inlined
+        shard.waiting.append((shard.seen_prefix + delivery, [header, kept], future))
+        if shard.sender is None:  # its first step runs after this loop turn's other requests
+            shard.sender = loop.create_task(self._send_waiting(shard))
         return future
 
-    async def _send_waiting(self) -> None:
+    async def _send_waiting(self, shard: _Shard) -> None:
         try:
-            while self._waiting:
-                batch = self._waiting[:ACCEPT_BATCH]
-                del self._waiting[:ACCEPT_BATCH]
-                await self._send(batch)
+            while shard.waiting:
+                batch = shard.waiting[:ACCEPT_BATCH]
+                del shard.waiting[:ACCEPT_BATCH]
+                await self._send(shard, batch)
         finally:
-            self._sender = None
+            shard.sender = None
             # Stopped (the process is shutting down): nobody will send these; say so.
-            for _, _, future in self._waiting:
+            for _, _, future in shard.waiting:
                 if not future.done():
                     future.set_exception(RedisConnectionError("the event writer stopped"))
-            self._waiting.clear()
+            shard.waiting.clear()
 
-    async def _send(self, batch: list[tuple[str, list[Any], asyncio.Future[Any]]]) -> None:
-        keys: list[Any] = [WEBHOOK_STREAM]
+    async def _send(
+        self, shard: _Shard, batch: list[tuple[str, list[Any], asyncio.Future[Any]]]
+    ) -> None:
+        names: list[Any] = [shard.stream]
         args: list[Any] = [self.seen_ttl_s, self._minid(), INBOX_GROUP]
         for seen_key, fields, _ in batch:
-            keys.append(seen_key)
+            names.append(seen_key)
             args += fields
         try:
-            try:
-                results: list[Any] = await self._accept(keys=keys, args=args)
-            except RedisConnectionError:
-                # The held connection went stale (say Redis restarted since the last call): once
-                # more, on a new one. Safe even if the first call ran: "seen" marks make a
-                # delivery that landed answer as a duplicate, never land twice (and the second
-                # call writes its marks again, so the wait below covers the first call's writes).
-                results = await self._accept(keys=keys, args=args)
-            await self._wait_durable()
+            results: list[Any] = await self._call(shard, names, args)
         except Exception as exc:  # nothing of this call is known to be persisted: all fail
             results = [exc] * len(batch)
         except BaseException:  # cancelled: the process is stopping
@@ -204,13 +197,46 @@ class EventWriter:
             raise
         _settle(batch, results)
 
-    async def _wait_durable(self) -> None:
+    async def _call(self, shard: _Shard, names: list[Any], args: list[Any]) -> list[Any]:
+        """One `ACCEPT_WEBHOOKS` call on the shard's connection, then the durability wait.
+
+        Once more on a new connection when the held one went stale (Redis restarted since the
+        last call) or its server no longer holds the slot (a cluster's failover): safe even if
+        the first call ran, since "seen" marks make a delivery that landed answer as a
+        duplicate, never land twice, and the second call writes its marks again, so the wait
+        covers the first call's writes too (on the same server)."""
+        for attempt in (1, 2):
+            try:
+                async with shard.connecting:
+                    if shard.conn is None or shard.accept is None:
+                        shard.conn = await state_store.held_connection(self.pool, shard.stream)
+                        shard.accept = shard.conn.register_script(ACCEPT_WEBHOOKS)  # EVALSHA
+                    conn, accept = shard.conn, shard.accept
+                results: list[Any] = await accept(keys=names, args=args)
+                await self._wait_durable(conn)
+                return results
+            except (RedisConnectionError, ResponseError) as exc:
+                if isinstance(exc, ResponseError) and not state_store.moved(exc):
+                    raise
+                if attempt == 2:
+                    raise
+                if state_store.moved(exc):  # a failover moved the slot: ask where it is
+                    await self._drop(shard)
+                    await state_store.refresh(self.pool)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _drop(self, shard: _Shard) -> None:
+        conn, shard.conn, shard.accept = shard.conn, None, None
+        if conn is not None:
+            await conn.aclose(close_connection_pool=True)
+
+    async def _wait_durable(self, conn: Redis) -> None:
         """Return once every write this connection made is in Redis's AOF on disk (and in a
         replica's, for `replica`); raise `NotDurable` if that takes longer than the timeout.
         `WAITAOF` counts the writes of the connection it is sent on, up to its last one."""
         if self._replicas is None:  # buffered: Redis fsyncs its AOF each second on its own
             return
-        local, replicas = await self._conn.waitaof(1, self._replicas, self._wait_ms)
+        local, replicas = await conn.waitaof(1, self._replicas, self._wait_ms)
         if local < 1 or replicas < self._replicas:
             where = "on disk" if self._replicas == 0 else f"on disk and on {self._replicas} replica"
             raise NotDurable(
@@ -219,8 +245,9 @@ class EventWriter:
             )
 
     async def aclose(self) -> None:
-        """Close the writer's connection."""
-        await self._conn.aclose(close_connection_pool=True)
+        """Close the writer's connections."""
+        for shard in self._shards:
+            await self._drop(shard)
 
     def _minid(self) -> str:
         """The oldest entry id retention keeps ("" keeps all)."""
@@ -237,15 +264,11 @@ class EventWriter:
         before a worker processed the first is refused here (lifecycle handlers are upserts
         ordered by event time, so one processed twice would be harmless too). Never retained:
         the worker deletes it once processed (service/inbox.py). On the writer's own
-        connection, so the same `WAITAOF` covers it (a call of the group commit may run
+        connection (shard 0's), so the same `WAITAOF` covers it (a call of the group commit may run
         between the two: the wait then covers that call's writes too, which is harmless).
         """
         header = orjson.dumps([str(merchant), event, delivery, trace_id])
-        keys: list[Any] = [APP_EVENTS_STREAM, SEEN_PREFIX + delivery]
+        names: list[Any] = [APP_EVENTS_STREAM, keys.seen(delivery)]  # shard 0's slot
         args: list[Any] = [self.seen_ttl_s, "", INBOX_GROUP, header, body]
-        try:
-            results: list[Any] = await self._accept(keys=keys, args=args)
-        except RedisConnectionError:  # the held connection went stale: once more, anew
-            results = await self._accept(keys=keys, args=args)
-        await self._wait_durable()
+        results = await self._call(self._shards[0], names, args)
         return bool(results[0])

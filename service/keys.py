@@ -52,6 +52,12 @@ Keys written together with the inbox stream (the web's group commit) carry the i
     sr:{inbox}:durable-mark           str   written by `serve`'s start-up check, to see that a
                                             write reaches the AOF on disk (service/preflight.py)
 
+With `INBOX_SHARDS` = N > 1 the inbox is N streams, shard 0 as above and shard n > 0 under the
+tag `{inbox:<n>}` (`sr:{inbox:3}:webhooks`, `sr:{inbox:3}:seen:<delivery>`): each shard's
+stream and its seen marks share a slot, and a cluster spreads the shards over its masters. A
+store's webhooks always go to shard `merchant mod N` (`inbox_shard`), so they stay in order.
+App events (few) stay in shard 0's `app-events` stream.
+
 arq's own keys (`arq:queue`, `arq:job:<id>`, ...) live on the queue's Redis (`QUEUE_REDIS_URL`,
 by default this one): nothing there is the only copy of anything (service/queue.py).
 
@@ -241,5 +247,29 @@ def tombstones(merchant: int, order_id: int) -> str:
     return f"{PREFIX}{{m:{merchant}}}:retired:{order_id % TOMBSTONE_SETS}"
 
 
-def seen(delivery: str) -> str:
-    return f"{SEEN_PREFIX}{delivery}"
+def seen(delivery: str, shard: int = 0) -> str:
+    return f"{seen_prefix(shard)}{delivery}"
+
+
+def inbox_shard(merchant: int, shards: int) -> int:
+    """The inbox shard a store's webhooks go to (a store's events stay in one stream)."""
+    return merchant % shards
+
+
+def _inbox_tag(shard: int) -> str:
+    return INBOX_TAG if shard == 0 else f"{{inbox:{shard}}}"
+
+
+def webhook_stream(shard: int) -> str:
+    """The inbox stream of one shard (shard 0: `WEBHOOK_STREAM`)."""
+    return f"{PREFIX}{_inbox_tag(shard)}:webhooks"
+
+
+def seen_prefix(shard: int) -> str:
+    """What a shard's seen marks start with (shard 0: `SEEN_PREFIX`)."""
+    return f"{PREFIX}{_inbox_tag(shard)}:seen:"
+
+
+def webhook_streams(shards: int) -> list[str]:
+    """Every inbox stream of a deployment with `shards` shards."""
+    return [webhook_stream(n) for n in range(shards)]

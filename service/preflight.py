@@ -5,7 +5,7 @@ anything starts, instead of a traceback, a minute of retries, or every webhook a
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from service.errors import ConfigError
 
@@ -42,9 +42,12 @@ def port_free(host: str, port: int, option: str) -> None:
     bind(host, port, option).close()
 
 
-def redis_reachable(url: str, timeout_s: float = REDIS_CHECK_TIMEOUT_S) -> str:
+def redis_reachable(
+    url: str, timeout_s: float = REDIS_CHECK_TIMEOUT_S, *, cluster: bool | None = None
+) -> str:
     """The URL, checked (`service.redis_url.check`), once its Redis answers a PING within a
-    short timeout; the password never appears in the refusal."""
+    short timeout; the password never appears in the refusal. `cluster` (`REDIS_CLUSTER`, for
+    the state store): the server must be a cluster's node, or must not be."""
     from redis import Redis
     from redis.exceptions import RedisError
 
@@ -59,14 +62,30 @@ def redis_reachable(url: str, timeout_s: float = REDIS_CHECK_TIMEOUT_S) -> str:
     client = Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
     try:
         client.ping()
+        if cluster is not None:
+            info: dict[str, Any] = client.info("cluster")  # type: ignore[assignment]
+            enabled = str(info.get("cluster_enabled", 0)) == "1"
     except (RedisError, OSError) as exc:
         raise _unreachable(url, exc) from None
     finally:
         client.close()
+    if cluster is not None and enabled != cluster:
+        where = urls.redact(url)
+        if cluster:
+            raise ConfigError(
+                f"REDIS_CLUSTER=true, but the Redis at {where} is not a cluster's node",
+                hint="point REDIS_URL at a node of the cluster, or unset REDIS_CLUSTER",
+            )
+        raise ConfigError(
+            f"the Redis at {where} is a Redis Cluster's node, and REDIS_CLUSTER is not set",
+            hint="set REDIS_CLUSTER=true (and QUEUE_REDIS_URL to a standalone Redis for arq)",
+        )
     return url
 
 
-def durable_writes(url: str, durability: str, timeout_s: float = REDIS_CHECK_TIMEOUT_S) -> None:
+def durable_writes(
+    url: str, durability: str, timeout_s: float = REDIS_CHECK_TIMEOUT_S, *, cluster: bool = False
+) -> None:
     """Refuse `WEBHOOK_DURABILITY=fsync|replica` against a Redis that cannot confirm a write
     on disk: one without `WAITAOF` (before Redis 7.2 / Valkey 8.0), with `appendonly no`, or
     with `appendfsync no`.
@@ -77,56 +96,85 @@ def durable_writes(url: str, durability: str, timeout_s: float = REDIS_CHECK_TIM
     whether the command exists, but redis-py's parser of its answer fails on the nil an
     unknown command gets.) Then one write (the `DURABLE_MARK` key, the web's own) and the wait
     the web makes for it. `replica` does not need a replica connected at start-up: until
-    one is, webhooks answer 503, and Salla sends them again."""
+    one is, webhooks answer 503, and Salla sends them again.
+
+    On a cluster (`cluster`), every master is asked the first question (each holds inbox
+    shards), and the master of `DURABLE_MARK`'s slot the second."""
     from redis import Redis
-    from redis.exceptions import RedisError, ResponseError
+    from redis.cluster import RedisCluster
+    from redis.exceptions import RedisError
 
     from service import redis_url as urls
     from service.keys import DURABLE_MARK
 
     if durability == "buffered":
         return
-    where = urls.redact(url)
-    client = Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    options = {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s}
     try:
+        if not cluster:
+            client = Redis.from_url(url, **options)
+            try:
+                _can_wait_for_disk(client, urls.redact(url), durability)
+                _confirms_a_write(client, urls.redact(url), durability)
+            finally:
+                client.close()
+            return
+        nodes = RedisCluster.from_url(url, **options)
         try:
-            client.waitaof(1, 0, 1)
-        except ResponseError as exc:
-            if "unknown command" in str(exc).lower():
-                raise ConfigError(
-                    f"WEBHOOK_DURABILITY={durability} needs WAITAOF, which the Redis at {where} "
-                    "does not have (Redis 7.2+ and Valkey 8+ have it)",
-                    hint="upgrade Redis, or set WEBHOOK_DURABILITY=buffered",
-                ) from None
-            if "appendonly" in str(exc):
-                raise ConfigError(
-                    f"WEBHOOK_DURABILITY={durability} needs Redis's AOF, but the Redis at "
-                    f"{where} runs with appendonly no",
-                    hint="turn it on (appendonly yes in its configuration, or CONFIG SET "
-                    "appendonly yes), or set WEBHOOK_DURABILITY=buffered",
-                ) from None
-            raise ConfigError(
-                f"WEBHOOK_DURABILITY={durability}: the Redis at {where} refuses WAITAOF "
-                f"({_reason(exc)})",
-                hint="point REDIS_URL at the primary, or set WEBHOOK_DURABILITY=buffered",
-            ) from None
-        # A write, then the wait the web will make: `appendfsync no` accepts WAITAOF and never
-        # confirms anything (every webhook would wait its timeout and answer 503).
-        client.set(DURABLE_MARK, "1")
-        # redis-py types its sync and async clients' answers alike (Awaitable | Any).
-        wait_ms = round(FSYNC_CHECK_TIMEOUT_S * 1000)
-        confirmed: list[int] = client.waitaof(1, 0, wait_ms)  # type: ignore[assignment]
-        if confirmed[0] < 1:
-            raise ConfigError(
-                f"WEBHOOK_DURABILITY={durability}: the Redis at {where} did not confirm a write "
-                f"on disk within {FSYNC_CHECK_TIMEOUT_S:g}s (with appendfsync no it never does)",
-                hint="set its appendfsync to everysec or always, "
-                "or set WEBHOOK_DURABILITY=buffered",
-            )
+            for node in nodes.get_primaries():
+                assert node.redis_connection is not None  # made by the client for each node
+                _can_wait_for_disk(node.redis_connection, node.name, durability)
+            owner = nodes.get_node_from_key(DURABLE_MARK)
+            assert owner.redis_connection is not None
+            _confirms_a_write(owner.redis_connection, owner.name, durability)
+        finally:
+            nodes.close()
     except (RedisError, OSError) as exc:
         raise _unreachable(url, exc) from None
-    finally:
-        client.close()
+
+
+def _can_wait_for_disk(client: Any, where: str, durability: str) -> None:
+    """Asked of the server, not read from its version (see `durable_writes`)."""
+    from redis.exceptions import ResponseError
+
+    try:
+        client.waitaof(1, 0, 1)
+    except ResponseError as exc:
+        if "unknown command" in str(exc).lower():
+            raise ConfigError(
+                f"WEBHOOK_DURABILITY={durability} needs WAITAOF, which the Redis at {where} "
+                "does not have (Redis 7.2+ and Valkey 8+ have it)",
+                hint="upgrade Redis, or set WEBHOOK_DURABILITY=buffered",
+            ) from None
+        if "appendonly" in str(exc):
+            raise ConfigError(
+                f"WEBHOOK_DURABILITY={durability} needs Redis's AOF, but the Redis at "
+                f"{where} runs with appendonly no",
+                hint="turn it on (appendonly yes in its configuration, or CONFIG SET "
+                "appendonly yes), or set WEBHOOK_DURABILITY=buffered",
+            ) from None
+        raise ConfigError(
+            f"WEBHOOK_DURABILITY={durability}: the Redis at {where} refuses WAITAOF "
+            f"({_reason(exc)})",
+            hint="point REDIS_URL at the primary, or set WEBHOOK_DURABILITY=buffered",
+        ) from None
+
+
+def _confirms_a_write(client: Any, where: str, durability: str) -> None:
+    """A write, then the wait the web will make: `appendfsync no` accepts WAITAOF and never
+    confirms anything (every webhook would wait its timeout and answer 503). One client,
+    used by one thread: its pool hands the write's connection to the wait."""
+    from service.keys import DURABLE_MARK
+
+    client.set(DURABLE_MARK, "1")
+    wait_ms = round(FSYNC_CHECK_TIMEOUT_S * 1000)
+    confirmed: list[int] = client.waitaof(1, 0, wait_ms)
+    if confirmed[0] < 1:
+        raise ConfigError(
+            f"WEBHOOK_DURABILITY={durability}: the Redis at {where} did not confirm a write "
+            f"on disk within {FSYNC_CHECK_TIMEOUT_S:g}s (with appendfsync no it never does)",
+            hint="set its appendfsync to everysec or always, or set WEBHOOK_DURABILITY=buffered",
+        )
 
 
 def _unreachable(url: str, exc: BaseException) -> ConfigError:

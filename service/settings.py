@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     queue_redis_sentinels: str = ""
     #: The name the Sentinels monitor the queue's master by (`sentinel monitor <name> ...`).
     queue_redis_sentinel_master: str = ""
+    #: `REDIS_URL` names a seed node of a Redis Cluster that holds the state (ledger, grants,
+    #: inbox, tokens, limits); arq cannot run on a cluster, so `QUEUE_REDIS_URL` (or its
+    #: Sentinels) must name a Redis of its own (docs/operations.md, "Redis Cluster").
+    redis_cluster: bool = False
+    #: Streams the inbox is split into, each in its own slot (a cluster spreads them over its
+    #: masters); a store's webhooks always go to the same one. Fixed for a deployment:
+    #: changing it means draining the inbox first (docs/operations.md).
+    inbox_shards: int = Field(default=1, ge=1, le=1024)
     embedded_redis_port: int = 6390
     data_dir: Path = Path("var")
 
@@ -210,6 +218,16 @@ class Settings(BaseSettings):
                     "(the deploy files read it from REDIS_PASSWORD)"
                 )
         self._check_queue_sentinel()
+        if self.redis_cluster and not (self.queue_redis_url or self.queue_redis_sentinels):
+            raise ValueError(
+                "REDIS_CLUSTER=true needs a queue Redis of its own: arq cannot run on a Redis "
+                "Cluster; set QUEUE_REDIS_URL (or QUEUE_REDIS_SENTINELS) to a standalone Redis"
+            )
+        if self.redis_cluster and not self.redis_url:
+            raise ValueError(
+                "REDIS_CLUSTER=true needs REDIS_URL set to one of the cluster's nodes "
+                "(redis://node-1:6379); the embedded Redis is a single server"
+            )
         admin = self.admin_token.get_secret_value()
         if admin and self.app_env != "development" and len(admin) < MIN_ADMIN_TOKEN_LENGTH:
             raise ValueError(

@@ -214,8 +214,10 @@ def _check(settings: Settings, port: int, sandbox_port: int) -> None:
     preflight.port_free(LOOPBACK, port, "--port")
     preflight.port_free(LOOPBACK, sandbox_port, "--sandbox-port")
     if settings.redis_url:
-        preflight.redis_reachable(settings.redis_url)
-        preflight.durable_writes(settings.redis_url, settings.webhook_durability)
+        preflight.redis_reachable(settings.redis_url, cluster=settings.redis_cluster)
+        preflight.durable_writes(
+            settings.redis_url, settings.webhook_durability, cluster=settings.redis_cluster
+        )
     else:
         preflight.port_free(LOOPBACK, settings.embedded_redis_port, "EMBEDDED_REDIS_PORT")
     from service.rules import load_rules

@@ -116,11 +116,11 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
         settle = ledger.now_ms() - int(deps.settings.reconcile_after_s * 1000)
         if await ledger.unknown_since(deps.redis, merchant, settle):
             await queue.enqueue_reconcile(deps.pool, merchant)
-    waiting = await inbox.backlog(deps.redis)
+    waiting = await inbox.backlog(deps.redis, deps.settings.inbox_shards)
     metrics.INBOX_BACKLOG.labels("pending").set(waiting.pending)
     metrics.INBOX_BACKLOG.labels("unread").set(waiting.unread)
     metrics.INBOX_OLDEST.set(waiting.oldest_age_s)
-    for stream in (keys.WEBHOOK_STREAM, keys.APP_EVENTS_STREAM):
+    for stream in (*keys.webhook_streams(deps.settings.inbox_shards), keys.APP_EVENTS_STREAM):
         await inbox.forget_idle_consumers(deps.redis, stream=stream)
     if deps.settings.grant_archive_dir is not None:  # before the log forgets them
         await archive.archive_due(deps.redis, deps.settings.grant_archive_dir, ledger.now_ms())

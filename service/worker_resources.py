@@ -16,7 +16,7 @@ import httpx
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
-from service import inbox, keys, redis_url
+from service import inbox, keys, state_store
 from service.batch import BatchHandler
 from service.delivery.deps import Deps
 from service.inbox import Inbox
@@ -48,8 +48,9 @@ class WorkerResources:
     #: The outgoing side: Salla calls, flushes, token refresh.
     delivery: Deps
     orders: truth.Deps
-    inbox: Inbox
-    inbox_task: asyncio.Task[None]
+    #: One reader per inbox shard (`INBOX_SHARDS`), each with its task.
+    inboxes: list[Inbox]
+    inbox_tasks: list[asyncio.Task[None]]
     #: The app lifecycle events' stream: same reader and handler, nothing kept once processed.
     app_events: Inbox
     app_events_task: asyncio.Task[None]
@@ -57,8 +58,8 @@ class WorkerResources:
 
     @classmethod
     async def open(cls, settings: Settings, url: str, pool: ArqRedis) -> WorkerResources:
-        redis = redis_url.text_client(url)
-        inbox_redis = redis_url.bytes_client(url)
+        redis = state_store.text_client(url, cluster=settings.redis_cluster)
+        inbox_redis = state_store.bytes_client(url, cluster=settings.redis_cluster)
         http = httpx.AsyncClient(
             timeout=httpx.Timeout(
                 settings.salla_timeout_s, connect=min(5.0, settings.salla_timeout_s)
@@ -70,13 +71,17 @@ class WorkerResources:
         await watch.__aenter__()
         processing = ProcessingDeps(settings, redis, pool, rules)
         handler = BatchHandler(processing)
-        reader = inbox.Inbox(
-            inbox_redis,
-            handler,
-            keep_for_replay=settings.webhook_retention_days > 0,
-            batch=settings.inbox_batch,
-            claim_idle_s=settings.inbox_claim_after_s,
-        )
+        readers = [
+            inbox.Inbox(
+                inbox_redis,
+                handler,
+                stream=stream,
+                keep_for_replay=settings.webhook_retention_days > 0,
+                batch=settings.inbox_batch,
+                claim_idle_s=settings.inbox_claim_after_s,
+            )
+            for stream in keys.webhook_streams(settings.inbox_shards)
+        ]
         app_events = inbox.Inbox(
             inbox_redis,
             handler,
@@ -96,8 +101,11 @@ class WorkerResources:
             processing=processing,
             delivery=delivery,
             orders=truth.Deps(processing, delivery),
-            inbox=reader,
-            inbox_task=asyncio.create_task(reader.run(), name="inbox"),
+            inboxes=readers,
+            inbox_tasks=[
+                asyncio.create_task(reader.run(), name=f"inbox-{n}")
+                for n, reader in enumerate(readers)
+            ],
             app_events=app_events,
             app_events_task=asyncio.create_task(app_events.run(), name="app-events"),
             _rules_watch=watch,
@@ -105,11 +113,11 @@ class WorkerResources:
 
     async def close(self) -> None:
         """The batches in progress finish and are acknowledged; then every client closes."""
-        self.inbox.stop()
-        self.app_events.stop()
+        for reader in (*self.inboxes, self.app_events):
+            reader.stop()
         try:
             await asyncio.wait_for(
-                asyncio.gather(self.inbox_task, self.app_events_task),
+                asyncio.gather(*self.inbox_tasks, self.app_events_task),
                 timeout=self.settings.job_timeout_s,
             )
         except TimeoutError:

@@ -454,3 +454,56 @@ class TestSallaFaults:
         [grant] = await ledger.grants_in(redis, "failed", ORDER_MERCHANT)
         assert "alert.invalid_fields" in grant.error and str(ORDER_CUSTOMER) in grant.error
         assert store.calls == []
+
+
+class TestInboxShards:
+    """`INBOX_SHARDS=3`: each store's webhooks go to its shard's stream (with their seen
+    marks), workers read every shard, and the backlog, a duplicate and a replay's count see all
+    of them."""
+
+    async def test_three_stores_on_three_shards_each_credited_once(
+        self, redis: Redis, redis_url: str, sandbox: tuple[str, Sandbox]
+    ) -> None:
+        from service.admin.replay import count_webhooks
+
+        url, box = sandbox
+        shard_settings = make_settings(url, inbox_shards=3)
+        merchants = [ORDER_MERCHANT + n for n in range(3)]  # one per shard: merchant mod 3
+        assert sorted(keys.inbox_shard(m, 3) for m in merchants) == [0, 1, 2]
+        with serve_in_thread(create_app(shard_settings, redis_url)) as web_url:
+            web = Service(web_url, shard_settings)
+            async with running_worker(shard_settings, redis_url):
+                for merchant in merchants:
+                    install(web, box, merchant)
+                    body = with_merchant("order.status.updated.json", merchant)
+                    assert web.post_webhook(body).status_code == 200
+                    assert web.post_webhook(body).json()["status"] == "duplicate"
+                for merchant in merchants:
+                    await settles_at(box, redis, merchant, ORDER_CUSTOMER, 15)
+                for merchant in merchants:
+                    stream = keys.webhook_stream(keys.inbox_shard(merchant, 3))
+                    entries = await redis.execute_command(  # bodies are binary
+                        "XRANGE", stream, "-", "+", NEVER_DECODE=True
+                    )
+                    stored = [int(fields[b"merchant"]) for _, fields in entries]
+                    assert stored == [merchant], stream  # the order (app events: their stream)
+                    assert await redis.exists(
+                        keys.seen(stored_delivery(entries), keys.inbox_shard(merchant, 3))
+                    )
+                assert await eventually(lambda: _drained(redis, 3), timeout_s=10)
+                assert await count_webhooks(redis, 0, 2**62, shards=3) >= 3
+                for merchant in merchants:
+                    assert await count_webhooks(redis, 0, 2**62, merchant, shards=3) >= 1
+        for merchant in merchants:
+            assert balance(box, merchant, ORDER_CUSTOMER) == 15
+
+
+def stored_delivery(entries: list[Any]) -> str:
+    (_, fields), *_ = entries
+    return str(fields[b"delivery"].decode())
+
+
+async def _drained(redis: Redis, shards: int) -> bool:
+    from service import inbox
+
+    return (await inbox.backlog(redis, shards)).total == 0

@@ -110,6 +110,15 @@ class TestSettings:
                 },
                 "QUEUE_REDIS_URL is rediss:// but arq's Sentinel mode cannot pass TLS",
             ),
+            (
+                {"REDIS_CLUSTER": "true", "REDIS_URL": "redis://node-1:6379"},
+                "REDIS_CLUSTER=true needs a queue Redis of its own",
+            ),
+            (
+                {"REDIS_CLUSTER": "true", "QUEUE_REDIS_URL": "redis://queue:6379"},
+                "REDIS_CLUSTER=true needs REDIS_URL set to one of the cluster's nodes",
+            ),
+            ({"INBOX_SHARDS": "0"}, "INBOX_SHARDS"),
         ],
     )
     def test_a_bad_combination_is_one_sentence(

@@ -247,7 +247,9 @@ def admin_replay(
     async def go(redis: Redis, pool: ArqRedis) -> bool:
         """True when the whole range was replayed; False when Ctrl-C stopped it."""
         deps = ProcessingDeps(settings, redis, pool, ruleset)
-        total = await replaying.count_webhooks(redis, start, end, merchant)
+        total = await replaying.count_webhooks(
+            redis, start, end, merchant, shards=settings.inbox_shards
+        )
         with (
             interruptible() as stop,
             click.progressbar(

@@ -13,9 +13,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from service import body_codec
+from service import body_codec, keys
 from service.errors import WebhookError
-from service.keys import WEBHOOK_STREAM
 from service.processing import ProcessingDeps, replay_event
 
 PAGE = 500
@@ -35,15 +34,31 @@ class StoredWebhook:
         return dt.datetime.fromtimestamp(int(self.stream_id.split("-")[0]) / 1000, dt.UTC)
 
 
+def _streams(shards: int, merchant: int | None) -> list[str]:
+    """The inbox streams holding a store's webhooks (its shard's), or every store's."""
+    if merchant is None:
+        return keys.webhook_streams(shards)
+    return [keys.webhook_stream(keys.inbox_shard(merchant, shards))]
+
+
 async def stored_webhooks(
-    redis: Redis, start_ms: int, end_ms: int, merchant: int | None = None
+    redis: Redis, start_ms: int, end_ms: int, merchant: int | None = None, *, shards: int = 1
 ) -> AsyncIterator[StoredWebhook]:
-    """Webhooks kept for replay, in the order they were first processed."""
+    """Webhooks kept for replay: shard by shard (`INBOX_SHARDS`), each in the order it was
+    first processed (a store's webhooks are all in one shard, so in order)."""
+    for stream in _streams(shards, merchant):
+        async for webhook in _stored_in(redis, stream, start_ms, end_ms, merchant):
+            yield webhook
+
+
+async def _stored_in(
+    redis: Redis, stream: str, start_ms: int, end_ms: int, merchant: int | None
+) -> AsyncIterator[StoredWebhook]:
     cursor = str(start_ms)
     while True:
         # Bodies are binary (service/body_codec.py): read undecoded whatever the client does.
         entries = await redis.execute_command(  # type: ignore[no-untyped-call]
-            "XRANGE", WEBHOOK_STREAM, cursor, f"({end_ms}", "COUNT", PAGE, NEVER_DECODE=True
+            "XRANGE", stream, cursor, f"({end_ms}", "COUNT", PAGE, NEVER_DECODE=True
         )
         if not entries:
             return
@@ -90,15 +105,24 @@ return {n, last}
 
 
 async def count_webhooks(
-    redis: Redis, start_ms: int, end_ms: int, merchant: int | None = None
+    redis: Redis, start_ms: int, end_ms: int, merchant: int | None = None, *, shards: int = 1
 ) -> int:
     """How many stored webhooks a replay of this range would read (counted inside Redis)."""
+    total = 0
+    for stream in _streams(shards, merchant):
+        total += await _count_in(redis, stream, start_ms, end_ms, merchant)
+    return total
+
+
+async def _count_in(
+    redis: Redis, stream: str, start_ms: int, end_ms: int, merchant: int | None
+) -> int:
     cursor, total = str(start_ms), 0
     while True:
         counted, last = await redis.eval(  # type: ignore[misc]
             _COUNT_WEBHOOKS,
             1,
-            WEBHOOK_STREAM,
+            stream,
             cursor,
             f"({end_ms}",
             "" if merchant is None else str(merchant),
@@ -139,7 +163,8 @@ async def replay(
     Stopping between two webhooks is always safe: each one's ledger changes are atomic, and
     running the range again only finds what is still owed.
     """
-    async for webhook in stored_webhooks(deps.redis, start_ms, end_ms, merchant):
+    shards = deps.settings.inbox_shards
+    async for webhook in stored_webhooks(deps.redis, start_ms, end_ms, merchant, shards=shards):
         try:
             replayed = await replay_event(
                 deps,

@@ -14,8 +14,8 @@ from contextlib import asynccontextmanager
 
 import click
 import httpx
-from redis.asyncio import Redis
 
+from service import state_store
 from service.delivery.deps import Deps as DeliveryDeps
 from service.errors import RuleError
 from service.ids import ID
@@ -103,7 +103,7 @@ def _run(
 
 @asynccontextmanager
 async def _deps(settings: Settings, url: str, holder: RulesHolder) -> AsyncIterator[truth.Deps]:
-    redis = Redis.from_url(url, decode_responses=True)
+    redis = state_store.text_client(url, cluster=settings.redis_cluster)
     pool = await connect(target(settings, url))
     http = httpx.AsyncClient(timeout=settings.salla_timeout_s)
     try:
