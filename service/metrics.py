@@ -65,22 +65,23 @@ RATE_LIMIT_WAITS = Counter(
     "Flushes that waited for a store's rate limit.",
     registry=REGISTRY,
 )
+# No gauge is labelled by store: 50,000 stores would be 50,000 series per gauge. A store's own
+# figures are the admin commands' (`grants pending|failed|... --merchant M`).
 PENDING = Gauge(
     "salla_rewards_pending_grants",
-    "Grants waiting to be sent, per store.",
-    ["merchant"],
+    "Grants waiting to be sent, in every store with work (at the last sweep).",
     registry=REGISTRY,
 )
 OLDEST_PENDING = Gauge(
     "salla_rewards_oldest_pending_grant_age_seconds",
-    "Age of the oldest due grant not yet sent, per store.",
-    ["merchant"],
+    "Age of the oldest due grant not yet sent, in any store (at the last sweep).",
     registry=REGISTRY,
 )
 ATTENTION = Gauge(
     "salla_rewards_grants_needing_attention",
-    "Grants that will not go out by themselves, per store and kind (failed, review, parked).",
-    ["merchant", "kind"],
+    "Grants that will not go out by themselves, by kind (failed, review, parked), in every "
+    "store with work (at the last sweep).",
+    ["kind"],
     registry=REGISTRY,
 )
 INBOX_BACKLOG = Gauge(

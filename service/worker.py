@@ -137,6 +137,8 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
             kept_full=compacted.kept_full,
         )
     returned = unknown = flushed = 0
+    totals = dict.fromkeys(("pending", "failed", "review", "parked"), 0.0)
+    oldest = 0.0
     for merchant in await ledger.stores_with_work(deps.redis):
         for order_id in await ledger.verifying_overdue(deps.redis, merchant):
             await queue.enqueue_order_truth(deps.pool, merchant, order_id)
@@ -146,10 +148,9 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
         if lost:
             log.error("claims_recovered_unknown", merchant=merchant, grants=lost)
         gauges = await ledger.store_gauges(deps.redis, merchant)
-        metrics.PENDING.labels(str(merchant)).set(gauges["pending"])
-        metrics.OLDEST_PENDING.labels(str(merchant)).set(gauges["oldest_age_s"])
-        for kind in ("failed", "review", "parked"):
-            metrics.ATTENTION.labels(str(merchant), kind).set(gauges[kind])
+        for name in totals:
+            totals[name] += gauges[name]
+        oldest = max(oldest, gauges["oldest_age_s"])
         if await ledger.due_count(deps.redis, merchant):
             # `recreate`: the job this process queued for this window may have been lost with
             # the queue's master; arq refuses the id if it still has it.
@@ -158,6 +159,10 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
             flushed += 1
         else:
             await ledger.forget_store_if_idle(deps.redis, merchant)
+    metrics.PENDING.set(totals["pending"])
+    metrics.OLDEST_PENDING.set(oldest)
+    for kind in ("failed", "review", "parked"):
+        metrics.ATTENTION.labels(kind).set(totals[kind])
     if returned or unknown:
         log.info("sweep", returned=returned, unknown=unknown, flushes=flushed)
     return {"returned": returned, "unknown": unknown, "flushes": flushed}
