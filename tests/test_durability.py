@@ -207,7 +207,9 @@ class TestReplica:
             web_on(primary.url, webhook_durability="replica") as web,
             Redis.from_url(primary.url) as on_primary,
         ):
-            assert delivered(web, order_webhook(1)) == "accepted"
+            # A first attempt that waited past the timeout answers 503 and its re-send
+            # "duplicate" (Salla's way; the replica then has it): either is delivered.
+            assert delivered(web, order_webhook(1)) in ("accepted", "duplicate")
             with Redis.from_url(replica.url) as on_replica:
                 assert len(deliveries(on_replica)) == 1  # the replica had it before the 200
             replica.stop()
@@ -234,8 +236,10 @@ class TestReplica:
             web_on(primary.url, webhook_durability="replica") as web,
             web_on(primary.url, webhook_durability="replica") as other_web,
         ):
-            assert delivered(web, order_webhook(1)) == "accepted"  # both warmed up
-            assert delivered(other_web, order_webhook(2)) == "accepted"
+            # Both warmed up (a loaded machine's replica can answer the first attempt late:
+            # 503, then "duplicate" for the re-send; either way it is on the replica).
+            assert delivered(web, order_webhook(1)) in ("accepted", "duplicate")
+            assert delivered(other_web, order_webhook(2)) in ("accepted", "duplicate")
             replica.process.send_signal(signal.SIGSTOP)  # connected, acknowledging nothing
             try:
                 assert web.post_webhook(order_webhook(3)).status_code == 503
