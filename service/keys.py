@@ -22,6 +22,9 @@ hashes to one Redis Cluster slot and one Lua script can touch any of it:
     sr:{m:M}:idle                     str   the sweep found the store idle once
     sr:{m:M}:listed-at                str   when a worker last listed the store in
                                             stores:pending (ms; see ledger/sweep.py)
+    sr:{m:M}:replicated               str   on a cluster, written just before a `WAIT 1` that
+                                            confirms the store's grant transitions reached a
+                                            replica (service/state_store.py, `ReplicaWait`)
     sr:{m:M}:store                    hash  tokens, scope, install time (service/tokens.py)
     sr:{m:M}:lock:refresh             str   the token refresh lock
     sr:{m:M}:settings                 str   the store's app settings (JSON)
@@ -191,6 +194,10 @@ def scope_grants(merchant: int, scope: str) -> str:
 
 def customer_grants(merchant: int, customer: int) -> str:
     return f"{PREFIX}{{m:{merchant}}}:gidx:customer:{customer}"
+
+
+def replica_mark(merchant: int) -> str:
+    return f"{PREFIX}{{m:{merchant}}}:replicated"
 
 
 def store(merchant: int) -> str:

@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     #: masters); a store's webhooks always go to the same one. Fixed for a deployment:
     #: changing it means draining the inbox first (docs/operations.md).
     inbox_shards: int = Field(default=1, ge=1, le=1024)
+    #: On a cluster, how long a grant transition that guards a call to Salla (`sending` before
+    #: it, `sent` after it) waits for a replica's `WAIT 1`; unconfirmed, the flush stops there
+    #: and the grants are recovered as after a lost worker (docs/operations.md).
+    replica_wait_timeout_s: float = Field(default=2.0, gt=0, le=60)
     embedded_redis_port: int = 6390
     data_dir: Path = Path("var")
 

@@ -17,6 +17,7 @@ from typing import Any, cast
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from service import redis_url
@@ -80,3 +81,70 @@ def moved(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and text.startswith(
         ("MOVED", "ASK", "CLUSTERDOWN", "READONLY", "TRYAGAIN")
     )
+
+
+class NotReplicated(RedisConnectionError):
+    """No replica confirmed a transition within the timeout: the action it guards (the call to
+    Salla, or the next step after it) does not proceed, as if the connection had failed (the
+    job is retried; the sweep recovers what it left `sending`)."""
+
+
+class ReplicaWait:
+    """`WAIT 1` after the grant transitions that guard an action, on a cluster: replication is
+    asynchronous, and a failover that lost `sending` would let another worker send the same
+    grants again; one that lost `sent` would have the reconciliation ask Salla about a call
+    that is settled. Nothing on a single Redis (its replicas, if any, are not failed over to
+    by the service's clients).
+
+    `WAIT` counts the writes of its own connection, and the transition went out on whichever
+    connection the cluster client picked: so a held connection to the slot's master writes a
+    small mark in the same slot (`keys.replica_mark`), which the master orders after the
+    transition, and waits for that. One held connection per master (its commands take turns:
+    a wait is a replication round trip, about a millisecond)."""
+
+    def __init__(self, client: Redis, timeout_s: float) -> None:
+        self.client = client
+        self.enabled = is_cluster(client)
+        self._wait_ms = max(1, round(timeout_s * 1000))
+        self._held: dict[str, Redis] = {}
+
+    async def __call__(self, mark: str) -> None:
+        """Return once a replica has every write its master holds for `mark`'s slot so far."""
+        if not self.enabled:
+            return
+        for attempt in (1, 2):
+            conn = await self._connection(mark)
+            try:
+                await conn.set(mark, "1", px=60_000)
+                acked = int(await conn.wait(1, self._wait_ms))
+            except (RedisConnectionError, ResponseError) as exc:
+                await self._forget(mark)
+                if attempt == 2 or (isinstance(exc, ResponseError) and not moved(exc)):
+                    raise
+                await refresh(self.client)
+                continue
+            if acked < 1:
+                raise NotReplicated(f"no replica confirmed the write within {self._wait_ms} ms")
+            return
+
+    async def _connection(self, mark: str) -> Redis:
+        node = self._node(mark)
+        conn = self._held.get(node)
+        if conn is None:
+            conn = self._held[node] = await held_connection(self.client, mark)
+        return conn
+
+    def _node(self, mark: str) -> str:
+        cluster = cast(RedisCluster, self.client)
+        node = cluster.get_node_from_key(mark)
+        return node.name if node is not None else ""
+
+    async def _forget(self, mark: str) -> None:
+        conn = self._held.pop(self._node(mark), None)
+        if conn is not None:
+            await conn.aclose(close_connection_pool=True)
+
+    async def aclose(self) -> None:
+        for conn in self._held.values():
+            await conn.aclose(close_connection_pool=True)
+        self._held.clear()

@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from service.delivery.ratelimit import RateLimiter
 from service.salla import SallaClient
 from service.settings import Settings
+from service.state_store import ReplicaWait
 
 
 @dataclass
@@ -25,8 +26,11 @@ class Deps:
     bucket: RateLimiter = field(init=False)
     #: The store's plan limit, which every Admin API call counts against.
     plan: RateLimiter = field(init=False)
+    #: On a cluster, `WAIT 1` after the transitions that guard a call (nothing otherwise).
+    replicated: ReplicaWait = field(init=False)
 
     def __post_init__(self) -> None:
+        self.replicated = ReplicaWait(self.redis, self.settings.replica_wait_timeout_s)
         self.bucket = RateLimiter(
             self.redis, self.settings.rate_limit_requests, self.settings.rate_limit_window_s
         )

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from service import ledger, metrics, queue, tokens
+from service import keys, ledger, metrics, queue, tokens
 from service.delivery import refused
 from service.delivery.batching import Batch, plan_batches
 from service.delivery.deps import Deps
@@ -152,6 +152,10 @@ class FlushRun:
             token=self.claim,
             call_timeout_ms=int((settings.salla_timeout_s + settings.claim_timeout_s) * 1000),
         )
+        # On a cluster: no call before a replica has `sending` (a failover that lost it would
+        # let another worker send these grants again). Unconfirmed: `NotReplicated` ends the
+        # flush like a lost Redis, and the sweep recovers the grants as a lost worker's.
+        await self.deps.replicated(keys.replica_mark(self.merchant))
         if len(owned) != len(grants):  # a stalled run lost claims: send only what it holds
             log.warning(
                 "claims_lost",
@@ -237,6 +241,7 @@ class FlushRun:
             self.merchant, remaining=limits.remaining, reset_epoch_s=limits.reset_epoch_s
         )
         await ledger.finish(self.deps.redis, self.merchant, grants, "sent")
+        await self.deps.replicated(keys.replica_mark(self.merchant))  # before the next call
         metrics.SALLA_CALLS.labels("201").inc()
         _count(grants, "sent")
         self.counts["sent"] += len(grants)
