@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from redis import Redis
+from redis import Redis, RedisCluster
 
 from service import inbox, keys
 from service.embedded import EmbeddedRedis
-from service.keys import WEBHOOK_STREAM
 from service.sandbox.app import Sandbox
 from service.webhooks import signed_headers
 from tests.conftest import ROOT_DIR, SECRET, fixture_json
@@ -29,10 +28,23 @@ IN_FLIGHT = ("pending", "claimed", "parked", "unknown")
 
 
 class Cluster:
-    """Redis, the sandbox, one web process and N worker processes, all real."""
+    """Redis, the sandbox, one web process and N worker processes, all real.
 
-    def __init__(self, tmp: Path, sandbox_url: str, box: Sandbox, redis: EmbeddedRedis) -> None:
+    `state_cluster` (a Redis Cluster's seed URL): the state lives there (`REDIS_CLUSTER=true`,
+    three inbox shards) and `redis` is only arq's queue (`QUEUE_REDIS_URL`)."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        sandbox_url: str,
+        box: Sandbox,
+        redis: EmbeddedRedis,
+        *,
+        state_cluster: str | None = None,
+        **env: str,
+    ) -> None:
         self.tmp, self.sandbox_url, self.box, self.redis_server = tmp, sandbox_url, box, redis
+        self.state_cluster = state_cluster
         self.web_port = free_port()
         self.workers: list[subprocess.Popen[bytes]] = []
         self.web: subprocess.Popen[bytes] | None = None
@@ -42,8 +54,11 @@ class Cluster:
             "LOG_FORMAT": "json", "BATCH_WINDOW_S": "0.1", "SALLA_TIMEOUT_S": "1",
             "CLAIM_TIMEOUT_S": "2", "RECONCILE_AFTER_S": "0.3", "RETRY_BASE_S": "0.1",
             "RETRY_CAP_S": "1", "JOB_TIMEOUT_S": "8", "MAX_CUSTOMERS_PER_CALL": "5",
-            "WORKER_METRICS_PORT": "0",
+            "WORKER_METRICS_PORT": "0", **env,
         }  # fmt: skip
+        if state_cluster is not None:
+            self.env.update(REDIS_URL=state_cluster, REDIS_CLUSTER="true", INBOX_SHARDS="3",
+                            QUEUE_REDIS_URL=redis.url)  # fmt: skip
         self.sent_events = 0
         self.logs: list[Any] = []
 
@@ -121,23 +136,36 @@ class Cluster:
         for handle in self.logs:
             handle.close()
 
+    def state_client(self) -> Any:
+        """A client of the state store: the Redis Cluster's, or the one Redis's."""
+        if self.state_cluster is not None:
+            return RedisCluster.from_url(self.state_cluster, decode_responses=True)
+        return Redis.from_url(self.redis_server.url, decode_responses=True)
 
-def _inbox_backlog(client: Redis) -> int:
-    pending, unread, _ = client.eval(inbox.BACKLOG_SCRIPT, 1, WEBHOOK_STREAM, inbox.GROUP, "1000")
-    return int(pending) + int(unread)
+
+def _inbox_backlog(client: Any, shards: int) -> int:
+    total = 0
+    for stream in keys.webhook_streams(shards):
+        pending, unread, _ = client.eval(inbox.BACKLOG_SCRIPT, 1, stream, inbox.GROUP, "1000")
+        total += int(pending) + int(unread)
+    return total
 
 
 def settled(cluster: Cluster, timeout_s: float = 90) -> dict[str, Any]:
     """Wait until no grant is in flight; return the ledger's view per customer."""
-    client = Redis.from_url(cluster.redis_server.url, decode_responses=True)
+    client = cluster.state_client()
+    queue = Redis.from_url(cluster.redis_server.url, decode_responses=True)
+    shards = int(cluster.env.get("INBOX_SHARDS", "1"))
     deadline = time.monotonic() + timeout_s
     try:
         while True:
             cluster.restart_dead_workers()
-            accepted = sum(1 for _ in client.scan_iter(keys.SEEN_PREFIX + "*"))
-            unprocessed = _inbox_backlog(client)
+            accepted = sum(
+                1 for n in range(shards) for _ in client.scan_iter(keys.seen_prefix(n) + "*")
+            )
+            unprocessed = _inbox_backlog(client, shards)
             busy = sum(client.zcard(keys.grant_set(kind, MERCHANT)) for kind in IN_FLIGHT)
-            queued = client.zcard("arq:queue")
+            queued = queue.zcard("arq:queue")
             if accepted >= cluster.sent_events and unprocessed == 0 and busy == 0 and queued <= 4:
                 break
             if time.monotonic() > deadline:
@@ -163,3 +191,4 @@ def settled(cluster: Cluster, timeout_s: float = 90) -> dict[str, Any]:
         return {"sent": sent, "granted": granted, "states": states}
     finally:
         client.close()
+        queue.close()
