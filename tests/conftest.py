@@ -24,6 +24,7 @@ from service.settings import ENV_FILE_VARIABLE, Settings
 from service.webhooks import signed_headers
 from service.worker import create_worker
 from tests.support.servers import free_port, serve_in_thread
+from tests.support.valkey_cluster import ValkeyCluster
 
 # A developer's `.env` in the checkout (tests run from its root) must change nothing the tests
 # see, nor what the commands they start see: those inherit this.
@@ -82,6 +83,14 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = server.start()
     yield url
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCluster]:
+    """A real Valkey Cluster (3 masters, a replica each) for the whole run, shared: a test that
+    kills a node starts a cluster of its own."""
+    with ValkeyCluster(tmp_path_factory.mktemp("valkey-cluster")) as cluster:
+        yield cluster
 
 
 @pytest.fixture
