@@ -92,6 +92,8 @@ class ValkeyCluster:
             "--cluster-config-file", str(folder.resolve() / "nodes.conf"),
             "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
             "--cluster-port", str(free_port()),
+            # a replica's first sync starts at once, not after the default 5 s wait for others
+            "--repl-diskless-sync-delay", "0",
         )  # fmt: skip
         server = EmbeddedRedis(folder, port, extra_args=extra)
         self.servers[port] = server  # before start(): stop() ends it whatever start() did
