@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -426,3 +427,173 @@ class TestQueueSentinelVariants:
         [secret] = [d for d in k8s_docs() if d["kind"] == "Secret"]
         assert "QUEUE_REDIS_URL" in (DEPLOY / "k8s" / "secret.example.yaml").read_text()
         assert secret  # the Secret it tells to fill in exists
+
+
+#: What the cluster variants name that the service's settings may not know yet: the cluster
+#: mode comes with the cluster-safe state work (issue 16); until then the files may name it.
+CLUSTER_SETTINGS = {"REDIS_CLUSTER"}
+
+
+def cluster_settings(env: dict[str, str]) -> Settings:
+    """The settings web and worker get from `env`, REDIS_CLUSTER included once it is one."""
+    assert set(env) <= SETTINGS | CLUSTER_SETTINGS, set(env) - SETTINGS - CLUSTER_SETTINGS
+    known = {k: v for k, v in env.items() if k in SETTINGS}
+    settings = Settings(**known)
+    if "REDIS_CLUSTER" in SETTINGS:
+        assert settings.redis_cluster is True  # type: ignore[attr-defined]
+    return settings
+
+
+def created_nodes(command: str) -> list[str]:
+    """The `host:port` nodes a `redis-cli --cluster create ... --cluster-replicas 1` joins."""
+    found = re.search(r"--cluster create\s+((?:\S+:\d+\s+)+)--cluster-replicas 1 --cluster-yes",
+                      command)  # fmt: skip
+    assert found is not None, command
+    return found.group(1).split()
+
+
+#: What every state node runs with: cluster mode, its cluster state and AOF on its volume, and
+#: its name (not its address) in the redirections clients follow.
+CLUSTER_NODE_OPTIONS = (
+    "--cluster-enabled yes",
+    "--cluster-config-file /data/nodes.conf",
+    "--appendonly yes",
+    "--appendfsync everysec",
+    "--cluster-preferred-endpoint-type hostname",
+)
+
+
+def node_command(command: list[str]) -> str:
+    """A node's shell command, as it asks redis-server to run."""
+    text = " ".join(command)
+    for option in CLUSTER_NODE_OPTIONS:
+        assert option in text, option
+    # the password from a config file, for clients and for the replica's link to its master
+    assert (
+        'requirepass "%s"\\nmasterauth "%s"' in text and "exec redis-server /tmp/auth.conf" in text
+    )
+    return text
+
+
+class TestStateClusterVariants:
+    """The Redis Cluster variants: six cluster nodes made three masters with a replica each,
+    web and worker on the cluster for state and on a standalone Redis for arq's queue."""
+
+    compose = yaml.safe_load((DEPLOY / "compose.cluster.yaml").read_text())
+    base = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    overlay = DEPLOY / "k8s" / "state-cluster"
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        return {name: spec for name, spec in self.compose["services"].items()
+                if "--cluster-enabled" in " ".join(spec.get("command", []))}  # fmt: skip
+
+    def test_compose_nodes_keep_aof_and_cluster_state_each_on_its_own_volume(self) -> None:
+        nodes = self.nodes()
+        assert len(nodes) == 6
+        volumes = set()
+        for name, node in nodes.items():
+            text = node_command(node["command"])
+            # it announces its own name, which resolves on the compose network
+            assert node["hostname"] == name and '--cluster-announce-hostname "$$(hostname)"' in text
+            [volume] = node["volumes"]
+            source, target = volume.split(":")
+            assert target == "/data" and source in self.compose["volumes"]
+            volumes.add(source)
+            assert node["image"] == self.base["services"]["redis"]["image"]
+            assert "REDISCLI_AUTH" in " ".join(node["healthcheck"]["test"])
+            assert re.fullmatch(r"\$\{STATE_REDIS_PASSWORD:\?.+\}",
+                                node["environment"]["STATE_REDIS_PASSWORD"])  # fmt: skip
+        assert len(volumes) == 6
+
+    def test_compose_creates_the_cluster_once_from_every_node(self) -> None:
+        create = self.compose["services"]["state-cluster-create"]
+        command = " ".join(create["command"])
+        nodes = self.nodes()
+        assert created_nodes(command) == [f"{name}:6379" for name in nodes]
+        assert "REDISCLI_AUTH" in command and "cluster_slots_assigned:0" in command
+        assert create["depends_on"] == {n: {"condition": "service_healthy"} for n in nodes}
+        assert create["restart"] == "no"
+
+    def test_compose_web_and_worker_keep_state_on_the_cluster_and_the_queue_on_redis(
+        self,
+    ) -> None:
+        services = self.compose["services"]
+        web_env, worker_env = services["web"]["environment"], services["worker"]["environment"]
+        assert web_env == worker_env and web_env["REDIS_CLUSTER"] == "true"
+        for name in ("web", "worker"):
+            assert services[name]["depends_on"] == {
+                "state-cluster-create": {"condition": "service_completed_successfully"}
+            }
+        env = {**_filled(self.base["services"]["web"]["environment"]), **_filled(web_env)}
+        settings = cluster_settings(env)
+        state, queue = urlsplit(settings.redis_url), urlsplit(settings.queue_redis_url or "")
+        # the state's seed is a name every node answers to: any live node will do
+        for node in self.nodes().values():
+            assert state.hostname in node["networks"]["default"]["aliases"]
+        # arq's queue on compose.yaml's standalone Redis, with that Redis's password
+        assert queue.hostname == "redis" and "redis" in self.base["services"]
+        assert "--cluster-enabled" not in " ".join(self.base["services"]["redis"]["command"])
+        assert "${REDIS_PASSWORD:?" in web_env["QUEUE_REDIS_URL"]
+        assert "${STATE_REDIS_PASSWORD:?" in web_env["REDIS_URL"]
+
+    def k8s(self, name: str) -> list[dict[str, Any]]:
+        return [d for d in yaml.safe_load_all((self.overlay / name).read_text()) if d]
+
+    def test_k8s_overlay_patches_web_and_worker_into_cluster_mode(self) -> None:
+        kustomization = yaml.safe_load((self.overlay / "kustomization.yaml").read_text())
+        assert kustomization["resources"][0] == "../"
+        for resource in kustomization["resources"][1:]:
+            assert (self.overlay / resource).is_file(), resource
+        deployments = k8s_deployments()
+        assert {p["target"]["name"] for p in kustomization["patches"]} == set(deployments)
+        for patch in kustomization["patches"]:
+            [container] = deployments[patch["target"]["name"]]["spec"]["template"]["spec"][
+                "containers"
+            ]
+            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            for op in yaml.safe_load((self.overlay / patch["path"]).read_text()):
+                assert op["op"] == "add"
+                assert op["path"] == "/spec/template/spec/containers/0/env/-"
+                env[op["value"]["name"]] = op["value"]["value"]
+            assert env["REDIS_CLUSTER"] == "true"
+            cluster_settings({
+                **env, "REDIS_URL": "redis://:0123abcd@state-redis:6379/0",
+                "QUEUE_REDIS_URL": "redis://:0123abcd@queue-redis:6379/0",
+                "SALLA_WEBHOOK_SECRET": SECRET, "APP_ENV": "development",
+            })  # fmt: skip
+
+    def test_k8s_statefulset_and_job_make_three_masters_with_a_replica_each(self) -> None:
+        objects = [d for name in ("state-redis.yaml", "create-cluster-job.yaml")
+                   for d in self.k8s(name)]  # fmt: skip
+        [sts] = [d for d in objects if d["kind"] == "StatefulSet"]
+        [service] = [d for d in objects if d["kind"] == "Service"]
+        [job] = [d for d in objects if d["kind"] == "Job"]
+        name, replicas = sts["metadata"]["name"], sts["spec"]["replicas"]
+        assert replicas == 6 and sts["spec"]["serviceName"] == service["metadata"]["name"]
+        assert service["spec"]["clusterIP"] == "None"  # headless: a DNS name per pod
+        labels = sts["spec"]["template"]["metadata"]["labels"]
+        assert sts["spec"]["selector"]["matchLabels"] == service["spec"]["selector"] == labels
+        pod = sts["spec"]["template"]["spec"]
+        [node] = pod["containers"]
+        text = node_command(node["command"])
+        assert f'--cluster-announce-hostname "$POD_NAME.{service["metadata"]["name"]}"' in text
+        env = {e["name"]: e for e in node["env"]}
+        assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        secret = env["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"]
+        [template] = sts["spec"]["volumeClaimTemplates"]
+        assert {"name": template["metadata"]["name"], "mountPath": "/data"} in node["volumeMounts"]
+        assert {p["name"]: p["containerPort"] for p in node["ports"]} == {"redis": 6379,
+                                                                          "bus": 16379}  # fmt: skip
+        assert pod["securityContext"]["runAsNonRoot"]
+        # the Job joins exactly the StatefulSet's pods, by their stable names
+        [create] = job["spec"]["template"]["spec"]["containers"]
+        pods = [f"{name}-{i}.{service['metadata']['name']}:6379" for i in range(replicas)]
+        assert created_nodes(" ".join(create["command"])) == pods
+        assert create["image"] == node["image"]
+        assert create["env"][0]["valueFrom"]["secretKeyRef"] == secret
+        # the Secret both read is one the overlay tells how to create
+        kustomization = (self.overlay / "kustomization.yaml").read_text()
+        assert (
+            f"kubectl create secret generic {secret['name']} --from-literal={secret['key']}="
+            in (kustomization)
+        )
