@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from redis import Redis
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisClusterException, ResponseError
 
@@ -108,8 +107,7 @@ class TestWhatTheClusterRefuses:
         self, valkey_cluster: ValkeyCluster, cluster_client: RedisCluster
     ) -> None:
         port, here, same_node, elsewhere = three_stores(valkey_cluster)
-        node = valkey_cluster.client(port)
-        try:
+        with valkey_cluster.connected(port) as node:
             for other in (elsewhere, same_node):  # another master's slot, or this one's
                 two_stores = (keys.store(here), keys.grant_set("pending", other))
                 with pytest.raises(ResponseError, match=r"^CROSSSLOT"):
@@ -118,8 +116,6 @@ class TestWhatTheClusterRefuses:
                 with pytest.raises(RedisClusterException, match="same key slot"):
                     await cluster_client.eval(TWO_KEYS, 2, *two_stores, "customers", "g1")
             assert node.exists(keys.store(here)) == 0  # refused before it ran
-        finally:
-            node.close()
 
     def test_a_script_is_refused_a_key_it_did_not_declare_only_when_another_node_has_it(
         self, valkey_cluster: ValkeyCluster
@@ -129,21 +125,17 @@ class TestWhatTheClusterRefuses:
         another node. Tests on a single Redis, or on a cluster that happens to place both
         stores on one node, do not see the mistake: every key goes in KEYS."""
         port, here, same_node, elsewhere = three_stores(valkey_cluster)
-        node = valkey_cluster.client(port)
-        try:
+        with valkey_cluster.connected(port) as node:
             node.set(keys.settings(same_node), "{}")
             assert node.eval(UNDECLARED, 1, keys.store(here), keys.settings(same_node)) == "{}"
             with pytest.raises(ResponseError, match="non local key"):
                 node.eval(UNDECLARED, 1, keys.store(here), keys.settings(elsewhere))
-        finally:
-            node.close()
 
     async def test_a_transaction_over_two_stores_keys_is_refused(
         self, valkey_cluster: ValkeyCluster, cluster_client: RedisCluster
     ) -> None:
         port, here, same_node, _ = three_stores(valkey_cluster)
-        node = valkey_cluster.client(port)
-        try:
+        with valkey_cluster.connected(port) as node:
             one_store = node.pipeline(transaction=True)
             one_store.set(keys.settings(here), "{}").hset(keys.store(here), "scope", "x")
             assert one_store.execute() == [True, 1]
@@ -154,8 +146,6 @@ class TestWhatTheClusterRefuses:
             # nothing of it ran: the other store's key was not written, this one's not deleted
             assert node.exists(keys.settings(same_node)) == 0
             assert node.get(keys.settings(here)) == "{}"
-        finally:
-            node.close()
         # redis-py's cluster client has no transactions at all: MULTI goes through a node
         with pytest.raises(RedisClusterException, match="transaction"):
             cluster_client.pipeline(transaction=True)
@@ -173,15 +163,12 @@ class TestFailover:
             key = keys.grant_set("pending", merchant)
             master = cluster.master_of(key)
             its_replicas = {r.port for r in cluster.replicas() if r.master_id == master.node_id}
-            writer = Redis(port=master.port, decode_responses=True)
-            try:
+            with cluster.connected(master.port) as writer:
                 for n in range(200):
                     # on one connection: WAIT counts the replicas that have this client's writes
                     done = writer.pipeline(transaction=False).zadd(key, {f"g{n}": n}).wait(1, 5000)
                     added, replicas = done.execute()
                     assert (added, replicas) == (1, 1), n
-            finally:
-                writer.close()
             client = RedisCluster.from_url(cluster.seed_url, decode_responses=True)
             try:
                 assert await client.zcard(key) == 200  # the client knows the old master

@@ -10,10 +10,11 @@ seconds; long enough that a node slowed down by a busy two-core machine is not.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,12 +138,18 @@ class ValkeyCluster:
     def client(self, port: int) -> Redis:
         return Redis(port=port, decode_responses=True, socket_timeout=2, socket_connect_timeout=2)
 
-    def ask(self, port: int, command: Callable[[Redis], Any]) -> Any:
+    @contextlib.contextmanager
+    def connected(self, port: int) -> Iterator[Redis]:
+        """A client of one node (not the cluster: no redirections followed), closed after."""
         client = self.client(port)
         try:
-            return command(client)
+            yield client
         finally:
             client.close()
+
+    def ask(self, port: int, command: Callable[[Redis], Any]) -> Any:
+        with self.connected(port) as client:
+            return command(client)
 
     def nodes(self, seen_from: int | None = None) -> list[Node]:
         """Every node of the cluster, failed ones excluded, as a live node sees them."""
