@@ -37,6 +37,7 @@ from tests.support.layouts import (
     image_layout,
     k8s_deployments,
     k8s_layout,
+    k8s_manifests,
 )
 from tests.support.servers import free_port, wait_until
 
@@ -47,7 +48,7 @@ REQUIRED_SECRETS = {"SALLA_WEBHOOK_SECRET", "SALLA_CLIENT_ID", "SALLA_CLIENT_SEC
 
 def k8s_docs() -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
-    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+    for path in k8s_manifests():
         docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
 
@@ -160,6 +161,26 @@ class TestKubernetes:
         [wc] = worker["spec"]["template"]["spec"]["containers"]
         metrics_port = next(e["value"] for e in wc["env"] if e["name"] == "WORKER_METRICS_PORT")
         assert wc["ports"][0]["containerPort"] == int(metrics_port)
+
+    @pytest.mark.parametrize(
+        "folder",
+        sorted(p.parent.relative_to(DEPLOY).as_posix() for p in DEPLOY.rglob("kustomization.yaml")),
+    )
+    def test_each_kustomization_names_what_kustomize_can_load(self, folder: str) -> None:
+        """Every resource is a file beside it or a folder with a kustomization, and no folder
+        holds the kustomization that names it: kustomize refuses that cycle, which an overlay
+        inside its base's folder (`../`) was."""
+        here = (DEPLOY / folder).resolve()
+        kustomization = yaml.safe_load((here / "kustomization.yaml").read_text())
+        for resource in kustomization["resources"]:
+            target = (here / resource).resolve()
+            if target.is_dir():
+                assert (target / "kustomization.yaml").is_file(), resource
+                assert not here.is_relative_to(target), f"{resource}: a cycle"
+            else:
+                assert target.is_file() and target.parent == here, resource
+        for patch in kustomization.get("patches", []):
+            assert (here / patch["path"]).resolve().parent == here, patch
 
     def test_secret_example_covers_the_required_settings(self) -> None:
         [secret] = self.by_kind("Secret")
@@ -409,7 +430,7 @@ class TestQueueSentinelVariants:
     def test_k8s_overlay_patches_web_and_worker_with_settings_that_load(self) -> None:
         overlay = DEPLOY / "k8s" / "queue-sentinel"
         kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
-        assert kustomization["resources"] == ["../"]
+        assert kustomization["resources"] == ["../base"]
         deployments = k8s_deployments()
         patched = {p["target"]["name"] for p in kustomization["patches"]}
         assert patched == set(deployments)  # every Deployment: web and worker
@@ -541,7 +562,7 @@ class TestStateClusterVariants:
 
     def test_k8s_overlay_patches_web_and_worker_into_cluster_mode(self) -> None:
         kustomization = yaml.safe_load((self.overlay / "kustomization.yaml").read_text())
-        assert kustomization["resources"][0] == "../"
+        assert kustomization["resources"][0] == "../base"
         for resource in kustomization["resources"][1:]:
             assert (self.overlay / resource).is_file(), resource
         deployments = k8s_deployments()

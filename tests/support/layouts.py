@@ -153,12 +153,20 @@ def k8s_layout(root: Path, deployment: dict[str, Any]) -> Layout:
     return layout
 
 
+def k8s_manifests() -> list[Path]:
+    """The files of deploy/k8s, as `kubectl apply -k deploy/k8s` reads them (its base) plus
+    the Secret's example; the overlays' own files are not among them."""
+    return sorted((DEPLOY / "k8s").glob("*.yaml")) + sorted(
+        (DEPLOY / "k8s" / "base").glob("*.yaml")
+    )
+
+
 def k8s_deployments() -> dict[str, dict[str, Any]]:
     """The Deployments of deploy/k8s by name."""
     import yaml
 
     found = {}
-    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+    for path in k8s_manifests():
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc["kind"] == "Deployment":
                 found[doc["metadata"]["name"]] = doc
