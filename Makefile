@@ -42,7 +42,7 @@ test: install
 	$(BIN)/mypy
 
 chaos: install
-	$(BIN)/pytest -n 0 -m chaos --timeout 600 tests/test_faults.py tests/test_order_truth.py tests/test_queue_redis.py tests/test_valkey_cluster.py
+	$(BIN)/pytest -n 0 -m chaos --timeout 600 tests/test_faults.py tests/test_order_truth.py tests/test_queue_redis.py tests/test_valkey_cluster.py tests/test_state_cluster.py
 
 lint: install
 	$(BIN)/ruff check service tests benchmarks
