@@ -450,18 +450,11 @@ class TestQueueSentinelVariants:
         assert secret  # the Secret it tells to fill in exists
 
 
-#: What the cluster variants name that the service's settings may not know yet: the cluster
-#: mode comes with the cluster-safe state work (issue 16); until then the files may name it.
-CLUSTER_SETTINGS = {"REDIS_CLUSTER"}
-
-
 def cluster_settings(env: dict[str, str]) -> Settings:
-    """The settings web and worker get from `env`, REDIS_CLUSTER included once it is one."""
-    assert set(env) <= SETTINGS | CLUSTER_SETTINGS, set(env) - SETTINGS - CLUSTER_SETTINGS
-    known = {k: v for k, v in env.items() if k in SETTINGS}
-    settings = Settings(**known)
-    if "REDIS_CLUSTER" in SETTINGS:
-        assert settings.redis_cluster is True  # type: ignore[attr-defined]
+    """The settings web and worker get from `env`: cluster mode, and settings that load."""
+    assert set(env) <= SETTINGS, set(env) - SETTINGS
+    settings = Settings(**env)
+    assert settings.redis_cluster is True
     return settings
 
 
