@@ -102,9 +102,9 @@ class _Shard:
     """One inbox stream's writer state: its keys, its held connection, and the deliveries
     waiting for its next call."""
 
-    def __init__(self, number: int) -> None:
-        self.stream = keys.webhook_stream(number)
-        self.seen_prefix = keys.seen_prefix(number)
+    def __init__(self, number: int, shards: int) -> None:
+        self.stream = keys.webhook_stream(number, shards)
+        self.seen_prefix = keys.seen_prefix(number, shards)
         self.conn: Redis | None = None
         self.accept: AsyncScript | None = None
         self.waiting: list[tuple[str, list[Any], asyncio.Future[Any]]] = []
@@ -149,7 +149,7 @@ class EventWriter:
         self._wait_ms = max(1, round(durability_timeout_s * 1000))
         # Per shard, a connection held for the writer: no pool checkout (and its liveness
         # probe) per call, and the connection `WAITAOF` asks about is the one that wrote.
-        self._shards = [_Shard(n) for n in range(shards)]
+        self._shards = [_Shard(n, shards) for n in range(shards)]
 
     def accept(
         self, *, merchant: int, event: str, delivery: str, body: bytes, trace_id: str

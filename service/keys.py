@@ -56,8 +56,9 @@ Keys written together with the inbox stream (the web's group commit) carry the i
                                             write reaches the AOF on disk (service/preflight.py)
 
 With `INBOX_SHARDS` = N > 1 the inbox is N streams, shard 0 as above and shard n > 0 under the
-tag `{inbox:<n>}` (`sr:{inbox:3}:webhooks`, `sr:{inbox:3}:seen:<delivery>`): each shard's
-stream and its seen marks share a slot, and a cluster spreads the shards over its masters. A
+tag `{inbox:<n>.<k>}` (`sr:{inbox:3.12}:webhooks`, `sr:{inbox:3.12}:seen:<delivery>`; k picks
+slots spread evenly, see `inbox_tag`): each shard's stream and its seen marks share a slot,
+and a cluster spreads the shards over its masters. A
 store's webhooks always go to shard `merchant mod N` (`inbox_shard`), so they stay in order.
 App events (few) stay in shard 0's `app-events` stream.
 
@@ -80,7 +81,12 @@ Nothing was released before this schema, so no data is migrated (CHANGELOG).
 
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import Literal, get_args
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS as CLUSTER_SLOTS
+from redis.crc import key_slot
 
 PREFIX = "sr:"
 
@@ -254,8 +260,8 @@ def tombstones(merchant: int, order_id: int) -> str:
     return f"{PREFIX}{{m:{merchant}}}:retired:{order_id % TOMBSTONE_SETS}"
 
 
-def seen(delivery: str, shard: int = 0) -> str:
-    return f"{seen_prefix(shard)}{delivery}"
+def seen(delivery: str, shard: int = 0, shards: int = 1) -> str:
+    return f"{seen_prefix(shard, shards)}{delivery}"
 
 
 def inbox_shard(merchant: int, shards: int) -> int:
@@ -263,20 +269,37 @@ def inbox_shard(merchant: int, shards: int) -> int:
     return merchant % shards
 
 
-def _inbox_tag(shard: int) -> str:
-    return INBOX_TAG if shard == 0 else f"{{inbox:{shard}}}"
+@functools.cache
+def inbox_tag(shard: int, shards: int) -> str:
+    """The hash tag of one inbox shard's keys. Shard 0's is `{inbox}` whatever the count;
+    shard n's is chosen so that the shards' slots lie evenly around the slot space from there
+    (`{inbox:<n>.<k>}`, the first k whose slot is near the n-th N-th of the way round): a
+    cluster whose masters split the slots evenly, as `--cluster create` does, then gets its
+    share of shards on each master. (`{inbox:1}`, `{inbox:2}` all hashed to one master of
+    three.) Depends on the count: changing `INBOX_SHARDS` means draining first."""
+    if shard == 0:
+        return INBOX_TAG
+    home = key_slot(INBOX_TAG[1:-1].encode())
+    target = (home + shard * CLUSTER_SLOTS // shards) % CLUSTER_SLOTS
+    near = max(1, CLUSTER_SLOTS // (32 * shards))  # 1/32 of the spacing
+    for k in itertools.count():
+        name = f"inbox:{shard}.{k}"
+        off = (key_slot(name.encode()) - target) % CLUSTER_SLOTS
+        if min(off, CLUSTER_SLOTS - off) <= near:
+            return f"{{{name}}}"
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
-def webhook_stream(shard: int) -> str:
+def webhook_stream(shard: int, shards: int) -> str:
     """The inbox stream of one shard (shard 0: `WEBHOOK_STREAM`)."""
-    return f"{PREFIX}{_inbox_tag(shard)}:webhooks"
+    return f"{PREFIX}{inbox_tag(shard, shards)}:webhooks"
 
 
-def seen_prefix(shard: int) -> str:
+def seen_prefix(shard: int, shards: int) -> str:
     """What a shard's seen marks start with (shard 0: `SEEN_PREFIX`)."""
-    return f"{PREFIX}{_inbox_tag(shard)}:seen:"
+    return f"{PREFIX}{inbox_tag(shard, shards)}:seen:"
 
 
 def webhook_streams(shards: int) -> list[str]:
     """Every inbox stream of a deployment with `shards` shards."""
-    return [webhook_stream(n) for n in range(shards)]
+    return [webhook_stream(n, shards) for n in range(shards)]

@@ -63,7 +63,7 @@ def redis_reachable(
     try:
         client.ping()
         if cluster is not None:
-            info: dict[str, Any] = client.info("cluster")  # type: ignore[assignment]
+            info: dict[str, Any] = client.info(section="cluster")  # type: ignore[assignment]
             enabled = str(info.get("cluster_enabled", 0)) == "1"
     except (RedisError, OSError) as exc:
         raise _unreachable(url, exc) from None

@@ -128,6 +128,7 @@ class ReplicaWait:
             return
 
     async def _connection(self, mark: str) -> Redis:
+        await cast(RedisCluster, self.client).initialize()  # the slot table, once learnt
         node = self._node(mark)
         conn = self._held.get(node)
         if conn is None:

@@ -481,14 +481,14 @@ class TestInboxShards:
                 for merchant in merchants:
                     await settles_at(box, redis, merchant, ORDER_CUSTOMER, 15)
                 for merchant in merchants:
-                    stream = keys.webhook_stream(keys.inbox_shard(merchant, 3))
+                    stream = keys.webhook_stream(keys.inbox_shard(merchant, 3), 3)
                     entries = await redis.execute_command(  # bodies are binary
                         "XRANGE", stream, "-", "+", NEVER_DECODE=True
                     )
                     stored = [int(fields[b"merchant"]) for _, fields in entries]
                     assert stored == [merchant], stream  # the order (app events: their stream)
                     assert await redis.exists(
-                        keys.seen(stored_delivery(entries), keys.inbox_shard(merchant, 3))
+                        keys.seen(stored_delivery(entries), keys.inbox_shard(merchant, 3), 3)
                     )
                 assert await eventually(lambda: _drained(redis, 3), timeout_s=10)
                 assert await count_webhooks(redis, 0, 2**62, shards=3) >= 3

@@ -145,3 +145,26 @@ class TestCrossStoreSets:
     async def test_every_new_grant_is_in_the_log(self, redis: Redis) -> None:
         made = await ledger.apply_outcomes(redis, M, [grant_outcome(15)], customer=42, order_id=1)
         assert set(await redis.zrange(keys.GRANT_LOG, 0, -1)) == {g.id for g in made}
+
+
+class TestInboxShardTags:
+    """`INBOX_SHARDS` streams land evenly on the masters of an evenly split cluster (what
+    `--cluster create` makes): `{inbox:1}`, `{inbox:2}` had all hashed to one master of three."""
+
+    @pytest.mark.parametrize("shards", [3, 6, 9, 12])
+    @pytest.mark.parametrize("masters", [3, 6])
+    def test_shards_spread_evenly(self, shards: int, masters: int) -> None:
+        from redis.crc import key_slot
+
+        per_master = [0] * masters
+        for n in range(shards):
+            slot = key_slot(keys.webhook_stream(n, shards).encode())
+            assert slot == key_slot(keys.seen("d", n, shards).encode())  # one slot per shard
+            per_master[slot * masters // 16384] += 1
+        expected = shards / masters
+        assert all(abs(count - expected) < 1 for count in per_master), per_master
+
+    def test_shard_zero_is_the_single_inbox_and_tags_are_distinct(self) -> None:
+        assert keys.webhook_stream(0, 8) == keys.WEBHOOK_STREAM
+        assert keys.seen("d", 0, 8) == keys.seen("d")
+        assert len(set(keys.webhook_streams(16))) == 16

@@ -471,9 +471,9 @@ class TestSentinelFailover:
 
 
 def _inbox_left(state: SyncRedis) -> int:
-    from tests.support.cluster import _inbox_backlog
+    from tests.support.cluster import inbox_backlog
 
-    return _inbox_backlog(state)
+    return inbox_backlog(state, 1)
 
 
 @pytest.mark.chaos

@@ -65,6 +65,7 @@ class TestOnACluster:
         seed = empty_cluster.seed_url
         settings = make_settings(
             url,
+            redis_url=seed,
             redis_cluster=True,
             queue_redis_url=queue_redis.url,
             inbox_shards=3,
@@ -96,8 +97,8 @@ class TestOnACluster:
 
                     assert await eventually(quiet, timeout_s=30)
                     for n in range(3):  # each shard's stream holds its stores' webhooks
-                        stored = await state.xlen(keys.webhook_stream(n))
-                        assert stored == 2, keys.webhook_stream(n)  # two stores, one order each
+                        stored = await state.xlen(keys.webhook_stream(n, 3))
+                        assert stored == 2, keys.webhook_stream(n, 3)  # two stores, one order each
                 finally:
                     await state.aclose()
         for merchant in merchants:

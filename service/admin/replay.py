@@ -38,7 +38,7 @@ def _streams(shards: int, merchant: int | None) -> list[str]:
     """The inbox streams holding a store's webhooks (its shard's), or every store's."""
     if merchant is None:
         return keys.webhook_streams(shards)
-    return [keys.webhook_stream(keys.inbox_shard(merchant, shards))]
+    return [keys.webhook_stream(keys.inbox_shard(merchant, shards), shards)]
 
 
 async def stored_webhooks(

@@ -158,7 +158,7 @@ class Cluster:
         return Redis.from_url(self.redis_server.url, decode_responses=True)
 
 
-def _inbox_backlog(client: Any, shards: int) -> int:
+def inbox_backlog(client: Any, shards: int) -> int:
     total = 0
     for stream in keys.webhook_streams(shards):
         pending, unread, _ = client.eval(inbox.BACKLOG_SCRIPT, 1, stream, inbox.GROUP, "1000")
@@ -176,9 +176,11 @@ def settled(cluster: Cluster, timeout_s: float = 90) -> dict[str, Any]:
         while True:
             cluster.restart_dead_workers()
             accepted = sum(
-                1 for n in range(shards) for _ in client.scan_iter(keys.seen_prefix(n) + "*")
+                1
+                for n in range(shards)
+                for _ in client.scan_iter(keys.seen_prefix(n, shards) + "*")
             )
-            unprocessed = _inbox_backlog(client, shards)
+            unprocessed = inbox_backlog(client, shards)
             busy = sum(client.zcard(keys.grant_set(kind, MERCHANT)) for kind in IN_FLIGHT)
             queued = queue.zcard("arq:queue")
             if accepted >= cluster.sent_events and unprocessed == 0 and busy == 0 and queued <= 4:
