@@ -226,7 +226,7 @@ async def fairness(redis_url: str, backlog: int = 10_000, samples: int = 5) -> d
                 )
                 pipe.hset(keys.grant(grant.id), mapping=grant.to_redis())
                 pipe.zadd(keys.grant_set("pending", MERCHANT), {grant.id: grant.due_ms})
-            pipe.sadd(keys.STORES_PENDING, str(MERCHANT))
+            pipe.sadd(keys.stores_pending(keys.index_shard(MERCHANT)), str(MERCHANT))
             await pipe.execute()
         settings = _settings(url, rate_limit_requests=100_000, rate_limit_window_s=60)
         worker, task = await _run_worker(settings, redis_url)

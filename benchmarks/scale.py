@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -197,12 +197,12 @@ async def measure(
         kept_full = sum(p.kept_full for p in passes)
         settled = await _settled_bytes(redis, merchants, orders)
         open_bytes = await _open_bytes(deps, redis, merchants, orders, open_orders, now)
-        grant_ids = await redis.zrange(keys.GRANT_LOG, 0, 999)
+        grant_ids = await redis.zrange(keys.grant_log(keys.index_shard(merchants[0])), 0, 999)
         grant_bytes = await _usage(redis, [keys.grant(g) for g in grant_ids]) / max(
             len(grant_ids), 1
         )
         index_bytes = await _grant_index_bytes(redis, merchants[:200])
-        grants_per_order = await redis.zcard(keys.GRANT_LOG) / max(stores * orders, 1)
+        grants_per_order = await _in_shards(redis, keys.grant_log) / max(stores * orders, 1)
         webhook = await _webhook_bytes(redis, pool, settings, webhooks)
         retired = await _retired_bytes(redis, merchants, orders, later)
     finally:
@@ -237,9 +237,19 @@ async def _grant_index_bytes(redis: Redis, merchants: list[int]) -> float:
     for name in names:
         if ":gidx:scope:" in name:
             grants += int(await redis.zcard(name))
-    in_log = await redis.zcard(keys.GRANT_LOG)
-    log_share = (await redis.memory_usage(keys.GRANT_LOG, samples=0) or 0) / max(in_log, 1)
+    in_log = await _in_shards(redis, keys.grant_log)
+    log_share = await _usage(redis, _shard_keys(keys.grant_log)) / max(in_log, 1)
     return await _usage(redis, names) / max(grants, 1) + log_share
+
+
+def _shard_keys(index: Callable[[int], str]) -> list[str]:
+    """Every index shard's copy of a cross-store key."""
+    return [index(shard) for shard in keys.index_shards()]
+
+
+async def _in_shards(redis: Redis, index: Callable[[int], str]) -> int:
+    """Members of a cross-store sorted set, over every shard."""
+    return sum([int(await redis.zcard(name)) for name in _shard_keys(index)])
 
 
 def _order_keys(merchant: int, order_id: int) -> list[str]:
@@ -264,7 +274,8 @@ async def _settled_bytes(redis: Redis, merchants: list[int], orders: int) -> flo
         for n in range(orders):
             names += _order_keys(merchant, 2_000_000_000 + merchant % 100_000 * 1000 + n)
         names += await _store_compaction_keys(redis, merchant)
-    share = await redis.memory_usage(keys.STORES_COMPACT, samples=0) or 0
+    # The stores' share of the compaction schedule (all of it: these are the only stores).
+    share = await _usage(redis, _shard_keys(keys.stores_compact))
     return (await _usage(redis, names) + share) / (len(merchants) * orders)
 
 

@@ -65,16 +65,30 @@ App events (few) stay in shard 0's `app-events` stream.
 arq's own keys (`arq:queue`, `arq:job:<id>`, ...) live on the queue's Redis (`QUEUE_REDIS_URL`,
 by default this one): nothing there is the only copy of anything (service/queue.py).
 
-Cross-store keys are few, and never written inside a script that works on one store's keys
-(they live in other slots): the ledger adds a store to a set in a separate command.
+Cross-store keys are few, and kept per index shard: `INDEX_SHARDS` (16) copies of each, tagged
+`{x:<n>}`, a store's in shard n = `index_shard(merchant)` (its id mod 16), so a Redis Cluster
+spreads them over its masters and no key holds every store. Writers touch their store's shard;
+readers (the sweep, admin views, export, the archiver, compaction, gauges) visit every shard.
+They are never written inside a script that works on one store's keys (another slot): the
+ledger adds a store to a set in a separate command, before the script.
 
-    sr:stores:pending                 set   stores that may have unsent grants
-    sr:stores:unknown                 set   stores with grants whose call got no answer
-    sr:stores:authorized              set   stores with tokens
-    sr:grant-log                      zset  every grant id by creation (export)
-    sr:stores:compact                 zset  stores by when their compaction is next due
-    sr:archive-lock / -intent / -cursor     the grant archiver's lock, its note of the files'
-                                            lengths before a batch, its place in the log
+    sr:{x:n}:stores:pending           set   stores that may have unsent grants
+    sr:{x:n}:stores:unknown           set   stores with grants whose call got no answer
+    sr:{x:n}:stores:attention         set   stores that had grants failed, in review or
+                                            parked (`ledger.stores_with` checks each store)
+    sr:{x:n}:stores:authorized        set   stores with tokens
+    sr:{x:n}:grant-log                zset  every grant id by creation (export, archive)
+    sr:{x:n}:stores:compact           zset  stores by when their compaction is next due
+    sr:{x:n}:archive-intent / -cursor the grant archiver's note of the files' lengths
+                                            before a batch of the shard, its place in the
+                                            shard's log
+    sr:archive-lock                   str   one archiver at a time (the shards share the day
+                                            files); a single key, never with another
+
+So every command the service sends the state store names keys of one slot: each script gets
+every key it touches in KEYS (a script finding keys as it runs, the grants of the ids it
+claims, builds them with its store's tag), and starts `#!lua`, which makes a Redis Cluster
+node refuse a key of another slot even when the node serves both (tests/test_cluster_slots.py).
 
 Nothing was released before this schema, so no data is migrated (CHANGELOG).
 """
@@ -93,14 +107,57 @@ PREFIX = "sr:"
 #: Sets of grant ids per store, by state (see the ledger's state machine).
 GrantSet = Literal["pending", "claimed", "verifying", "parked", "failed", "unknown", "review"]
 
-STORES_PENDING = f"{PREFIX}stores:pending"
-STORES_UNKNOWN = f"{PREFIX}stores:unknown"
-STORES_AUTHORIZED = f"{PREFIX}stores:authorized"
-GRANT_LOG = f"{PREFIX}grant-log"
-STORES_COMPACT = f"{PREFIX}stores:compact"
+#: The grant archiver's lock: one for every shard, since the shards' grants share the day files
+#: (a single key, set and released on its own, so its slot does not matter).
 ARCHIVE_LOCK = f"{PREFIX}archive-lock"
-ARCHIVE_INTENT = f"{PREFIX}archive-intent"
-ARCHIVE_CURSOR = f"{PREFIX}archive-cursor"
+#: How many copies of each cross-store key there are (`index_shard`). Fixed: a store's keys are
+#: found through it, so changing it orphans every listing (nothing was released with another).
+INDEX_SHARDS = 16
+
+
+def index_shard(merchant: int) -> int:
+    """The shard of the cross-store keys that lists `merchant`."""
+    return merchant % INDEX_SHARDS
+
+
+def index_shards() -> range:
+    """Every shard, for the readers that visit them all."""
+    return range(INDEX_SHARDS)
+
+
+# duplicates: one small builder per key, alike by design (see `scope_grants`).
+def stores_pending(shard: int) -> str:
+    return f"{PREFIX}{{x:{shard}}}:stores:pending"
+
+
+def stores_unknown(shard: int) -> str:
+    return f"{PREFIX}{{x:{shard}}}:stores:unknown"
+
+
+def stores_attention(shard: int) -> str:
+    return f"{PREFIX}{{x:{shard}}}:stores:attention"
+
+
+def stores_authorized(shard: int) -> str:
+    return f"{PREFIX}{{x:{shard}}}:stores:authorized"
+
+
+def grant_log(shard: int) -> str:
+    return f"{PREFIX}{{x:{shard}}}:grant-log"
+
+
+def stores_compact(shard: int) -> str:
+    return f"{PREFIX}{{x:{shard}}}:stores:compact"
+
+
+def archive_intent(shard: int) -> str:
+    return f"{PREFIX}{{x:{shard}}}:archive-intent"
+
+
+def archive_cursor(shard: int) -> str:
+    return f"{PREFIX}{{x:{shard}}}:archive-cursor"
+
+
 #: Tombstone sets per store: an order's is chosen by its id. 128 sets hold 65,536 retired
 #: orders as intsets (512 each, Redis's default `set-max-intset-entries`) before any converts.
 TOMBSTONE_SETS = 128
@@ -162,7 +219,7 @@ def idle_mark(merchant: int) -> str:
 
 
 def listed_at(merchant: int) -> str:
-    """When a worker last listed the store in `stores:pending` (written with the commit that
+    """When a worker last listed the store in its `stores:pending` (written with the commit that
     follows the listing; the sweep forgets no store listed recently)."""
     return f"{PREFIX}{{m:{merchant}}}:listed-at"
 

@@ -126,9 +126,14 @@ async def store_settings(redis: Redis, merchant: int) -> dict[str, Any]:
 
 
 async def store_settings_many(redis: Redis, merchants: set[int]) -> dict[int, dict[str, Any]]:
-    """`store_settings` of several stores in one round trip (a batch of webhooks)."""
+    """`store_settings` of several stores in one round trip (a batch of webhooks). A pipeline
+    of GETs, not an MGET: each store's settings are in its own slot, and reads need nothing
+    atomic between them."""
     order = sorted(merchants)
     if not order:
         return {}
-    raws = await redis.mget([keys.settings(m) for m in order])
+    async with redis.pipeline(transaction=False) as pipe:
+        for merchant in order:
+            pipe.get(keys.settings(merchant))
+        raws: list[str | None] = await pipe.execute()
     return {m: _settings_value(raw) for m, raw in zip(order, raws, strict=True)}

@@ -1,8 +1,9 @@
 """Per-store OAuth tokens in Redis, refreshed under a per-store lock.
 
 Salla's refresh tokens are single-use: two workers refreshing at once make Salla revoke both
-tokens. A refresh therefore takes `sr:lock:refresh:{merchant}`, re-reads the tokens (another
-worker may have refreshed meanwhile), refreshes, and stores both new tokens before releasing.
+tokens. A refresh therefore takes the store's refresh lock (`keys.refresh_lock`), re-reads the
+tokens (another worker may have refreshed meanwhile), refreshes, and stores both new tokens
+before releasing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from redis.asyncio import Redis
 
 from service import keys
 from service.errors import SallaAuthError
+from service.ledger import views
 from service.salla import SallaClient, TokenSet
 
 
@@ -22,14 +24,14 @@ def store_key(merchant: int) -> str:
     return keys.store(merchant)
 
 
-STORES_AUTHORIZED = keys.STORES_AUTHORIZED
 #: The store record's field saying why Salla cannot be asked about the store's orders
 #: (service/orders/truth.py); new tokens clear it.
 ORDER_TRUTH_UNAVAILABLE = "order_truth_unavailable"
 
 
 async def save(redis: Redis, merchant: int, tokens: TokenSet) -> None:
-    await redis.sadd(STORES_AUTHORIZED, str(merchant))  # type: ignore[misc]
+    # Listed first (a cross-store set, another slot): a store with tokens is always listed.
+    await redis.sadd(keys.stores_authorized(keys.index_shard(merchant)), str(merchant))  # type: ignore[misc]
     await redis.hdel(store_key(merchant), ORDER_TRUTH_UNAVAILABLE)  # type: ignore[misc]
     await redis.hset(  # type: ignore[misc]
         store_key(merchant),
@@ -74,7 +76,7 @@ async def note_install_time(redis: Redis, merchant: int, at_epoch_s: float | Non
         await redis.eval(_KEEP_EARLIEST, 1, store_key(merchant), str(int(at_epoch_s)))  # type: ignore[misc]
 
 
-_KEEP_EARLIEST = """
+_KEEP_EARLIEST = """#!lua
 local have = tonumber(redis.call('HGET', KEYS[1], 'installed_at_s') or '')
 if have == nil or tonumber(ARGV[1]) < have then
   redis.call('HSET', KEYS[1], 'installed_at_s', ARGV[1])
@@ -89,16 +91,25 @@ async def installed_at(redis: Redis, merchant: int) -> int | None:
     return int(raw) if raw and str(raw).isdigit() else None
 
 
+# KEYS[1]: the store's record; ARGV: the new status, now (s).
+_REVOKE = """#!lua
+redis.call('HDEL', KEYS[1], 'access_token', 'refresh_token', 'expires_at_s')
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_s', ARGV[2])
+return 1
+"""
+
+
 async def revoke(redis: Redis, merchant: int, status: str) -> None:
-    """The tokens are dead (uninstalled, or refresh refused): forget them, keep the record."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.srem(STORES_AUTHORIZED, str(merchant))
-        pipe.hdel(store_key(merchant), "access_token", "refresh_token", "expires_at_s")
-        pipe.hset(store_key(merchant), mapping={"status": status, "updated_s": int(time.time())})
-        await pipe.execute()
+    """The tokens are dead (uninstalled, or refresh refused): forget them, keep the record.
+
+    The record changes in one script (its slot); the store leaves the cross-store set after,
+    so a store with tokens is never unlisted (a crash between leaves one listed without
+    tokens, which every reader of the set skips)."""
+    await redis.eval(_REVOKE, 1, store_key(merchant), status, str(int(time.time())))  # type: ignore[misc]
+    await redis.srem(keys.stores_authorized(keys.index_shard(merchant)), str(merchant))  # type: ignore[misc]
 
 
-_RELEASE = """
+_RELEASE = """#!lua
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
@@ -146,19 +157,23 @@ async def refresh(
         await redis.eval(_RELEASE, 1, lock_key, owner)  # type: ignore[misc]
 
 
+async def authorized_stores(redis: Redis) -> list[int]:
+    """Every store with tokens, from every index shard."""
+    return await views.listed_stores(redis, keys.stores_authorized)
+
+
 async def expiring(redis: Redis, within_s: int) -> list[tuple[int, TokenSet]]:
     """Authorized stores whose access token expires within `within_s` seconds."""
     soon = time.time() + within_s
     result = []
-    for raw in await redis.smembers(STORES_AUTHORIZED):  # type: ignore[misc]
-        merchant = int(raw)
+    for merchant in await authorized_stores(redis):
         current = await get(redis, merchant)
         if current and current.refresh_token and 0 < current.expires_at_s <= soon:
             result.append((merchant, current))
     return result
 
 
-_LIFECYCLE_GUARD = """
+_LIFECYCLE_GUARD = """#!lua
 local current = tonumber(redis.call('HGET', KEYS[1], 'lifecycle_at') or '0')
 local incoming = tonumber(ARGV[1])
 if incoming < current then return 0 end

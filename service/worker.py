@@ -85,8 +85,7 @@ async def schedule_orders_reconcile(ctx: dict[str, Any]) -> int:
         return 0
     started = 0
     now = ledger.now_ms() // 1000
-    for raw in await deps.redis.smembers(tokens.STORES_AUTHORIZED):  # type: ignore[misc]
-        merchant = int(raw)
+    for merchant in await tokens.authorized_stores(deps.redis):
         slot = (now + merchant % every) // every
         marker = keys.orders_reconcile_slot(merchant)
         last = await deps.redis.get(marker)

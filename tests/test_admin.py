@@ -351,7 +351,7 @@ class TestExportInterrupted:
                     channels=(), scope=f"order:{n}", rule="purchase", created_ms=now,
                 )  # fmt: skip
                 pipe.hset(keys.grant(grant.id), mapping=grant.to_redis())
-                pipe.zadd(keys.GRANT_LOG, {grant.id: now})
+                pipe.zadd(keys.grant_log(keys.index_shard(grant.merchant)), {grant.id: now})
             await pipe.execute()
         out = tmp_path / "ledger.jsonl"
         partial = tmp_path / "ledger.jsonl.partial"

@@ -67,7 +67,7 @@ class TestArchive:
         assert {x["state"] for x in lines} == {"sent"}
         assert names(tmp_path) == [archive.day_file(tmp_path, grants[0].created_ms).name]
         assert await ledger.load(redis, [g.id for g in grants]) == []
-        assert await redis.zcard(keys.GRANT_LOG) == 0
+        assert await redis.zcard(keys.grant_log(keys.index_shard(M))) == 0
         assert await archive.archive_due(redis, tmp_path, LATER) == 0  # nothing twice
         assert len(archived(tmp_path)) == 3
 
@@ -86,12 +86,13 @@ class TestArchive:
         path = archive.day_file(tmp_path, grants[0].created_ms)
         docs = [await redis.hgetall(keys.grant(g.id)) for g in grants]  # type: ignore[misc]
         before = dead_batch(path, "".join(export_line(grant_view(d), "jsonl") for d in docs))
-        await redis.set(keys.ARCHIVE_INTENT, orjson.dumps({str(path): before}))
+        intent = keys.archive_intent(keys.index_shard(M))
+        await redis.set(intent, orjson.dumps({str(path): before}))
         assert await archive.archive_due(redis, tmp_path, LATER) == 2
         lines = archived(tmp_path)
         assert [x["grant_id"] for x in lines].count("from an earlier batch") == 1
         assert sorted(x["grant_id"] for x in lines[1:]) == sorted(g.id for g in grants)
-        assert not await redis.exists(keys.ARCHIVE_INTENT)
+        assert not await redis.exists(intent)
 
     async def test_one_archiver_at_a_time(self, redis: Redis, tmp_path: Path) -> None:
         await sent_grants(redis, 1)

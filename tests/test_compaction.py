@@ -313,11 +313,13 @@ class TestSweep:
     async def test_due_stores_are_visited_and_rescheduled(self, store: Store, redis: Redis) -> None:
         await store.complete(4201, 154, T0)
         await store.send_all()
-        assert await redis.zscore(keys.STORES_COMPACT, str(M)) is not None
+        assert await redis.zscore(keys.stores_compact(keys.index_shard(M)), str(M)) is not None
         later = (LATER + 30 * 86400) * 1000
         done = await compact.compact_due_stores(redis, later, 400)
         assert (done.stores, done.compacted) == (1, 1)
-        assert await redis.zscore(keys.STORES_COMPACT, str(M)) > later  # next due tomorrow
+        assert (
+            await redis.zscore(keys.stores_compact(keys.index_shard(M)), str(M)) > later
+        )  # next due tomorrow
         assert (await compact.compact_due_stores(redis, later, 400)).stores == 0
 
 

@@ -12,11 +12,16 @@ from tests.support.outcomes import grant_outcome
 
 M, OTHER = 555, 556
 CROSS_STORE = {
-    keys.STORES_PENDING,
-    keys.STORES_UNKNOWN,
-    keys.STORES_AUTHORIZED,
-    keys.STORES_COMPACT,
-    keys.GRANT_LOG,
+    index(shard)
+    for index in (
+        keys.stores_pending,
+        keys.stores_unknown,
+        keys.stores_attention,
+        keys.stores_authorized,
+        keys.stores_compact,
+        keys.grant_log,
+    )
+    for shard in keys.index_shards()
 }
 
 
@@ -106,7 +111,7 @@ class TestCrossStoreSets:
 
         await ledger.apply_outcomes(redis, M, [grant_outcome(15)], customer=42, order_id=1)
         assert await ledger.stores_with_work(redis) == [M]
-        await redis.srem(keys.STORES_PENDING, str(M))  # type: ignore[misc]  # to see the next
+        await redis.srem(keys.stores_pending(keys.index_shard(M)), str(M))  # type: ignore[misc]
         for order in range(2, 6):
             made = await ledger.apply_outcomes(
                 redis, M, [grant_outcome(15, scope=f"order:{order}")], customer=42, order_id=order
@@ -138,13 +143,37 @@ class TestCrossStoreSets:
 
     async def test_the_sweep_trims_the_grant_log(self, redis: Redis) -> None:
         old = ledger.now_ms() - ledger.SETTLED_GRANT_TTL_S * 1000 - 1
-        await redis.zadd(keys.GRANT_LOG, {f"{M}-old": old, f"{M}-new": ledger.now_ms()})
+        log = keys.grant_log(keys.index_shard(M))
+        await redis.zadd(log, {f"{M}-old": old, f"{M}-new": ledger.now_ms()})
         assert await ledger.trim_grant_log(redis) == 1
-        assert await redis.zrange(keys.GRANT_LOG, 0, -1) == [f"{M}-new"]
+        assert await redis.zrange(log, 0, -1) == [f"{M}-new"]
 
     async def test_every_new_grant_is_in_the_log(self, redis: Redis) -> None:
         made = await ledger.apply_outcomes(redis, M, [grant_outcome(15)], customer=42, order_id=1)
-        assert set(await redis.zrange(keys.GRANT_LOG, 0, -1)) == {g.id for g in made}
+        log = keys.grant_log(keys.index_shard(M))
+        assert set(await redis.zrange(log, 0, -1)) == {g.id for g in made}
+
+    async def test_stores_are_listed_in_their_own_shard_and_read_from_every_shard(
+        self, redis: Redis
+    ) -> None:
+        """M and OTHER fall in neighbouring shards; each shard's set lists only its own
+        stores, and the readers see both."""
+        assert keys.index_shard(M) != keys.index_shard(OTHER)
+        for merchant in (M, OTHER):
+            await ledger.apply_outcomes(
+                redis, merchant, [grant_outcome(15)], customer=42, order_id=1
+            )
+        for merchant in (M, OTHER):
+            listing = keys.stores_pending(keys.index_shard(merchant))
+            assert await redis.smembers(listing) == {str(merchant)}  # type: ignore[misc]
+            assert listing.startswith(f"sr:{{x:{keys.index_shard(merchant)}}}:")
+        assert await ledger.stores_with_work(redis) == [M, OTHER]
+        assert await ledger.stores_with(redis, "pending") == [M, OTHER]
+        claim = await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=60_000, token="t")
+        await ledger.finish(redis, M, claim.grants, "failed", "422")
+        assert await ledger.stores_with(redis, "failed") == [M]
+        assert await ledger.stores_with(redis, "pending") == [OTHER], "M's set is empty"
+
 
 
 class TestInboxShardTags:

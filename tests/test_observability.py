@@ -70,7 +70,9 @@ class TestMetrics:
         web.post_webhook(fixture_bytes("order.status.updated.json"))  # no token: it will park
         async with running_worker(make_settings(url), redis_url) as worker:
             await eventually(lambda: redis.zcard(keys.grant_set("parked", ORDER_MERCHANT)))
-            await redis.sadd(keys.STORES_PENDING, str(ORDER_MERCHANT))
+            await redis.sadd(
+                keys.stores_pending(keys.index_shard(ORDER_MERCHANT)), str(ORDER_MERCHANT)
+            )
             await sweep(worker.ctx)
         assert (
             sample("salla_rewards_grants_needing_attention", kind="parked") == 1

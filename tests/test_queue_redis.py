@@ -256,7 +256,9 @@ class TestSeparateQueue:
         redis = split.state
         async with split.running(orders_reconcile_every_s=3600) as (web, worker):
             assert web.post_webhook(authorize(STORE, split.box)).status_code == 200
-            await eventually(lambda: redis.sismember(keys.STORES_AUTHORIZED, str(STORE)))
+            await eventually(
+                lambda: redis.sismember(keys.stores_authorized(keys.index_shard(STORE)), str(STORE))
+            )
             # This period's run: started once, and finished (its mark is set).
             await schedule_orders_reconcile(worker.ctx)
             slot = await redis.get(keys.orders_reconcile_slot(STORE))

@@ -7,11 +7,15 @@ netted) grant created `ARCHIVE_AFTER_DAYS` ago or more is written to
 fsynced, and only then is the record deleted from Redis (with its id in the grant log). Ten
 days before the earliest its TTL can fire: a worker down for less than that loses nothing.
 
-A process that dies mid-way loses nothing and writes nothing twice: before appending, the
-archiver records each file's length in Redis (`sr:archive-intent`); the records are deleted
-and the note cleared in one transaction once the files are on disk. A run that finds a note
-(its predecessor died between the two) cuts each file back to its noted length and does the
-batch again. One archiver runs at a time (`sr:archive-lock`); the files are its own.
+A process that dies mid-way loses nothing and writes nothing twice. The grant log is kept per
+index shard (service/keys.py), and the archiver works a shard at a time: before appending, it
+records each file's length beside the shard's log (`sr:{x:n}:archive-intent`); once the files
+are on disk, one script of the shard's slot takes the batch's ids out of the log, clears the
+note and moves the shard's cursor, and only then are the records deleted (each in its store's
+slot, so not in that script). A run that finds a note (its predecessor died before that script)
+cuts each file back to its noted length and does the batch again; a run that died after it left
+records no log lists any more, which expire with their TTL like any settled grant (and are in
+the files). One archiver runs at a time (`sr:archive-lock`): the files are its own.
 
 Not archived: a grant still unsettled when the grant log drops its id (90 days after it was
 made; an unknown outcome or a review left that long). Its record stays in Redis until it
@@ -44,9 +48,20 @@ DAY_MS = 86_400_000
 _SETTLED = frozenset({"sent", "netted"})
 _LOCK_MS = 120_000
 
-_RELEASE = """
+_RELEASE = """#!lua
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+# KEYS: the shard's grant log, its archive note, its cursor (one slot); ARGV: the cursor's new
+# value, then the ids the batch is done with. The batch's commit point.
+_DONE = """#!lua
+for i = 2, #ARGV, 1000 do
+  redis.call('ZREM', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('DEL', KEYS[2])
+redis.call('SET', KEYS[3], ARGV[1])
+return 1
 """
 
 
@@ -56,38 +71,50 @@ def day_file(directory: Path, created_ms: int) -> Path:
 
 
 async def archive_due(redis: Redis, directory: Path, now_ms: int, *, batch: int = BATCH) -> int:
-    """Archive one batch of due grant records; returns how many left Redis for the files."""
+    """Archive a batch of due grant records from each index shard that has some; returns how
+    many left Redis for the files."""
+    cutoff = now_ms - ARCHIVE_AFTER_DAYS * DAY_MS
+    async with redis.pipeline(transaction=False) as pipe:  # one look at every shard, read only
+        for shard in keys.index_shards():
+            pipe.exists(keys.archive_intent(shard))
+            pipe.zrangebyscore(keys.grant_log(shard), "-inf", cutoff, start=0, num=1)
+        looks = await pipe.execute()
+    shards = [s for s in keys.index_shards() if looks[2 * s] or looks[2 * s + 1]]
+    if not shards:
+        return 0
     token = os.urandom(8).hex()
     if not await redis.set(keys.ARCHIVE_LOCK, token, nx=True, px=_LOCK_MS):
         return 0  # another worker is archiving
     try:
-        await _finish_interrupted(redis)
-        return await _archive_batch(redis, directory, now_ms, batch)
+        archived = 0
+        for shard in shards:
+            await _finish_interrupted(redis, shard)
+            archived += await _archive_batch(redis, shard, directory, cutoff, batch)
+        return archived
     finally:
         await redis.eval(_RELEASE, 1, keys.ARCHIVE_LOCK, token)  # type: ignore[misc]
 
 
-async def _finish_interrupted(redis: Redis) -> None:
-    """A batch whose files were written and whose records were not deleted: its lines go (the
+async def _finish_interrupted(redis: Redis, shard: int) -> None:
+    """A batch whose files were written and whose ids are still in the log: its lines go (the
     records are still in Redis, the batch is done again)."""
-    note = await redis.get(keys.ARCHIVE_INTENT)
+    note = await redis.get(keys.archive_intent(shard))
     if note is None:
         return
     lengths: dict[str, int] = orjson.loads(note)
     await asyncio.to_thread(_truncate, lengths)
-    await redis.delete(keys.ARCHIVE_INTENT)
+    await redis.delete(keys.archive_intent(shard))
     log.warning("grant_archive_resumed", files=sorted(lengths))
 
 
-async def _archive_batch(redis: Redis, directory: Path, now_ms: int, batch: int) -> int:
-    cutoff = now_ms - ARCHIVE_AFTER_DAYS * DAY_MS
-    cursor = await redis.get(keys.ARCHIVE_CURSOR) or "-inf"
+async def _archive_batch(redis: Redis, shard: int, directory: Path, cutoff: int, batch: int) -> int:
+    cursor = await redis.get(keys.archive_cursor(shard)) or "-inf"
     found: list[tuple[str, float]] = await redis.zrangebyscore(
-        keys.GRANT_LOG, cursor, cutoff, start=0, num=batch, withscores=True
+        keys.grant_log(shard), cursor, cutoff, start=0, num=batch, withscores=True
     )
     if not found:
         # At the end: start over next time (grants skipped as unsettled are looked at again).
-        await redis.delete(keys.ARCHIVE_CURSOR)
+        await redis.delete(keys.archive_cursor(shard))
         return 0
     ids = [grant_id for grant_id, _ in found]
     async with redis.pipeline(transaction=False) as pipe:
@@ -102,16 +129,23 @@ async def _archive_batch(redis: Redis, directory: Path, now_ms: int, batch: int)
         files.setdefault(path, []).append(export_line(grant_view(doc), "jsonl"))
     if files:
         lengths = await asyncio.to_thread(_lengths, directory, files)
-        await redis.set(keys.ARCHIVE_INTENT, orjson.dumps(lengths))
+        await redis.set(keys.archive_intent(shard), orjson.dumps(lengths))
         await asyncio.to_thread(_append, files)
-    async with redis.pipeline(transaction=True) as pipe:
+    done = [d["id"] for d in settled] + gone
+    await redis.eval(  # type: ignore[misc]
+        _DONE,
+        3,
+        keys.grant_log(shard),
+        keys.archive_intent(shard),
+        keys.archive_cursor(shard),
+        f"({int(found[-1][1])}" if len(found) == batch else "-inf",
+        *done,
+    )
+    # Each record in its store's slot: a pipeline, not a transaction (the log no longer lists
+    # them, so a record a crash leaves here is never archived twice; it expires with its TTL).
+    async with redis.pipeline(transaction=False) as pipe:
         for doc in settled:
             pipe.delete(keys.grant(doc["id"]))
-        done = [d["id"] for d in settled] + gone
-        if done:
-            pipe.zrem(keys.GRANT_LOG, *done)
-        pipe.delete(keys.ARCHIVE_INTENT)
-        pipe.set(keys.ARCHIVE_CURSOR, f"({int(found[-1][1])}" if len(found) == batch else "-inf")
         await pipe.execute()
     if settled:
         log.info("grants_archived", grants=len(settled), files=sorted(p.name for p in files))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import heapq
 import io
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -39,24 +40,69 @@ PAGE = 500
 
 
 async def count_grants(redis: Redis, start_ms: int, end_ms: int) -> int:
-    return int(await redis.zcount(keys.GRANT_LOG, start_ms, f"({end_ms}"))
+    async with redis.pipeline(transaction=False) as pipe:  # a count per shard of the log
+        for shard in keys.index_shards():
+            pipe.zcount(keys.grant_log(shard), start_ms, f"({end_ms}")
+        return sum(await pipe.execute())
 
 
 async def export_grants(
     redis: Redis, start_ms: int, end_ms: int, merchant: int | None = None
 ) -> AsyncIterator[dict[str, Any]]:
-    """Grants created in [start_ms, end_ms), oldest first, a page at a time."""
+    """Grants created in [start_ms, end_ms), oldest first, a page at a time: the shards of the
+    grant log merged by creation (one store's: its shard alone)."""
+    shards = keys.index_shards() if merchant is None else [keys.index_shard(merchant)]
+    page: list[str] = []
+    async for grant_id in _merged_log(redis, shards, start_ms, end_ms):
+        page.append(grant_id)
+        if len(page) == PAGE:
+            for row in await _rows(redis, page, merchant):
+                yield row
+            page = []
+    for row in await _rows(redis, page, merchant):
+        yield row
+
+
+async def _rows(redis: Redis, ids: list[str], merchant: int | None) -> list[dict[str, Any]]:
+    docs = await grant_docs(redis, ids) if ids else []
+    return [grant_view(d) for d in docs if merchant is None or int(d["merchant"]) == merchant]
+
+
+async def _merged_log(
+    redis: Redis, shards: Iterable[int], start_ms: int, end_ms: int
+) -> AsyncIterator[str]:
+    """The grant ids of the shards' logs in [start_ms, end_ms), by creation (ties by id, as a
+    sorted set orders them)."""
+    logs = [_shard_log(redis, shard, start_ms, end_ms) for shard in shards]
+    heads: list[tuple[tuple[float, str], int]] = []
+    for i, log in enumerate(logs):
+        first = await anext(log, None)
+        if first is not None:
+            heads.append((first, i))
+    heapq.heapify(heads)
+    while heads:
+        (_, grant_id), i = heads[0]
+        yield grant_id
+        following = await anext(logs[i], None)
+        if following is None:
+            heapq.heappop(heads)
+        else:
+            heapq.heapreplace(heads, (following, i))
+
+
+async def _shard_log(
+    redis: Redis, shard: int, start_ms: int, end_ms: int
+) -> AsyncIterator[tuple[float, str]]:
     offset = 0
     while True:
-        ids: list[str] = await redis.zrangebyscore(
-            keys.GRANT_LOG, start_ms, f"({end_ms}", start=offset, num=PAGE
+        found: list[tuple[str, float]] = await redis.zrangebyscore(
+            keys.grant_log(shard), start_ms, f"({end_ms}", start=offset, num=PAGE, withscores=True
         )
-        if not ids:
+        if not found:
             return
-        offset += len(ids)
-        for doc in await grant_docs(redis, ids):
-            if merchant is None or int(doc["merchant"]) == merchant:
-                yield grant_view(doc)
+        offset += len(found)
+        for grant_id, score in found:
+            yield score, grant_id
 
 
 def csv_header() -> str:

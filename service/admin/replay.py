@@ -82,7 +82,7 @@ async def _stored_in(
 
 # KEYS[1] stream; ARGV: min id, max id (exclusive form allowed), merchant ("" = any), count.
 # Returns {entries counted, last id seen} so the caller pages without moving bodies over the wire.
-_COUNT_WEBHOOKS = """
+_COUNT_WEBHOOKS = """#!lua flags=no-writes
 local entries = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', tonumber(ARGV[4]))
 local n = 0
 for _, entry in ipairs(entries) do

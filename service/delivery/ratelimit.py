@@ -27,7 +27,7 @@ from service import keys
 # A bucket's own `capacity` field (from Salla's headers) wins over the configured one.
 # Returns 0 when a request may go now (one is taken from every bucket), else the milliseconds
 # to wait (nothing is taken).
-_TAKE = """
+_TAKE = """#!lua
 local now = tonumber(ARGV[1])
 local wait, levels = 0, {}
 for i = 1, #KEYS do
@@ -55,7 +55,7 @@ return 0
 
 # KEYS[1]; ARGV: now_ms, capacity, window_ms, remaining (-1 unknown), reset_ms (0 unknown),
 # retry_after_ms (0 none), limit (0: keep the capacity as it is)
-_OBSERVE = """
+_OBSERVE = """#!lua
 local now = tonumber(ARGV[1])
 local limit = tonumber(ARGV[7])
 if limit > 0 then redis.call('HSET', KEYS[1], 'capacity', ARGV[7]) end

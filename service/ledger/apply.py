@@ -139,6 +139,7 @@ async def _apply_once(
             caps[(scope, rule)] = (keys.cap(merchant, rule, capped.customer, capped.day), 0)
     if caps:
         names_cap = sorted({name for name, _ in caps.values()})
+        # One MGET: the counters are the store's keys (one slot), which a Redis Cluster allows.
         values = await redis.mget(names_cap)
         cap_raw = dict(zip(names_cap, values, strict=True))
     now = now_ms()
@@ -188,20 +189,22 @@ async def _apply_once(
         writes.hset(keys.grant(grant.id), mapping=grant.to_redis())
         writes.zadd(keys.grant_set("pending", merchant), {grant.id: grant.due_ms})
         _index(writes, grant)
-    # Cross-store keys live in other slots: written next to the commit, never inside it, and
-    # before it (queued in the same pipeline), so a crash after the commit cannot leave a
-    # store with unsent grants that the sweep does not know of. A conflict leaves a grant id in
-    # the log that was never created: the export skips ids without a record.
+    # Cross-store keys live in other slots (the store's index shard): written next to the
+    # commit, never inside it, and before it (queued in the same pipeline), so a crash after
+    # the commit cannot leave a store with unsent grants that the sweep does not know of. A
+    # conflict leaves a grant id in the log that was never created: the export skips ids
+    # without a record.
     pipe = autopipe.auto(redis)
     cross = []
     listing = None
+    shard = keys.index_shard(merchant)
     if new_grants or any(s.netted for s in settlements.values()):
         listing = _listing(writes, merchant)
         if listing is not None:
-            cross.append(pipe.execute("SADD", keys.STORES_PENDING, str(merchant)))
-    if new_grants:  # one ZADD for the grants of every event committing in this loop turn
+            cross.append(pipe.execute("SADD", keys.stores_pending(shard), str(merchant)))
+    if new_grants:  # one ZADD for the grants of every event of the shard in this loop turn
         logged = [x for g in new_grants for x in (g.created_ms, g.id)]
-        cross.append(pipe.merged("ZADD", keys.GRANT_LOG, *logged))
+        cross.append(pipe.merged("ZADD", keys.grant_log(shard), *logged))
     listed = compact.store_due(redis, merchant, compaction_due) if compaction_due else None
     if listed is not None:
         cross.append(listed)

@@ -3,6 +3,7 @@ depends on is still what the caller read (optimistic concurrency in one round tr
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -10,25 +11,27 @@ from redis.asyncio import Redis
 
 from service import autopipe
 
-# ARGV[1]: JSON {"checks": [[key, hash field or "", expected value or ""], ...],
-# "writes": [[command, arguments...], ...]}. The writes happen only if every checked value is
-# still what the caller read (a missing key reads as ""); else nothing is written and 0 is
-# returned, and the caller reads again. Optimistic concurrency in one round trip, where
-# WATCH/MULTI/EXEC took three; one JSON argument, because packing each argument of a command
-# is a large share of the client's CPU per event.
-_COMMIT = """
+# KEYS: every key the commit reads or writes (one store's: one slot). ARGV[1]: JSON
+# {"checks": [[key index, hash field or "", expected value or ""], ...],
+# "writes": [[command, key index, arguments...], ...]}, a key index counting from 1 into KEYS.
+# The writes happen only if every checked value is still what the caller read (a missing key
+# reads as ""); else nothing is written and 0 is returned, and the caller reads again.
+# Optimistic concurrency in one round trip, where WATCH/MULTI/EXEC took three; the rest in one
+# JSON argument, because packing each argument of a command is a large share of the client's
+# CPU per event.
+_COMMIT = """#!lua
 local commit = cjson.decode(ARGV[1])
 for _, check in ipairs(commit.checks) do
   local have
   if check[2] == '' then
-    have = redis.call('GET', check[1])
+    have = redis.call('GET', KEYS[check[1]])
   else
-    have = redis.call('HGET', check[1], check[2])
+    have = redis.call('HGET', KEYS[check[1]], check[2])
   end
   if (have or '') ~= check[3] then return 0 end
 end
 for _, write in ipairs(commit.writes) do
-  redis.call(unpack(write))
+  redis.call(write[1], KEYS[write[2]], unpack(write, 3))
 end
 return 1
 """
@@ -36,17 +39,23 @@ return 1
 
 class Writes:
     """The writes of one commit, in `_COMMIT`'s argument form. `check` records a value the
-    writes depend on."""
+    writes depend on. Every key must be of one store (one slot): a Redis Cluster refuses the
+    commit otherwise, and so does a single Redis in cluster mode (the tests run one)."""
 
     def __init__(self) -> None:
-        self.checks: list[tuple[str, str, str]] = []
-        self.writes: list[list[str]] = []
+        #: Each key's index in KEYS (from 1), in the order first named.
+        self.keys: dict[str, int] = {}
+        self.checks: list[tuple[int, str, str]] = []
+        self.writes: list[list[str | int]] = []
+
+    def _key(self, key: str) -> int:
+        return self.keys.setdefault(key, len(self.keys) + 1)
 
     def check(self, key: str, field: str, expected: str | None) -> None:
-        self.checks.append((key, field, expected or ""))
+        self.checks.append((self._key(key), field, expected or ""))
 
-    def _op(self, command: str, *args: object) -> None:
-        self.writes.append([command, *map(str, args)])
+    def _op(self, command: str, key: str, *args: object) -> None:
+        self.writes.append([command, self._key(key), *map(str, args)])
 
     def hset(self, key: str, field: str = "", value: object = "", *, mapping: Any = None) -> None:
         pairs = [field, value] if field else []
@@ -91,5 +100,13 @@ class Writes:
         return orjson.dumps({"checks": self.checks, "writes": self.writes})
 
 
+def queue_commit(redis: Redis, writes: Writes) -> asyncio.Future[Any]:
+    """Queue the commit on the client's auto-pipeline now, behind whatever this turn queued
+    before it (a cross-store listing that must precede it); its future answers 1 if written."""
+    names = list(writes.keys)
+    return autopipe.auto(redis).execute("EVAL", _COMMIT, len(names), *names, writes.encoded())
+
+
 async def commit(redis: Redis, writes: Writes) -> bool:
-    return bool(await autopipe.auto(redis).execute("EVAL", _COMMIT, 0, writes.encoded()))
+    """Run the writes if their checks hold (True), in one round trip."""
+    return bool(await queue_commit(redis, writes))

@@ -3,7 +3,8 @@
 
 An order's entry starts full (`sr:{m:M}:led:order:<id>`, a hash of JSON) and is queued in its
 store's `to-compact` set when it is first written. The worker's sweep visits a few stores whose
-compaction is due each cycle (`sr:stores:compact`, by when each is next due), so 50,000 stores
+compaction is due each cycle (`sr:{x:n}:stores:compact`, by when each is next due, one per
+index shard), so 50,000 stores
 spread over the day instead of weighing on one cycle. An order is compacted when its newest
 event is older than its longest return window (`hold_days`) plus `COMPACT_AFTER_S`, and every
 grant its rules made is sent or netted (or its record expired); its entry and `led-index` set
@@ -58,7 +59,7 @@ _SETTLED = frozenset({"sent", "netted"})
 
 # KEYS: the compacted entry, the full entry, the tombstone set. Retires the order only if it is
 # still compacted (a later event writes it in full again and queues it to be compacted anew).
-_RETIRE = """
+_RETIRE = """#!lua
 if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('DEL', KEYS[1])
   redis.call('SADD', KEYS[3], ARGV[1])
@@ -116,7 +117,8 @@ def store_due(redis: Redis, merchant: int, due_ms: int) -> asyncio.Future[Any] |
     if last is not None and now - last < LISTED_FRESH_S:
         return None
     process_state.compaction_listed[merchant] = now
-    return autopipe.auto(redis).execute("ZADD", keys.STORES_COMPACT, "NX", due_ms, str(merchant))
+    listing = keys.stores_compact(keys.index_shard(merchant))
+    return autopipe.auto(redis).execute("ZADD", listing, "NX", due_ms, str(merchant))
 
 
 # duplicates: a tally dataclass like admin/replay.py's ReplayTally (the shape only).
@@ -134,12 +136,17 @@ async def compact_due_stores(
     redis: Redis, now_ms: int, retention_days: int, *, stores: int = 10, per_store: int = 100
 ) -> Pass:
     """The sweep's share: up to `stores` stores whose compaction is due, `per_store` orders
-    each (a store with more is visited again next cycle)."""
+    each (a store with more is visited again next cycle). The most overdue first, across the
+    index shards: each shard's `stores` most overdue, merged."""
     done = Pass()
-    due: list[str] = await redis.zrangebyscore(
-        keys.STORES_COMPACT, "-inf", now_ms, start=0, num=stores
-    )
-    for merchant in due:
+    async with redis.pipeline(transaction=False) as pipe:  # one read per shard, no atomicity
+        for shard in keys.index_shards():
+            pipe.zrangebyscore(
+                keys.stores_compact(shard), "-inf", now_ms, start=0, num=stores, withscores=True
+            )
+        found: list[list[tuple[str, float]]] = await pipe.execute()
+    due = [member for member, _ in sorted((x for s in found for x in s), key=lambda x: x[1])]
+    for merchant in due[:stores]:
         one = await compact_store(redis, int(merchant), now_ms, retention_days, limit=per_store)
         done.stores += 1
         done.compacted += one.compacted
@@ -169,7 +176,7 @@ async def compact_store(
     upcoming = int(first[0][1]) if first else now_ms + DAY_MS
     # Visited at least daily (retirement), and again next cycle while orders are left due.
     nxt = now_ms if len(due) >= limit else min(max(upcoming, now_ms), now_ms + DAY_MS)
-    await redis.zadd(keys.STORES_COMPACT, {str(merchant): nxt})
+    await redis.zadd(keys.stores_compact(keys.index_shard(merchant)), {str(merchant): nxt})
     return done
 
 

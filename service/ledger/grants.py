@@ -4,21 +4,28 @@ allows (see the state diagram in service/ledger/__init__.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from redis.asyncio import Redis
 
-from service import keys
+from service import autopipe, keys
+from service.ledger.commit import Writes, queue_commit
 from service.ledger.records import SETTLED_GRANT_TTL_S, Grant, now_ms
 from service.ledger.views import load
+
+# The scripts below take their store's grant sets in KEYS. Those that claim or move the ids a
+# set holds find each grant's hash as they run (ARGV's grant key prefix + the id): the
+# exception to naming every key in KEYS, safe because the prefix carries the store's tag, the
+# slot of KEYS[1]; `#!lua` makes a Redis Cluster refuse the script if it ever did not.
 
 # KEYS: pending, claimed, verifying; ARGV: now, limit, claim deadline, grant key prefix, claim
 # token, "1" to divert held grants, when to ask again about a diverted one (ms).
 # Held grants (a return window ended) go to `verifying` instead: their order is confirmed with
 # Salla before they may be sent. Returns {claimed ids, orders of the diverted grants}.
-_CLAIM = """
+_CLAIM = """#!lua
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 local claimed, orders = {}, {}
 for _, id in ipairs(ids) do
@@ -85,7 +92,7 @@ async def claim_due(
 
 
 # KEYS: verifying, pending; ARGV: order id, now, grant key prefix.
-_RELEASE_VERIFIED = """
+_RELEASE_VERIFIED = """#!lua
 local released = 0
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   local key = ARGV[3] .. id
@@ -150,17 +157,18 @@ async def extend_claims(
         )
 
 
-# KEYS[1] claimed zset; ARGV: grant key prefix, claim token, batch id, deadline ms, ids...
-_MARK_SENDING = """
+# KEYS[1] claimed zset, KEYS[2..]: the grants' hashes; ARGV: claim token, batch id, deadline
+# ms, the grants' ids (ARGV[4..], in KEYS[2..]'s order).
+_MARK_SENDING = """#!lua
 local owned = {}
-for i = 5, #ARGV do
-  local key = ARGV[1] .. ARGV[i]
+for i = 2, #KEYS do
+  local key, id = KEYS[i], ARGV[i + 2]
   local state = redis.call('HMGET', key, 'state', 'claim')
-  if state[1] == 'claimed' and state[2] == ARGV[2] then
-    redis.call('HSET', key, 'state', 'sending', 'batch', ARGV[3])
+  if state[1] == 'claimed' and state[2] == ARGV[1] then
+    redis.call('HSET', key, 'state', 'sending', 'batch', ARGV[2])
     redis.call('HINCRBY', key, 'attempts', 1)
-    redis.call('ZADD', KEYS[1], 'XX', ARGV[4], ARGV[i])
-    owned[#owned + 1] = ARGV[i]
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id)
+    owned[#owned + 1] = id
   end
 end
 return owned
@@ -184,9 +192,9 @@ async def mark_sending(
     """
     owned: list[str] = await redis.eval(  # type: ignore[misc]
         _MARK_SENDING,
-        1,
+        1 + len(grants),
         keys.grant_set("claimed", merchant),
-        keys.grant_prefix(merchant),
+        *(keys.grant(g.id) for g in grants),
         token,
         batch,
         str(now_ms() + call_timeout_ms),
@@ -196,12 +204,48 @@ async def mark_sending(
     return [g for g in grants if g.id in mine]
 
 
+async def _move(
+    redis: Redis,
+    merchant: int,
+    grants: Sequence[Grant],
+    fields: Mapping[str, str | int],
+    *,
+    leave: keys.GrantSet | None = None,
+    join: keys.GrantSet | None = None,
+    at: int = 0,
+    settled: bool = False,
+    listing: str | None = None,
+) -> None:
+    """One atomic step for grants of one store: each leaves the `leave` set, takes `fields`,
+    joins the `join` set (scored `at`), and expires with its settled record if `settled`. One
+    commit (a script of the store's slot, every key in KEYS): a Redis Cluster runs no
+    MULTI/EXEC from redis-py's cluster client, and a script costs one round trip too.
+    `listing`: a cross-store set to list the store in first (another slot: queued before the
+    commit in the same pipeline, so a crash between leaves the store listed, never missed)."""
+    if not grants:
+        return
+    writes = Writes()
+    for grant in grants:
+        key = keys.grant(grant.id)
+        if leave is not None:
+            writes.zrem(keys.grant_set(leave, merchant), grant.id)
+        writes.hset(key, mapping=fields)
+        if join is not None:
+            writes.zadd(keys.grant_set(join, merchant), {grant.id: at})
+        if settled:
+            writes.expire(key, SETTLED_GRANT_TTL_S)
+    pipe = autopipe.auto(redis)
+    listed = [pipe.execute("SADD", listing, str(merchant))] if listing else []
+    await asyncio.gather(*listed, queue_commit(redis, writes))
+
+
 async def unsend(redis: Redis, grants: Sequence[Grant]) -> None:
     """Salla refused the whole call (422), so nothing was applied: back to claimed, same owner."""
-    async with redis.pipeline(transaction=True) as pipe:
-        for grant in grants:
-            pipe.hset(keys.grant(grant.id), mapping={"state": "claimed", "batch": ""})
-        await pipe.execute()
+    stores: dict[int, list[Grant]] = {}
+    for grant in grants:
+        stores.setdefault(grant.merchant, []).append(grant)
+    for merchant, mine in stores.items():
+        await _move(redis, merchant, mine, {"state": "claimed", "batch": ""})
 
 
 async def finish(
@@ -212,17 +256,15 @@ async def finish(
     error: str = "",
 ) -> None:
     at = now_ms()
-    async with redis.pipeline(transaction=True) as pipe:
-        for grant in grants:
-            pipe.hset(keys.grant(grant.id), mapping={"state": state, "error": error, "done_ms": at})
-            pipe.zrem(keys.grant_set("claimed", merchant), grant.id)
-            if state == "sent":
-                pipe.expire(keys.grant(grant.id), SETTLED_GRANT_TTL_S)
-            else:
-                pipe.zadd(keys.grant_set(state, merchant), {grant.id: at})
-        if state == "unknown":
-            pipe.sadd(keys.STORES_UNKNOWN, str(merchant))
-        await pipe.execute()
+    shard = keys.index_shard(merchant)
+    fields: dict[str, str | int] = {"state": state, "error": error, "done_ms": at}
+    if state == "sent":
+        await _move(redis, merchant, grants, fields, leave="claimed", settled=True)
+        return
+    listing = keys.stores_unknown(shard) if state == "unknown" else keys.stores_attention(shard)
+    await _move(
+        redis, merchant, grants, fields, leave="claimed", join=state, at=at, listing=listing
+    )
 
 
 async def release(
@@ -238,30 +280,33 @@ async def release(
 
     `isolate` makes each grant go alone next time (it was in a batch Salla refused).
     """
-    async with redis.pipeline(transaction=True) as pipe:
-        for grant in grants:
-            fields: dict[str, str | int] = {"state": "pending", "due_ms": due_ms, "error": error}
-            if isolate:
-                fields["isolate"] = 1
-            pipe.hset(keys.grant(grant.id), mapping=fields)
-            pipe.zrem(keys.grant_set("claimed", merchant), grant.id)
-            pipe.zadd(keys.grant_set("pending", merchant), {grant.id: due_ms})
-        pipe.sadd(keys.STORES_PENDING, str(merchant))
-        await pipe.execute()
+    fields: dict[str, str | int] = {"state": "pending", "due_ms": due_ms, "error": error}
+    if isolate:
+        fields["isolate"] = 1
+    listing = keys.stores_pending(keys.index_shard(merchant))
+    await _move(
+        redis, merchant, grants, fields, leave="claimed", join="pending", at=due_ms, listing=listing
+    )
 
 
 async def park(redis: Redis, merchant: int, grants: Sequence[Grant], error: str) -> None:
     """The store has no usable token: keep its grants aside until it authorizes again."""
-    at = now_ms()
-    async with redis.pipeline(transaction=True) as pipe:
-        for grant in grants:
-            pipe.hset(keys.grant(grant.id), mapping={"state": "parked", "error": error})
-            pipe.zrem(keys.grant_set("claimed", merchant), grant.id)
-            pipe.zadd(keys.grant_set("parked", merchant), {grant.id: at})
-        await pipe.execute()
+    listing = keys.stores_attention(keys.index_shard(merchant))
+    fields = {"state": "parked", "error": error}
+    await _move(
+        redis,
+        merchant,
+        grants,
+        fields,
+        leave="claimed",
+        join="parked",
+        at=now_ms(),
+        listing=listing,
+    )
 
 
-_UNPARK = """
+# KEYS: parked, pending; ARGV: now, grant key prefix (see the note at the top).
+_UNPARK = """#!lua
 local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
 for _, id in ipairs(ids) do
   redis.call('ZADD', KEYS[2], ARGV[1], id)
@@ -295,23 +340,18 @@ async def resolve_unknown(
 ) -> None:
     """Settle grants whose call got no answer, from what Salla's history says (or not)."""
     at = now_ms()
-    async with redis.pipeline(transaction=True) as pipe:
-        for grant in grants:
-            pipe.zrem(keys.grant_set("unknown", merchant), grant.id)
-            fields: dict[str, str | int] = {"state": outcome, "error": note}
-            if outcome == "pending":
-                fields["due_ms"] = at
-                pipe.zadd(keys.grant_set("pending", merchant), {grant.id: at})
-            elif outcome == "review":
-                pipe.zadd(keys.grant_set("review", merchant), {grant.id: at})
-            else:
-                fields["done_ms"] = at
-            pipe.hset(keys.grant(grant.id), mapping=fields)
-            if outcome == "sent":
-                pipe.expire(keys.grant(grant.id), SETTLED_GRANT_TTL_S)
-        if outcome == "pending":
-            pipe.sadd(keys.STORES_PENDING, str(merchant))
-        await pipe.execute()
+    shard = keys.index_shard(merchant)
+    fields: dict[str, str | int] = {"state": outcome, "error": note}
+    if outcome == "sent":
+        fields["done_ms"] = at
+        await _move(redis, merchant, grants, fields, leave="unknown", settled=True)
+        return
+    if outcome == "pending":
+        fields["due_ms"] = at
+    listing = keys.stores_pending(shard) if outcome == "pending" else keys.stores_attention(shard)
+    await _move(
+        redis, merchant, grants, fields, leave="unknown", join=outcome, at=at, listing=listing
+    )
 
 
 async def count_reconcile_attempt(redis: Redis, grant: Grant) -> int:
@@ -319,23 +359,26 @@ async def count_reconcile_attempt(redis: Redis, grant: Grant) -> int:
 
 
 async def requeue(redis: Redis, merchant: int, grant: Grant, from_kind: str) -> bool:
-    """Put one failed/review/unknown/parked grant back to pending, due now (an operator's call).
+    """Put one failed/review/unknown/parked grant back to pending, due now (an operator's call);
+    False if it is no longer in `from_kind` (another operator, or the sweep, moved it).
 
     Atomic per grant, so an interrupted bulk retry leaves every grant in one state or the other.
     """
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.zrem(keys.grant_set(keys.as_grant_set(from_kind), merchant), grant.id)
-        pipe.hset(
-            keys.grant(grant.id), mapping={"state": "pending", "due_ms": now_ms(), "error": ""}
-        )
-        pipe.zadd(keys.grant_set("pending", merchant), {grant.id: now_ms()})
-        pipe.sadd(keys.STORES_PENDING, str(merchant))
-        removed, *_ = await pipe.execute()
-    return bool(removed)
+    at = now_ms()
+    writes = Writes()
+    writes.check(keys.grant(grant.id), "state", from_kind)
+    writes.zrem(keys.grant_set(keys.as_grant_set(from_kind), merchant), grant.id)
+    writes.hset(keys.grant(grant.id), mapping={"state": "pending", "due_ms": at, "error": ""})
+    writes.zadd(keys.grant_set("pending", merchant), {grant.id: at})
+    listed = autopipe.auto(redis).execute(
+        "SADD", keys.stores_pending(keys.index_shard(merchant)), str(merchant)
+    )
+    _, moved = await asyncio.gather(listed, queue_commit(redis, writes))
+    return bool(moved)
 
 
 async def note_pending_work(redis: Redis, merchant: int) -> None:
     """Tell the sweep that `merchant` may have unsent grants. Before the step that makes them:
     the set is a cross-store key (another slot), so it is never written inside a store's
     script, and a crash between the two leaves the store listed, never forgotten."""
-    await redis.sadd(keys.STORES_PENDING, str(merchant))  # type: ignore[misc]
+    await redis.sadd(keys.stores_pending(keys.index_shard(merchant)), str(merchant))  # type: ignore[misc]

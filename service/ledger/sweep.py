@@ -13,9 +13,11 @@ from service.ledger.records import (
     Grant,
     now_ms,
 )
-from service.ledger.views import load
+from service.ledger.views import listed_stores, load
 
-_SWEEP = """
+# KEYS: claimed, pending, unknown; ARGV: now, grant key prefix (grants found as the script runs,
+# of KEYS[1]'s store and slot: see the note in grants.py).
+_SWEEP = """#!lua
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 local returned, unknown = 0, 0
 for _, id in ipairs(ids) do
@@ -41,7 +43,7 @@ async def sweep_claims(redis: Redis, merchant: int) -> tuple[int, int]:
     now = now_ms()
     if await redis.zcount(keys.grant_set("claimed", merchant), "-inf", now):
         # Some may become unknown: listed first (another slot, see `note_pending_work`).
-        await redis.sadd(keys.STORES_UNKNOWN, str(merchant))  # type: ignore[misc]
+        await redis.sadd(keys.stores_unknown(keys.index_shard(merchant)), str(merchant))  # type: ignore[misc]
     # duplicates: every script call names its store's keys like this (grants.py too).
     returned, unknown = await redis.eval(  # type: ignore[misc]
         _SWEEP,
@@ -56,14 +58,14 @@ async def sweep_claims(redis: Redis, merchant: int) -> tuple[int, int]:
 
 
 async def stores_with_work(redis: Redis) -> list[int]:
-    return [int(m) for m in await redis.smembers(keys.STORES_PENDING)]  # type: ignore[misc]
+    return await listed_stores(redis, keys.stores_pending)
 
 
 # KEYS: pending, claimed, verifying, the store's idle mark, its listed-at time; ARGV: the
 # youngest listing that may be forgotten (ms). Returns 1 when the store has been idle at two
 # sweeps in a row and was not listed recently (the caller then drops it from the cross-store
 # set).
-_FORGET_IF_IDLE = """
+_FORGET_IF_IDLE = """#!lua
 if redis.call('ZCARD', KEYS[1]) == 0 and redis.call('ZCARD', KEYS[2]) == 0
    and redis.call('ZCARD', KEYS[3]) == 0 then
   if redis.call('EXISTS', KEYS[4]) == 1 then
@@ -103,7 +105,7 @@ async def forget_store_if_idle(redis: Redis, merchant: int, *, at_ms: int | None
         str(youngest),
     )
     if idle:
-        await redis.srem(keys.STORES_PENDING, str(merchant))  # type: ignore[misc]
+        await redis.srem(keys.stores_pending(keys.index_shard(merchant)), str(merchant))  # type: ignore[misc]
 
 
 async def unknown_since(redis: Redis, merchant: int, before_ms: int) -> list[Grant]:
@@ -115,16 +117,19 @@ async def unknown_since(redis: Redis, merchant: int, before_ms: int) -> list[Gra
 
 
 async def stores_with_unknown(redis: Redis) -> list[int]:
-    return [int(m) for m in await redis.smembers(keys.STORES_UNKNOWN)]  # type: ignore[misc]
+    return await listed_stores(redis, keys.stores_unknown)
 
 
 async def forget_unknown_store_if_empty(redis: Redis, merchant: int) -> None:
     if not await redis.zcard(keys.grant_set("unknown", merchant)):
-        await redis.srem(keys.STORES_UNKNOWN, str(merchant))  # type: ignore[misc]
+        await redis.srem(keys.stores_unknown(keys.index_shard(merchant)), str(merchant))  # type: ignore[misc]
 
 
 async def trim_grant_log(redis: Redis) -> int:
-    """Drop grant ids older than the grant records themselves from the export's log (once per
-    sweep, not once per event: it is one cross-store key). Returns how many went."""
+    """Drop grant ids older than the grant records themselves from the export's log, every
+    shard of it (once per sweep, not once per event: cross-store keys). Returns how many went."""
     oldest_kept = now_ms() - SETTLED_GRANT_TTL_S * 1000
-    return int(await redis.zremrangebyscore(keys.GRANT_LOG, "-inf", f"({oldest_kept}"))
+    async with redis.pipeline(transaction=False) as pipe:  # one trim per shard, each atomic
+        for shard in keys.index_shards():
+            pipe.zremrangebyscore(keys.grant_log(shard), "-inf", f"({oldest_kept}")
+        return sum(await pipe.execute())

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from redis.asyncio import Redis
 
@@ -33,14 +33,40 @@ async def due_count(redis: Redis, merchant: int, at_ms: int | None = None) -> in
     return int(await redis.zcount(keys.grant_set("pending", merchant), "-inf", at_ms or now_ms()))
 
 
+async def listed_stores(redis: Redis, index: Callable[[int], str]) -> list[int]:
+    """The stores a cross-store set lists, read from every index shard (one pipeline: reads
+    of separate keys, nothing to keep atomic), in order."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for shard in keys.index_shards():
+            pipe.smembers(index(shard))
+        found: list[set[str]] = await pipe.execute()
+    return sorted(int(m) for members in found for m in members)
+
+
+#: The cross-store set that lists every store with grants in a state (a superset: a store stays
+#: listed a while after its last such grant left, so each one's set is looked at).
+_LISTED_IN: dict[str, Callable[[int], str]] = {
+    "pending": keys.stores_pending,
+    "claimed": keys.stores_pending,
+    "verifying": keys.stores_pending,
+    "unknown": keys.stores_unknown,
+    "failed": keys.stores_attention,
+    "review": keys.stores_attention,
+    "parked": keys.stores_attention,
+}
+
+
 async def stores_with(redis: Redis, kind: str) -> list[int]:
-    """Merchants that have grants listed under `kind` (failed, review, unknown, parked...)."""
-    merchants = set()
-    async for key in redis.scan_iter(keys.grant_set(keys.as_grant_set(kind), "*")):
-        merchant = keys.store_of(key)
-        if merchant is not None:
-            merchants.add(merchant)
-    return sorted(merchants)
+    """Merchants that have grants listed under `kind` (failed, review, unknown, parked...): the
+    stores the index shards list for it whose set of `kind` is not empty (no SCAN: a Redis
+    Cluster scans one node at a time, and a scan reads every key)."""
+    state = keys.as_grant_set(kind)
+    listed = await listed_stores(redis, _LISTED_IN[state])
+    async with redis.pipeline(transaction=False) as pipe:  # one ZCARD a store, nothing atomic
+        for merchant in listed:
+            pipe.zcard(keys.grant_set(state, merchant))
+        sizes: list[int] = await pipe.execute()
+    return [m for m, size in zip(listed, sizes, strict=True) if size]
 
 
 async def store_gauges(redis: Redis, merchant: int) -> dict[str, float]:
