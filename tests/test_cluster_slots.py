@@ -18,7 +18,8 @@ What it does not refuse, so these tests guard it another way:
   old scripts): every script of service/ starts `#!lua` (`TestScripts`, read from the source);
 * `EVAL script 0` (no key named): fine on one node, but a cluster client sends it to any node.
   The client these tests drive the service with records each command it sends (its
-  connection class; the commands still go to the server), and every EVAL must name a key;
+  connection class; the commands still go to the server), and every EVAL and EVALSHA must
+  name a key (and every script sent, by EVAL or SCRIPT LOAD, start `#!lua`);
 * a MULTI/EXEC in one slot is valid on a cluster, but redis-py's cluster client cannot send
   one: none may be sent at all;
 * SCAN and KEYS read one node of a cluster: this server refuses both (an ACL), so a reader
@@ -135,13 +136,14 @@ async def state(cluster_node: str) -> AsyncIterator[Redis]:
     after the test: no MULTI, and every script names a key and starts `#!lua`."""
     client = Redis.from_url(cluster_node, decode_responses=True, connection_class=Recording)
     await client.flushall()
+    await client.script_flush()  # so each test's first commit loads it (and is recorded)
     Recording.sent.clear()
     yield client
     await client.aclose()
     for args in Recording.sent:
         name = str(args[0]).upper()
         assert name not in {"MULTI", "EXEC", "WATCH"}, f"a transaction was sent: {args[:3]}"
-        if name == "EVAL":
+        if name in {"EVAL", "SCRIPT LOAD"}:
             assert str(args[1]).startswith("#!lua"), f"a script without #!lua: {args[1][:60]!r}"
         if name in {"EVAL", "EVALSHA"}:
             named = [str(k) for k in args[3 : 3 + int(args[2])]]
@@ -338,6 +340,8 @@ class TestLedgerOnOneSlotPerCommand:
         assert await ledger.due_count(state, OTHER) == 1
         gauges = await ledger.store_gauges(state, OTHER)
         assert gauges["pending"] == 1
+        loaded = [a[1] for a in Recording.sent if str(a[0]).upper() == "SCRIPT LOAD"]
+        assert len(loaded) == 1, "the commit's script, loaded once and checked at teardown"
 
     async def test_compaction_retirement_and_a_late_cancel(
         self, stores: tuple[Store, Store], state: Redis

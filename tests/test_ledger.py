@@ -167,6 +167,14 @@ class TestCommit:
             assert not await commit(redis, writes)
         assert await redis.exists("out") == 0
 
+    async def test_a_server_that_lost_the_script_gets_it_again(self, redis: Redis) -> None:
+        """The commit is sent by its SHA1; a restarted or promoted server has no scripts."""
+        await redis.script_flush()
+        writes = Writes()
+        writes.sadd("out", "written")
+        assert await commit(redis, writes)
+        assert await redis.smembers("out") == {"written"}  # type: ignore[misc]
+
 
 class TestGrantStates:
     """pending → claimed → sending → sent, with recovery of dead workers' claims."""

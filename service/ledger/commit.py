@@ -4,10 +4,13 @@ depends on is still what the caller read (optimistic concurrency in one round tr
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from collections.abc import Coroutine
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from service import autopipe
 
@@ -100,11 +103,32 @@ class Writes:
         return orjson.dumps({"checks": self.checks, "writes": self.writes})
 
 
-def queue_commit(redis: Redis, writes: Writes) -> asyncio.Future[Any]:
+#: Sent by its SHA1 (EVALSHA): redis-py copies a command's packed bytes once per argument, so
+#: the body (half a kilobyte) would be copied once per key in KEYS on every commit.
+_COMMIT_SHA = hashlib.sha1(_COMMIT.encode()).hexdigest()  # noqa: S324 - Redis's script id
+
+
+def queue_commit(redis: Redis, writes: Writes) -> Coroutine[Any, Any, int]:
     """Queue the commit on the client's auto-pipeline now, behind whatever this turn queued
-    before it (a cross-store listing that must precede it); its future answers 1 if written."""
+    before it (a cross-store listing that must precede it); await the result for its reply
+    (1 if written)."""
     names = list(writes.keys)
-    return autopipe.auto(redis).execute("EVAL", _COMMIT, len(names), *names, writes.encoded())
+    queued = autopipe.auto(redis).execute(
+        "EVALSHA", _COMMIT_SHA, len(names), *names, writes.encoded()
+    )
+    return _reply(redis, names, writes, queued)
+
+
+async def _reply(
+    redis: Redis, names: list[str], writes: Writes, queued: asyncio.Future[Any]
+) -> int:
+    try:
+        return int(await queued)
+    except NoScriptError:  # a server that never saw it, restarted or failed over: load, again
+        await redis.script_load(_COMMIT)
+        encoded = writes.encoded().decode()
+        reply = await redis.evalsha(_COMMIT_SHA, len(names), *names, encoded)  # type: ignore[misc]
+        return int(reply)
 
 
 async def commit(redis: Redis, writes: Writes) -> bool:
