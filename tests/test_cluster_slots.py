@@ -64,8 +64,8 @@ JS = "%a %b %d %Y %H:%M:%S GMT+0300"
 SERVICE = Path(__file__).parent.parent / "service"
 #: Scripts not yet `#!lua`, each with why (remove a line when its script gains the line).
 NOT_YET_SHEBANG = {
-    ("ingest.py", "ACCEPT_WEBHOOKS"): "the inbox, being sharded on the client side (issue 16)",
-    ("inbox.py", "BACKLOG_SCRIPT"): "the inbox, being sharded on the client side (issue 16)",
+    ("ingest.py", "ACCEPT_WEBHOOKS"): "the inbox's, KEYS already of one slot: the line to add",
+    ("inbox.py", "BACKLOG_SCRIPT"): "the inbox's, KEYS already of one slot: the line to add",
 }
 # duplicates: rule files as test data, like test_compaction's (each file reads alone).
 RULES = """
