@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import datetime as dt
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -55,12 +54,12 @@ from service.rules import parse_rules_text
 from service.salla import TokenSet
 from service.webhooks import event_time, parse_envelope
 from tests.conftest import make_settings
+from tests.support.order_bodies import order_body
 from tests.support.servers import free_port
 
 M, OTHER = 7_300_001, 7_300_002
 CUSTOMER = 900_031
 DAY_MS = 86_400_000
-JS = "%a %b %d %Y %H:%M:%S GMT+0300"
 SERVICE = Path(__file__).parent.parent / "service"
 #: Scripts not yet `#!lua`, each with why (remove a line when its script gains the line).
 NOT_YET_SHEBANG = {
@@ -151,22 +150,6 @@ async def state(cluster_node: str) -> AsyncIterator[Redis]:
             assert len({key_slot(k.encode()) for k in named}) == 1, named
 
 
-def body(event: str, merchant: int, order_id: int, status: str, total: int, at: int) -> bytes:
-    stamp = dt.datetime.fromtimestamp(at, dt.timezone(dt.timedelta(hours=3))).strftime(JS)
-    order = {
-        "id": order_id,
-        "reference_id": order_id + 100,
-        "status": {"slug": status},
-        "amounts": {"total": {"amount": total}},
-        "customer": {"id": CUSTOMER},
-    }
-    data: dict[str, Any] = (
-        {"id": at, "status": status, "order": order} if event == "order.status.updated" else order
-    )
-    doc = {"event": event, "merchant": merchant, "created_at": stamp, "data": data}
-    return json.dumps(doc).encode()
-
-
 class Store:
     """One store's order events through the real processing path, on the cluster node."""
 
@@ -177,7 +160,10 @@ class Store:
 
     async def event(self, event: str, order_id: int, status: str, total: int, at: int) -> Any:
         self.arrival += 1
-        env = parse_envelope(body(event, self.merchant, order_id, status, total, at))
+        raw = order_body(
+            event, self.merchant, order_id, status, total, at, customer=CUSTOMER, history=at
+        )
+        env = parse_envelope(raw)
         arrival = (int(event_time(env.created_at) or 0) * 1000 + self.arrival, 0)
         return await apply_rules(self.deps, env, f"d{self.arrival}", "t", arrival=arrival)
 

@@ -6,8 +6,6 @@ retirement are given their `now`."""
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,11 +24,11 @@ from service.processing import ProcessingDeps, apply_rules
 from service.rules import parse_rules_text
 from service.webhooks import event_time, parse_envelope
 from tests.conftest import make_settings
+from tests.support.order_bodies import order_body
 
 M = 7_100_001
 CUSTOMER = 900_017
 DAY_MS = 86_400_000
-JS = "%a %b %d %Y %H:%M:%S GMT+0300"
 # duplicates: rule files as test data, like test_order_truth's and benchmarks/orders.py's; each
 # file reads alone.
 RULES = """
@@ -66,20 +64,7 @@ rules:
 
 
 def body(event: str, order_id: int, status: str, total: int, at: int, history: int = 0) -> bytes:
-    stamp = dt.datetime.fromtimestamp(at, dt.timezone(dt.timedelta(hours=3))).strftime(JS)
-    order = {
-        "id": order_id,
-        "reference_id": order_id + 100,
-        "status": {"slug": status},
-        "amounts": {"total": {"amount": total}},
-        "customer": {"id": CUSTOMER},
-    }
-    data: dict[str, Any] = (
-        {"id": history, "status": status, "order": order}
-        if event == "order.status.updated"
-        else order
-    )
-    return json.dumps({"event": event, "merchant": M, "created_at": stamp, "data": data}).encode()
+    return order_body(event, M, order_id, status, total, at, customer=CUSTOMER, history=history)
 
 
 class Store:
