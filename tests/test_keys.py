@@ -175,7 +175,6 @@ class TestCrossStoreSets:
         assert await ledger.stores_with(redis, "pending") == [OTHER], "M's set is empty"
 
 
-
 class TestInboxShardTags:
     """`INBOX_SHARDS` streams land evenly on the masters of an evenly split cluster (what
     `--cluster create` makes): `{inbox:1}`, `{inbox:2}` had all hashed to one master of three."""
