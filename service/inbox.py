@@ -47,7 +47,7 @@ _REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 # KEYS[1] the inbox; ARGV[1] the group, ARGV[2] how many unread entries to count at most.
 # Returns {pending, unread, id of the oldest unprocessed entry or ""}. Redis 7 reports the
 # group's lag; on 6.2 the unread entries are counted (bounded: the count is a gauge's input).
-BACKLOG_SCRIPT = """
+BACKLOG_SCRIPT = """#!lua
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, ''} end
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local f = {}

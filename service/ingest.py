@@ -50,7 +50,7 @@ async def ensure_group(redis: Redis, stream: str = WEBHOOK_STREAM) -> None:
 # follows covers the first attempt too. Without it, a re-send of a delivery whose first attempt
 # answered 503 (written, not yet on disk) would answer 200 at once, and a crash could still
 # lose it.
-ACCEPT_WEBHOOKS = """
+ACCEPT_WEBHOOKS = """#!lua
 local stream, ttl, minid = KEYS[1], ARGV[1], ARGV[2]
 local new = redis.call('EXISTS', stream) == 0
 local out = {}

@@ -125,6 +125,7 @@ class WorkerResources:
         await self.inbox_redis.aclose()
         await self._rules_watch.__aexit__(None, None, None)
         await self.http.aclose()
+        await self.delivery.replicated.aclose()
         await self.redis.aclose()
 
 

@@ -62,10 +62,7 @@ CUSTOMER = 900_031
 DAY_MS = 86_400_000
 SERVICE = Path(__file__).parent.parent / "service"
 #: Scripts not yet `#!lua`, each with why (remove a line when its script gains the line).
-NOT_YET_SHEBANG = {
-    ("ingest.py", "ACCEPT_WEBHOOKS"): "the inbox's, KEYS already of one slot: the line to add",
-    ("inbox.py", "BACKLOG_SCRIPT"): "the inbox's, KEYS already of one slot: the line to add",
-}
+NOT_YET_SHEBANG: dict[tuple[str, str], str] = {}
 # duplicates: rule files as test data, like test_compaction's (each file reads alone).
 RULES = """
 version: 1
