@@ -66,8 +66,9 @@ arq's own keys (`arq:queue`, `arq:job:<id>`, ...) live on the queue's Redis (`QU
 by default this one): nothing there is the only copy of anything (service/queue.py).
 
 Cross-store keys are few, and kept per index shard: `INDEX_SHARDS` (16) copies of each, tagged
-`{x:<n>}`, a store's in shard n = `index_shard(merchant)` (its id mod 16), so a Redis Cluster
-spreads them over its masters and no key holds every store. Writers touch their store's shard;
+`{x:<n>.<k>}` (`index_tag`; written `{x:n}` below), a store's in shard n = `index_shard(merchant)`
+(its id mod 16), so a Redis Cluster spreads them evenly over its masters and no key holds every
+store. Writers touch their store's shard;
 readers (the sweep, admin views, export, the archiver, compaction, gauges) visit every shard.
 They are never written inside a script that works on one store's keys (another slot): the
 ledger adds a store to a set in a separate command, before the script.
@@ -76,7 +77,12 @@ ledger adds a store to a set in a separate command, before the script.
     sr:{x:n}:stores:unknown           set   stores with grants whose call got no answer
     sr:{x:n}:stores:attention         set   stores that had grants failed, in review or
                                             parked (`ledger.stores_with` checks each store)
-    sr:{x:n}:stores:authorized        set   stores with tokens
+    sr:{x:n}:token-expiry             zset  stores with tokens, by when the access token
+                                            expires (s): the refresh job reads only the due
+                                            (service/tokens.py)
+    sr:{x:n}:orders-rec-due           zset  stores with tokens, by when the orders
+                                            reconciliation scheduler next looks at each (s;
+                                            service/orders/schedule.py)
     sr:{x:n}:grant-log                zset  every grant id by creation (export, archive)
     sr:{x:n}:stores:compact           zset  stores by when their compaction is next due
     sr:{x:n}:archive-intent / -cursor the grant archiver's note of the files' lengths
@@ -125,37 +131,63 @@ def index_shards() -> range:
     return range(INDEX_SHARDS)
 
 
+@functools.cache
+def index_tag(shard: int) -> str:
+    """The hash tag of one index shard's keys, `{x:<n>.<k>}`: shard n's slot lies in the n-th
+    sixteenth of the slot space (the first k that puts it near its middle), so a cluster whose
+    masters split the slots evenly holds an even share of the shards (`{x:0}`..`{x:15}` put
+    5, 4 and 7 on three masters)."""
+    width = CLUSTER_SLOTS // INDEX_SHARDS
+    return _spread_tag(f"x:{shard}", shard * width + width // 2, width // 4)
+
+
+def _spread_tag(name: str, target: int, near: int) -> str:
+    """`{<name>.<k>}` for the first k whose slot is within `near` of slot `target`."""
+    for k in itertools.count():
+        tag = f"{name}.{k}"
+        off = (key_slot(tag.encode()) - target) % CLUSTER_SLOTS
+        if min(off, CLUSTER_SLOTS - off) <= near:
+            return f"{{{tag}}}"
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 # duplicates: one small builder per key, alike by design (see `scope_grants`).
 def stores_pending(shard: int) -> str:
-    return f"{PREFIX}{{x:{shard}}}:stores:pending"
+    return f"{PREFIX}{index_tag(shard)}:stores:pending"
 
 
 def stores_unknown(shard: int) -> str:
-    return f"{PREFIX}{{x:{shard}}}:stores:unknown"
+    return f"{PREFIX}{index_tag(shard)}:stores:unknown"
 
 
 def stores_attention(shard: int) -> str:
-    return f"{PREFIX}{{x:{shard}}}:stores:attention"
+    return f"{PREFIX}{index_tag(shard)}:stores:attention"
 
 
-def stores_authorized(shard: int) -> str:
-    return f"{PREFIX}{{x:{shard}}}:stores:authorized"
+def token_expiry(shard: int) -> str:
+    """The stores with tokens, by when their access token expires (epoch s; 0: unknown)."""
+    return f"{PREFIX}{index_tag(shard)}:token-expiry"
+
+
+def orders_reconcile_due(shard: int) -> str:
+    """The stores with tokens, by when the reconciliation scheduler next looks at each (s)."""
+    return f"{PREFIX}{index_tag(shard)}:orders-rec-due"
 
 
 def grant_log(shard: int) -> str:
-    return f"{PREFIX}{{x:{shard}}}:grant-log"
+    return f"{PREFIX}{index_tag(shard)}:grant-log"
 
 
 def stores_compact(shard: int) -> str:
-    return f"{PREFIX}{{x:{shard}}}:stores:compact"
+    return f"{PREFIX}{index_tag(shard)}:stores:compact"
 
 
 def archive_intent(shard: int) -> str:
-    return f"{PREFIX}{{x:{shard}}}:archive-intent"
+    return f"{PREFIX}{index_tag(shard)}:archive-intent"
 
 
 def archive_cursor(shard: int) -> str:
-    return f"{PREFIX}{{x:{shard}}}:archive-cursor"
+    return f"{PREFIX}{index_tag(shard)}:archive-cursor"
 
 
 #: Tombstone sets per store: an order's is chosen by its id. 128 sets hold 65,536 retired
@@ -338,13 +370,7 @@ def inbox_tag(shard: int, shards: int) -> str:
         return INBOX_TAG
     home = key_slot(INBOX_TAG[1:-1].encode())
     target = (home + shard * CLUSTER_SLOTS // shards) % CLUSTER_SLOTS
-    near = max(1, CLUSTER_SLOTS // (32 * shards))  # 1/32 of the spacing
-    for k in itertools.count():
-        name = f"inbox:{shard}.{k}"
-        off = (key_slot(name.encode()) - target) % CLUSTER_SLOTS
-        if min(off, CLUSTER_SLOTS - off) <= near:
-            return f"{{{name}}}"
-    raise AssertionError("unreachable")  # pragma: no cover
+    return _spread_tag(f"inbox:{shard}", target, max(1, CLUSTER_SLOTS // (32 * shards)))
 
 
 def webhook_stream(shard: int, shards: int) -> str:

@@ -16,7 +16,6 @@ from redis.asyncio import Redis
 
 from service import keys
 from service.errors import SallaAuthError
-from service.ledger import views
 from service.salla import SallaClient, TokenSet
 
 
@@ -30,8 +29,14 @@ ORDER_TRUTH_UNAVAILABLE = "order_truth_unavailable"
 
 
 async def save(redis: Redis, merchant: int, tokens: TokenSet) -> None:
-    # Listed first (a cross-store set, another slot): a store with tokens is always listed.
-    await redis.sadd(keys.stores_authorized(keys.index_shard(merchant)), str(merchant))  # type: ignore[misc]
+    """Keep a store's new tokens. Listed first (cross-store keys, another slot), so a store
+    with tokens is always listed: by its token's expiry (the refresh job reads only the due)
+    and in the orders reconciliation's schedule (once: a store already there keeps its time)."""
+    shard = keys.index_shard(merchant)
+    async with redis.pipeline(transaction=False) as pipe:  # two keys of the shard's slot
+        pipe.zadd(keys.token_expiry(shard), {str(merchant): max(tokens.expires_at_s, 0)})
+        pipe.zadd(keys.orders_reconcile_due(shard), {str(merchant): int(time.time())}, nx=True)
+        await pipe.execute()
     await redis.hdel(store_key(merchant), ORDER_TRUTH_UNAVAILABLE)  # type: ignore[misc]
     await redis.hset(  # type: ignore[misc]
         store_key(merchant),
@@ -102,11 +107,15 @@ return 1
 async def revoke(redis: Redis, merchant: int, status: str) -> None:
     """The tokens are dead (uninstalled, or refresh refused): forget them, keep the record.
 
-    The record changes in one script (its slot); the store leaves the cross-store set after,
-    so a store with tokens is never unlisted (a crash between leaves one listed without
-    tokens, which every reader of the set skips)."""
+    The record changes in one script (its slot); the store leaves the cross-store indexes
+    after, so a store with tokens is never unlisted (a crash between leaves one listed without
+    tokens, which every reader of them skips)."""
     await redis.eval(_REVOKE, 1, store_key(merchant), status, str(int(time.time())))  # type: ignore[misc]
-    await redis.srem(keys.stores_authorized(keys.index_shard(merchant)), str(merchant))  # type: ignore[misc]
+    shard = keys.index_shard(merchant)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zrem(keys.token_expiry(shard), str(merchant))
+        pipe.zrem(keys.orders_reconcile_due(shard), str(merchant))
+        await pipe.execute()
 
 
 _RELEASE = """#!lua
@@ -158,15 +167,37 @@ async def refresh(
 
 
 async def authorized_stores(redis: Redis) -> list[int]:
-    """Every store with tokens, from every index shard."""
-    return await views.listed_stores(redis, keys.stores_authorized)
+    """Every store with tokens, from every index shard (admin and tests: the periodic jobs
+    read only the stores due)."""
+    async with redis.pipeline(transaction=False) as pipe:  # one read per shard, nothing atomic
+        for shard in keys.index_shards():
+            pipe.zrange(keys.token_expiry(shard), 0, -1)
+        found: list[list[str]] = await pipe.execute()
+    return sorted(int(m) for members in found for m in members)
 
 
-async def expiring(redis: Redis, within_s: int) -> list[tuple[int, TokenSet]]:
-    """Authorized stores whose access token expires within `within_s` seconds."""
-    soon = time.time() + within_s
+#: At most this many stores' tokens are refreshed by one run of the refresh job (the most
+#: urgent first; the rest wait for the next run, ten minutes later, well within the default
+#: two days ahead of expiry).
+REFRESH_BATCH = 500
+
+
+async def expiring(
+    redis: Redis, within_s: int, *, limit: int = REFRESH_BATCH
+) -> list[tuple[int, TokenSet]]:
+    """Authorized stores whose access token expires within `within_s` seconds, soonest first:
+    found through the expiry index (`keys.token_expiry`), so a run reads the stores due, not
+    every store; each one's record is read again, the index being only a pointer to it."""
+    soon = int(time.time()) + within_s
+    async with redis.pipeline(transaction=False) as pipe:
+        for shard in keys.index_shards():
+            pipe.zrangebyscore(
+                keys.token_expiry(shard), "(0", soon, start=0, num=limit, withscores=True
+            )
+        found: list[list[tuple[str, float]]] = await pipe.execute()
+    due = sorted((score, int(m)) for listed in found for m, score in listed)[:limit]
     result = []
-    for merchant in await authorized_stores(redis):
+    for _, merchant in due:
         current = await get(redis, merchant)
         if current and current.refresh_token and 0 < current.expires_at_s <= soon:
             result.append((merchant, current))

@@ -21,14 +21,14 @@ from prometheus_client import start_http_server
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import arq_log, inbox, keys, ledger, metrics, queue, tokens
+from service import arq_log, inbox, keys, ledger, metrics, queue
 from service.admin import archive
 from service.delivery.flush import flush
 from service.delivery.reconcile import reconcile
 from service.delivery.refresh import refresh_expiring_tokens
 from service.logging import configure_logging, get_logger
 from service.orders import reconcile as orders_reconcile
-from service.orders import truth
+from service.orders import schedule, truth
 from service.settings import Settings
 from service.worker_resources import CTX_KEY, WorkerResources, of
 
@@ -71,37 +71,9 @@ async def _orders_reconcile_job(ctx: dict[str, Any], merchant: int, slot: int = 
 
 
 async def schedule_orders_reconcile(ctx: dict[str, Any]) -> int:
-    """Start each authorized store's reconciliation once per `ORDERS_RECONCILE_EVERY_S`, spread
-    over the period (a store's offset comes from its id) so that no minute is heavy.
-
-    A run this period started (its marker is set) that arq no longer has and that did not
-    finish was lost with the queue (a failover): it is queued again, once per period (the
-    marker then reads `<slot>+`), so a run that fails for good waits for the next period as
-    before. arq is asked first, the finish mark read second: a job finishes by setting its
-    mark before arq forgets it, so a run that finished in between is not queued twice."""
-    deps = of(ctx).delivery
-    every = deps.settings.orders_reconcile_every_s
-    if every <= 0:
-        return 0
-    started = 0
-    now = ledger.now_ms() // 1000
-    for merchant in await tokens.authorized_stores(deps.redis):
-        slot = (now + merchant % every) // every
-        marker = keys.orders_reconcile_slot(merchant)
-        last = await deps.redis.get(marker)
-        if last == f"{slot}+":  # queued again once this period already
-            continue
-        if last == str(slot):
-            if await queue.job_known(deps.pool, queue.orders_reconcile_id(merchant, slot)):
-                continue
-            if await deps.redis.get(keys.orders_reconcile_done(merchant)) == str(slot):
-                continue
-            log.warning("job_recreated", job=queue.ORDERS_RECONCILE, merchant=merchant, slot=slot)
-        # Two schedulers at once (arq's cron lock makes it rare) queue one job: same id.
-        await deps.redis.set(marker, f"{slot}+" if last == str(slot) else str(slot), ex=every * 2)
-        await queue.enqueue_orders_reconcile(deps.pool, merchant, slot=slot)
-        started += 1
-    return started
+    """Start the stores' reconciliations that are due (service/orders/schedule.py)."""
+    done = await schedule.start_due(of(ctx).delivery, ledger.now_ms() // 1000)
+    return done.started
 
 
 async def refresh_tokens(ctx: dict[str, Any]) -> int:

@@ -17,7 +17,8 @@ CROSS_STORE = {
         keys.stores_pending,
         keys.stores_unknown,
         keys.stores_attention,
-        keys.stores_authorized,
+        keys.token_expiry,
+        keys.orders_reconcile_due,
         keys.stores_compact,
         keys.grant_log,
     )
@@ -166,7 +167,7 @@ class TestCrossStoreSets:
         for merchant in (M, OTHER):
             listing = keys.stores_pending(keys.index_shard(merchant))
             assert await redis.smembers(listing) == {str(merchant)}  # type: ignore[misc]
-            assert listing.startswith(f"sr:{{x:{keys.index_shard(merchant)}}}:")
+            assert listing.startswith(f"sr:{{x:{keys.index_shard(merchant)}.")
         assert await ledger.stores_with_work(redis) == [M, OTHER]
         assert await ledger.stores_with(redis, "pending") == [M, OTHER]
         claim = await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=60_000, token="t")

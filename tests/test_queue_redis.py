@@ -21,9 +21,10 @@ from redis.asyncio import Redis
 from service import keys, ledger, queue, tokens
 from service.embedded import EmbeddedRedis
 from service.errors import ConfigError
+from service.orders import schedule
 from service.sandbox.app import Sandbox, create_sandbox_app
 from service.settings import load_settings
-from service.worker import schedule_orders_reconcile
+from service.worker_resources import of
 from tests.conftest import (
     ROOT_DIR,
     Service,
@@ -254,33 +255,43 @@ class TestSeparateQueue:
 
     async def test_a_lost_orders_reconciliation_is_queued_again(self, split: Split) -> None:
         redis = split.state
-        async with split.running(orders_reconcile_every_s=3600) as (web, worker):
+        # A ten-day period: the worker's own scheduler and this test's calls fall in one
+        # period (the same run, whichever starts it), unless the store's period turns within
+        # the test's few seconds.
+        every = 10 * 86400
+        async with split.running(orders_reconcile_every_s=every) as (web, worker):
             assert web.post_webhook(authorize(STORE, split.box)).status_code == 200
-            await eventually(
-                lambda: redis.sismember(keys.stores_authorized(keys.index_shard(STORE)), str(STORE))
-            )
-            # This period's run: started once, and finished (its mark is set).
-            await schedule_orders_reconcile(worker.ctx)
+            due = keys.orders_reconcile_due(keys.index_shard(STORE))
+            await eventually(lambda: redis.zscore(due, str(STORE)))
+            deps = of(worker.ctx).delivery  # the worker has started: it processed the event
+            # This period's run: started once (by the worker's own scheduler, or here), and
+            # finished (its mark is set).
+            now = int(time.time())
+            await schedule.start_due(deps, now)
             slot = await redis.get(keys.orders_reconcile_slot(STORE))
             await eventually(lambda: redis.get(keys.orders_reconcile_done(STORE)))
             assert await redis.get(keys.orders_reconcile_done(STORE)) == slot
-            assert await schedule_orders_reconcile(worker.ctx) == 0  # done: not again
+            later = now + schedule.CHECK_AFTER_S
+            assert (await schedule.start_due(deps, later)).started == 0  # done: not again
             # The same period, started but lost with the queue before it finished.
             await redis.delete(keys.orders_reconcile_done(STORE))
+            await redis.zadd(due, {str(STORE): later})
             await split.queue.flushall()
-            assert await schedule_orders_reconcile(worker.ctx) == 1
+            assert (await schedule.start_due(deps, later)).recreated == 1
             await eventually(lambda: redis.get(keys.orders_reconcile_done(STORE)))
             # Lost again: once per period is enough (a run failing for good waits, as before).
             await redis.delete(keys.orders_reconcile_done(STORE))
             await split.queue.flushall()
-            assert await schedule_orders_reconcile(worker.ctx) == 0
+            later += schedule.CHECK_AFTER_S
+            assert (await schedule.start_due(deps, later)).started == 0
             # Started and still queued or running: never twice.
             await redis.set(keys.orders_reconcile_slot(STORE), slot)
+            await redis.zadd(due, {str(STORE): later})
             job_id = queue.orders_reconcile_id(STORE, int(slot))
             await queue.enqueue(
                 worker.pool, queue.ORDERS_RECONCILE, STORE, int(slot), job_id=job_id, defer_s=60
             )
-            assert await schedule_orders_reconcile(worker.ctx) == 0
+            assert (await schedule.start_due(deps, later)).started == 0
 
 
 class TestAppEventsStream:
