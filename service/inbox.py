@@ -33,7 +33,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import StreamIdT
 
-from service import body_codec, keys, metrics
+from service import body_codec, keys, lua, metrics
 from service.ingest import ensure_group  # the stream and its group: made by whoever comes first
 from service.logging import get_logger
 
@@ -47,7 +47,7 @@ _REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 # KEYS[1] the inbox; ARGV[1] the group, ARGV[2] how many unread entries to count at most.
 # Returns {pending, unread, id of the oldest unprocessed entry or ""}. Redis 7 reports the
 # group's lag; on 6.2 the unread entries are counted (bounded: the count is a gauge's input).
-BACKLOG_SCRIPT = """#!lua
+BACKLOG_SCRIPT = lua.Script("""#!lua
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, ''} end
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local f = {}
@@ -71,7 +71,7 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   end
 end
 return {0, redis.call('XLEN', KEYS[1]), ''}
-"""
+""")
 
 #: `backlog` counts unread entries up to this many on Redis 6.2 (Redis 7 knows the number).
 UNREAD_COUNT_LIMIT = 1000
@@ -95,8 +95,8 @@ async def backlog(redis: Redis, shards: int = 1) -> Backlog:
     pending = unread = 0
     age = 0.0
     for stream in keys.webhook_streams(shards):
-        held, new, oldest = await redis.eval(  # type: ignore[misc]
-            BACKLOG_SCRIPT, 1, stream, GROUP, str(UNREAD_COUNT_LIMIT)
+        held, new, oldest = await BACKLOG_SCRIPT.run(
+            redis, [stream], GROUP, str(UNREAD_COUNT_LIMIT)
         )
         pending, unread = pending + int(held), unread + int(new)
         oldest = oldest.decode() if isinstance(oldest, bytes) else str(oldest)

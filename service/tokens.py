@@ -14,7 +14,7 @@ import uuid
 
 from redis.asyncio import Redis
 
-from service import keys
+from service import keys, lua
 from service.errors import SallaAuthError
 from service.salla import SallaClient, TokenSet
 
@@ -78,16 +78,16 @@ async def note_install_time(redis: Redis, merchant: int, at_epoch_s: float | Non
     """Keep the earliest `app.installed` / `app.store.authorize` envelope time: orders created
     before it are left to `orders backfill`, not to reconciliation."""
     if at_epoch_s is not None:
-        await redis.eval(_KEEP_EARLIEST, 1, store_key(merchant), str(int(at_epoch_s)))  # type: ignore[misc]
+        await _KEEP_EARLIEST.run(redis, [store_key(merchant)], str(int(at_epoch_s)))
 
 
-_KEEP_EARLIEST = """#!lua
+_KEEP_EARLIEST = lua.Script("""#!lua
 local have = tonumber(redis.call('HGET', KEYS[1], 'installed_at_s') or '')
 if have == nil or tonumber(ARGV[1]) < have then
   redis.call('HSET', KEYS[1], 'installed_at_s', ARGV[1])
 end
 return 1
-"""
+""")
 
 
 async def installed_at(redis: Redis, merchant: int) -> int | None:
@@ -97,11 +97,11 @@ async def installed_at(redis: Redis, merchant: int) -> int | None:
 
 
 # KEYS[1]: the store's record; ARGV: the new status, now (s).
-_REVOKE = """#!lua
+_REVOKE = lua.Script("""#!lua
 redis.call('HDEL', KEYS[1], 'access_token', 'refresh_token', 'expires_at_s')
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_s', ARGV[2])
 return 1
-"""
+""")
 
 
 async def revoke(redis: Redis, merchant: int, status: str) -> None:
@@ -110,7 +110,7 @@ async def revoke(redis: Redis, merchant: int, status: str) -> None:
     The record changes in one script (its slot); the store leaves the cross-store indexes
     after, so a store with tokens is never unlisted (a crash between leaves one listed without
     tokens, which every reader of them skips)."""
-    await redis.eval(_REVOKE, 1, store_key(merchant), status, str(int(time.time())))  # type: ignore[misc]
+    await _REVOKE.run(redis, [store_key(merchant)], status, str(int(time.time())))
     shard = keys.index_shard(merchant)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zrem(keys.token_expiry(shard), str(merchant))
@@ -118,10 +118,10 @@ async def revoke(redis: Redis, merchant: int, status: str) -> None:
         await pipe.execute()
 
 
-_RELEASE = """#!lua
+_RELEASE = lua.Script("""#!lua
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-"""
+""")
 
 
 async def refresh(
@@ -163,7 +163,7 @@ async def refresh(
         await save(redis, merchant, fresh)
         return fresh
     finally:
-        await redis.eval(_RELEASE, 1, lock_key, owner)  # type: ignore[misc]
+        await _RELEASE.run(redis, [lock_key], owner)
 
 
 async def authorized_stores(redis: Redis) -> list[int]:
@@ -204,13 +204,13 @@ async def expiring(
     return result
 
 
-_LIFECYCLE_GUARD = """#!lua
+_LIFECYCLE_GUARD = lua.Script("""#!lua
 local current = tonumber(redis.call('HGET', KEYS[1], 'lifecycle_at') or '0')
 local incoming = tonumber(ARGV[1])
 if incoming < current then return 0 end
 redis.call('HSET', KEYS[1], 'lifecycle_at', ARGV[1])
 return 1
-"""
+""")
 
 
 async def lifecycle_is_current(redis: Redis, merchant: int, at_epoch_s: float | None) -> bool:
@@ -221,7 +221,5 @@ async def lifecycle_is_current(redis: Redis, merchant: int, at_epoch_s: float | 
     """
     if at_epoch_s is None:
         return True
-    applied: int = await redis.eval(  # type: ignore[misc]
-        _LIFECYCLE_GUARD, 1, store_key(merchant), repr(at_epoch_s)
-    )
+    applied: int = await _LIFECYCLE_GUARD.run(redis, [store_key(merchant)], repr(at_epoch_s))
     return bool(applied)

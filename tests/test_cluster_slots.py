@@ -247,6 +247,8 @@ class TestScripts:
                 continue
             for node in ast.parse(path.read_text()).body:
                 value = node.value if isinstance(node, ast.Assign | ast.AnnAssign) else None
+                if isinstance(value, ast.Call) and getattr(value.func, "attr", "") == "Script":
+                    value = value.args[0]  # lua.Script("""...""")
                 if not isinstance(value, ast.Constant) or not isinstance(value.value, str):
                     continue
                 if "redis.call(" not in value.value:

@@ -114,7 +114,9 @@ def _backlog(client: Redis) -> int:
     from service import inbox
     from service.keys import WEBHOOK_STREAM
 
-    pending, unread, _ = client.eval(inbox.BACKLOG_SCRIPT, 1, WEBHOOK_STREAM, inbox.GROUP, "1000")
+    pending, unread, _ = client.eval(
+        inbox.BACKLOG_SCRIPT.body, 1, WEBHOOK_STREAM, inbox.GROUP, "1000"
+    )
     return int(pending) + int(unread)
 
 
@@ -165,6 +167,7 @@ def assert_balances_right(cluster: Cluster) -> None:
 class TestOrderLives:
     """Whatever order webhooks arrive in, every balance equals what the orders deserve."""
 
+    @pytest.mark.timeout(180)  # ~45 s on a quiet machine: processes, a kill, a recovery
     def test_random_lives_through_two_workers_one_killed(self, store_cluster: Cluster) -> None:
         rng = random.Random(1313)
         store_cluster.start(workers=2)

@@ -33,7 +33,7 @@ from pathlib import Path
 import orjson
 from redis.asyncio import Redis
 
-from service import keys
+from service import keys, lua
 from service.admin.export import export_line
 from service.admin.queries import grant_view
 from service.logging import get_logger
@@ -48,21 +48,21 @@ DAY_MS = 86_400_000
 _SETTLED = frozenset({"sent", "netted"})
 _LOCK_MS = 120_000
 
-_RELEASE = """#!lua
+_RELEASE = lua.Script("""#!lua
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-"""
+""")
 
 # KEYS: the shard's grant log, its archive note, its cursor (one slot); ARGV: the cursor's new
 # value, then the ids the batch is done with. The batch's commit point.
-_DONE = """#!lua
+_DONE = lua.Script("""#!lua
 for i = 2, #ARGV, 1000 do
   redis.call('ZREM', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
 redis.call('DEL', KEYS[2])
 redis.call('SET', KEYS[3], ARGV[1])
 return 1
-"""
+""")
 
 
 def day_file(directory: Path, created_ms: int) -> Path:
@@ -92,7 +92,7 @@ async def archive_due(redis: Redis, directory: Path, now_ms: int, *, batch: int 
             archived += await _archive_batch(redis, shard, directory, cutoff, batch)
         return archived
     finally:
-        await redis.eval(_RELEASE, 1, keys.ARCHIVE_LOCK, token)  # type: ignore[misc]
+        await _RELEASE.run(redis, [keys.ARCHIVE_LOCK], token)
 
 
 async def _finish_interrupted(redis: Redis, shard: int) -> None:
@@ -132,12 +132,9 @@ async def _archive_batch(redis: Redis, shard: int, directory: Path, cutoff: int,
         await redis.set(keys.archive_intent(shard), orjson.dumps(lengths))
         await asyncio.to_thread(_append, files)
     done = [d["id"] for d in settled] + gone
-    await redis.eval(  # type: ignore[misc]
-        _DONE,
-        3,
-        keys.grant_log(shard),
-        keys.archive_intent(shard),
-        keys.archive_cursor(shard),
+    await _DONE.run(
+        redis,
+        [keys.grant_log(shard), keys.archive_intent(shard), keys.archive_cursor(shard)],
         f"({int(found[-1][1])}" if len(found) == batch else "-inf",
         *done,
     )

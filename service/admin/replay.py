@@ -13,7 +13,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from service import body_codec, keys
+from service import body_codec, keys, lua
 from service.errors import WebhookError
 from service.processing import ProcessingDeps, replay_event
 
@@ -82,7 +82,7 @@ async def _stored_in(
 
 # KEYS[1] stream; ARGV: min id, max id (exclusive form allowed), merchant ("" = any), count.
 # Returns {entries counted, last id seen} so the caller pages without moving bodies over the wire.
-_COUNT_WEBHOOKS = """#!lua flags=no-writes
+_COUNT_WEBHOOKS = lua.Script("""#!lua flags=no-writes
 local entries = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', tonumber(ARGV[4]))
 local n = 0
 for _, entry in ipairs(entries) do
@@ -101,7 +101,7 @@ end
 local last = ''
 if #entries > 0 then last = entries[#entries][1] end
 return {n, last}
-"""
+""")
 
 
 async def count_webhooks(
@@ -119,10 +119,9 @@ async def _count_in(
 ) -> int:
     cursor, total = str(start_ms), 0
     while True:
-        counted, last = await redis.eval(  # type: ignore[misc]
-            _COUNT_WEBHOOKS,
-            1,
-            stream,
+        counted, last = await _COUNT_WEBHOOKS.run(
+            redis,
+            [stream],
             cursor,
             f"({end_ms}",
             "" if merchant is None else str(merchant),

@@ -21,13 +21,13 @@ import time
 
 from redis.asyncio import Redis
 
-from service import keys
+from service import keys, lua
 
 # KEYS: one bucket hash per bucket; ARGV: now_ms, then per bucket: capacity, window_ms.
 # A bucket's own `capacity` field (from Salla's headers) wins over the configured one.
 # Returns 0 when a request may go now (one is taken from every bucket), else the milliseconds
 # to wait (nothing is taken).
-_TAKE = """#!lua
+_TAKE = lua.Script("""#!lua
 local now = tonumber(ARGV[1])
 local wait, levels = 0, {}
 for i = 1, #KEYS do
@@ -51,11 +51,11 @@ for i = 1, #KEYS do
   redis.call('PEXPIRE', KEYS[i], levels[i][2])
 end
 return 0
-"""
+""")
 
 # KEYS[1]; ARGV: now_ms, capacity, window_ms, remaining (-1 unknown), reset_ms (0 unknown),
 # retry_after_ms (0 none), limit (0: keep the capacity as it is)
-_OBSERVE = """#!lua
+_OBSERVE = lua.Script("""#!lua
 local now = tonumber(ARGV[1])
 local limit = tonumber(ARGV[7])
 if limit > 0 then redis.call('HSET', KEYS[1], 'capacity', ARGV[7]) end
@@ -76,7 +76,7 @@ redis.call('HSET', KEYS[1], 'level', tostring(level), 'updated', tostring(now),
            'blocked_until', tostring(blocked))
 redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / leak) + 60000)
 return blocked
-"""
+""")
 
 
 class RateLimiter:
@@ -109,9 +109,7 @@ class RateLimiter:
         args: list[str] = [str(int(time.time() * 1000))]
         for bucket in buckets:
             args += [str(bucket.capacity), repr(bucket.window_ms)]
-        wait_ms: int = await self.redis.eval(  # type: ignore[misc]
-            _TAKE, len(buckets), *(b.key(merchant) for b in buckets), *args
-        )
+        wait_ms: int = await _TAKE.run(self.redis, [b.key(merchant) for b in buckets], *args)
         return wait_ms / 1000
 
     async def observe(
@@ -125,10 +123,9 @@ class RateLimiter:
     ) -> None:
         """Correct the bucket from what Salla answered (`limit`: its `X-RateLimit-Limit`,
         which resizes a bucket made with `resize=True`)."""
-        await self.redis.eval(  # type: ignore[misc]
-            _OBSERVE,
-            1,
-            self.key(merchant),
+        await _OBSERVE.run(
+            self.redis,
+            [self.key(merchant)],
             str(int(time.time() * 1000)),
             str(self.capacity),
             repr(self.window_ms),

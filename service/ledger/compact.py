@@ -34,7 +34,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from service import autopipe, keys, process_state
+from service import autopipe, keys, lua, process_state
 from service.ledger import packed
 from service.ledger.commit import Writes, commit
 from service.ledger.facts import OrderFacts
@@ -59,14 +59,14 @@ _SETTLED = frozenset({"sent", "netted"})
 
 # KEYS: the compacted entry, the full entry, the tombstone set. Retires the order only if it is
 # still compacted (a later event writes it in full again and queues it to be compacted anew).
-_RETIRE = """#!lua
+_RETIRE = lua.Script("""#!lua
 if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('DEL', KEYS[1])
   redis.call('SADD', KEYS[3], ARGV[1])
   return 1
 end
 return 0
-"""
+""")
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,12 +244,13 @@ async def retire_due(redis: Redis, merchant: int, now_ms: int, retention_days: i
         for member in await redis.smembers(bucket):  # type: ignore[misc]
             order_id = int(member)
             retired += int(
-                await redis.eval(  # type: ignore[misc]
-                    _RETIRE,
-                    3,
-                    keys.compacted(merchant, order_id),
-                    keys.entry(merchant, f"order:{order_id}"),
-                    keys.tombstones(merchant, order_id),
+                await _RETIRE.run(
+                    redis,
+                    [
+                        keys.compacted(merchant, order_id),
+                        keys.entry(merchant, f"order:{order_id}"),
+                        keys.tombstones(merchant, order_id),
+                    ],
                     str(order_id),
                 )
             )

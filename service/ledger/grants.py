@@ -11,7 +11,7 @@ from typing import Literal
 
 from redis.asyncio import Redis
 
-from service import autopipe, keys
+from service import autopipe, keys, lua
 from service.ledger.commit import Writes, queue_commit
 from service.ledger.records import SETTLED_GRANT_TTL_S, Grant, now_ms
 from service.ledger.views import load
@@ -25,7 +25,7 @@ from service.ledger.views import load
 # token, "1" to divert held grants, when to ask again about a diverted one (ms).
 # Held grants (a return window ended) go to `verifying` instead: their order is confirmed with
 # Salla before they may be sent. Returns {claimed ids, orders of the diverted grants}.
-_CLAIM = """#!lua
+_CLAIM = lua.Script("""#!lua
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 local claimed, orders = {}, {}
 for _, id in ipairs(ids) do
@@ -43,7 +43,7 @@ for _, id in ipairs(ids) do
   end
 end
 return {claimed, orders}
-"""
+""")
 
 #: A held grant whose confirmation has not come back after this long is asked about again.
 VERIFY_RETRY_MS = 60_000
@@ -73,12 +73,13 @@ async def claim_due(
     now = now_ms()
     # duplicates: every script call names its store's keys like this (sweep.py too); one helper
     # would hide which keys each script may touch.
-    ids, orders = await redis.eval(  # type: ignore[misc]
-        _CLAIM,
-        3,
-        keys.grant_set("pending", merchant),
-        keys.grant_set("claimed", merchant),
-        keys.grant_set("verifying", merchant),
+    ids, orders = await _CLAIM.run(
+        redis,
+        [
+            keys.grant_set("pending", merchant),
+            keys.grant_set("claimed", merchant),
+            keys.grant_set("verifying", merchant),
+        ],
         str(now),
         str(limit),
         str(now + claim_timeout_ms),
@@ -92,7 +93,7 @@ async def claim_due(
 
 
 # KEYS: verifying, pending; ARGV: order id, now, grant key prefix.
-_RELEASE_VERIFIED = """#!lua
+_RELEASE_VERIFIED = lua.Script("""#!lua
 local released = 0
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   local key = ARGV[3] .. id
@@ -109,18 +110,16 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   end
 end
 return released
-"""
+""")
 
 
 async def release_verified(redis: Redis, merchant: int, order_id: int) -> int:
     """The order was confirmed (and what it no longer deserves netted): its held grants that
     are still waiting go to pending, due now. Returns how many."""
     await note_pending_work(redis, merchant)
-    released: int = await redis.eval(  # type: ignore[misc]
-        _RELEASE_VERIFIED,
-        2,
-        keys.grant_set("verifying", merchant),
-        keys.grant_set("pending", merchant),
+    released: int = await _RELEASE_VERIFIED.run(
+        redis,
+        [keys.grant_set("verifying", merchant), keys.grant_set("pending", merchant)],
         str(order_id),
         str(now_ms()),
         keys.grant_prefix(merchant),
@@ -159,7 +158,7 @@ async def extend_claims(
 
 # KEYS[1] claimed zset, KEYS[2..]: the grants' hashes; ARGV: claim token, batch id, deadline
 # ms, the grants' ids (ARGV[4..], in KEYS[2..]'s order).
-_MARK_SENDING = """#!lua
+_MARK_SENDING = lua.Script("""#!lua
 local owned = {}
 for i = 2, #KEYS do
   local key, id = KEYS[i], ARGV[i + 2]
@@ -172,7 +171,7 @@ for i = 2, #KEYS do
   end
 end
 return owned
-"""
+""")
 
 
 async def mark_sending(
@@ -190,11 +189,9 @@ async def mark_sending(
     have lost some to another worker); the call must go to exactly the returned grants. Their
     claim deadline moves past the call's timeout, so the sweeper leaves a live call alone.
     """
-    owned: list[str] = await redis.eval(  # type: ignore[misc]
-        _MARK_SENDING,
-        1 + len(grants),
-        keys.grant_set("claimed", merchant),
-        *(keys.grant(g.id) for g in grants),
+    owned: list[str] = await _MARK_SENDING.run(
+        redis,
+        [keys.grant_set("claimed", merchant), *(keys.grant(g.id) for g in grants)],
         token,
         batch,
         str(now_ms() + call_timeout_ms),
@@ -306,7 +303,7 @@ async def park(redis: Redis, merchant: int, grants: Sequence[Grant], error: str)
 
 
 # KEYS: parked, pending; ARGV: now, grant key prefix (see the note at the top).
-_UNPARK = """#!lua
+_UNPARK = lua.Script("""#!lua
 local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
 for _, id in ipairs(ids) do
   redis.call('ZADD', KEYS[2], ARGV[1], id)
@@ -314,17 +311,15 @@ for _, id in ipairs(ids) do
 end
 redis.call('DEL', KEYS[1])
 return #ids
-"""
+""")
 
 
 async def unpark(redis: Redis, merchant: int) -> int:
     """Move every parked grant of `merchant` back to pending, due now."""
     await note_pending_work(redis, merchant)
-    count: int = await redis.eval(  # type: ignore[misc]
-        _UNPARK,
-        2,
-        keys.grant_set("parked", merchant),
-        keys.grant_set("pending", merchant),
+    count: int = await _UNPARK.run(
+        redis,
+        [keys.grant_set("parked", merchant), keys.grant_set("pending", merchant)],
         str(now_ms()),
         keys.grant_prefix(merchant),
     )

@@ -161,7 +161,7 @@ class Cluster:
 def inbox_backlog(client: Any, shards: int) -> int:
     total = 0
     for stream in keys.webhook_streams(shards):
-        pending, unread, _ = client.eval(inbox.BACKLOG_SCRIPT, 1, stream, inbox.GROUP, "1000")
+        pending, unread, _ = client.eval(inbox.BACKLOG_SCRIPT.body, 1, stream, inbox.GROUP, "1000")
         total += int(pending) + int(unread)
     return total
 
