@@ -44,7 +44,7 @@ from redis.asyncio import Connection, Redis
 from redis.crc import key_slot
 from redis.exceptions import NoPermissionError, ResponseError
 
-from service import keys, ledger, lifecycle, queue, tokens
+from service import keys, ledger, lifecycle, lua, queue, tokens
 from service.admin import archive, export
 from service.delivery.ratelimit import RateLimiter
 from service.embedded import EmbeddedRedis
@@ -261,6 +261,21 @@ class TestScripts:
         assert len(found) >= 15, found
         assert missing == []
         assert set(NOT_YET_SHEBANG) <= set(found), "an exception names a script that is gone"
+
+    async def test_a_script_goes_by_its_sha_and_again_to_a_server_that_forgot_it(
+        self, redis: Redis
+    ) -> None:
+        script = lua.Script("#!lua\nreturn redis.call('INCR', KEYS[1])")
+        stats = await redis.info("commandstats")
+        before = int(stats.get("cmdstat_eval", {}).get("calls", 0))
+        assert await script.run(redis, ["n"]) == 1  # the server lacks it: the body, once
+        assert await script.run(redis, ["n"]) == 2
+        await redis.script_flush()  # a restart, or a replica promoted
+        assert await script.run(redis, ["n"]) == 3
+        stats = await redis.info("commandstats")
+        assert int(stats["cmdstat_eval"]["calls"]) - before == 2
+        with pytest.raises(ValueError, match="#!lua"):
+            lua.Script("return 1")
 
 
 class TestLedgerOnOneSlotPerCommand:
