@@ -10,6 +10,7 @@ the web's side of ingest only: nothing here reads a stream or processes an event
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -209,7 +210,9 @@ class EventWriter:
             try:
                 async with shard.connecting:
                     if shard.conn is None or shard.accept is None:
-                        shard.conn = await state_store.held_connection(self.pool, shard.stream)
+                        shard.conn = await state_store.held_connection(
+                            self.pool, shard.stream, wait_s=self._wait_ms / 1000
+                        )
                         shard.accept = shard.conn.register_script(ACCEPT_WEBHOOKS)  # EVALSHA
                     conn, accept = shard.conn, shard.accept
                 results: list[Any] = await accept(keys=names, args=args)
@@ -218,11 +221,17 @@ class EventWriter:
             except (RedisConnectionError, ResponseError) as exc:
                 if isinstance(exc, ResponseError) and not state_store.moved(exc):
                     raise
+                # The server is gone, restarted, or no longer holds the slot (a failover):
+                # connect again, to wherever the cluster now says the slot is. Also after the
+                # second failure, so the next call looks again (a replica is promoted seconds
+                # after its master died; until then the slot's webhooks answer 503).
+                async with shard.connecting:
+                    if shard.conn is conn:
+                        await self._drop(shard)
+                with contextlib.suppress(RedisError):
+                    await state_store.refresh(self.pool)
                 if attempt == 2:
                     raise
-                if state_store.moved(exc):  # a failover moved the slot: ask where it is
-                    await self._drop(shard)
-                    await state_store.refresh(self.pool)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _drop(self, shard: _Shard) -> None:

@@ -41,7 +41,7 @@ def is_cluster(client: Redis) -> bool:
     return isinstance(client, RedisCluster)
 
 
-async def held_connection(client: Redis, key: str) -> Redis:
+async def held_connection(client: Redis, key: str, *, wait_s: float) -> Redis:
     """A client on one connection of its own, to the server that holds `key` (the cluster's
     master of its slot, or the one Redis), that never sends a command again by itself.
 
@@ -50,7 +50,12 @@ async def held_connection(client: Redis, key: str) -> Redis:
     connection after a timeout (redis-py does when a URL says `retry_on_timeout`), or routed
     by a cluster client to any connection of the node, they would confirm at once what was
     never confirmed. A failed command fails its call; the next call connects again (after a
-    failover, call this again: `refresh` first learns the cluster's new masters)."""
+    failover, call this again: `refresh` first learns the cluster's new masters).
+
+    `wait_s`: the longest the server may take to answer (its `WAITAOF` or `WAIT` timeout); a
+    socket timeout a few seconds past it (unless the URL sets one) ends a call to a server
+    whose machine vanished without closing the connection, instead of waiting for TCP to give
+    up after minutes."""
     if isinstance(client, RedisCluster):
         await client.initialize()
         node = client.get_node_from_key(key)
@@ -63,8 +68,15 @@ async def held_connection(client: Redis, key: str) -> Redis:
         connection_class = client.connection_pool.connection_class
     options = {**source, "retry": Retry(NoBackoff(), 0), "retry_on_timeout": False}
     options["retry_on_error"] = []
+    if options.get("socket_timeout") is None:
+        options["socket_timeout"] = wait_s + HELD_TIMEOUT_MARGIN_S
     one = ConnectionPool(connection_class=connection_class, max_connections=1, **options)
     return Redis(connection_pool=one, single_connection_client=True)
+
+
+#: How much longer than its server-side wait a held connection's call may take (a busy server,
+#: a network round trip) before its socket gives up.
+HELD_TIMEOUT_MARGIN_S = 5.0
 
 
 async def refresh(client: Redis) -> None:
@@ -114,14 +126,20 @@ class ReplicaWait:
             return
         for attempt in (1, 2):
             conn = await self._connection(mark)
+            node = self._node(mark)
             try:
                 await conn.set(mark, "1", px=60_000)
                 acked = int(await conn.wait(1, self._wait_ms))
             except (RedisConnectionError, ResponseError) as exc:
                 await self._forget(mark)
-                if attempt == 2 or (isinstance(exc, ResponseError) and not moved(exc)):
+                if isinstance(exc, ResponseError) and not moved(exc):
                     raise
                 await refresh(self.client)
+                # Once more only on the same master (a connection gone stale while idle): on
+                # a new one the mark would confirm the new master's copy, which may lack the
+                # transition the old one held (a failover): the caller stops instead.
+                if attempt == 2 or self._node(mark) != node:
+                    raise NotReplicated(f"the slot's master changed or failed: {exc}") from exc
                 continue
             if acked < 1:
                 raise NotReplicated(f"no replica confirmed the write within {self._wait_ms} ms")
@@ -132,7 +150,9 @@ class ReplicaWait:
         node = self._node(mark)
         conn = self._held.get(node)
         if conn is None:
-            conn = self._held[node] = await held_connection(self.client, mark)
+            conn = self._held[node] = await held_connection(
+                self.client, mark, wait_s=self._wait_ms / 1000
+            )
         return conn
 
     def _node(self, mark: str) -> str:

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 from redis.asyncio import RedisCluster
+from redis.exceptions import RedisError
 
-from service import keys, preflight, state_store
+from service import ingest, keys, preflight, state_store
 from service.app import create_app
 from service.embedded import EmbeddedRedis
 from service.errors import ConfigError
@@ -174,6 +175,67 @@ class TestFaultsOnACluster:
         earned = run_orders(group, rng, 16, chaos)
         assert_books_balance(group, settled(group), earned)
         assert store.counters.get("dropped_after_apply") == 1
+
+
+class TestInboxFailover:
+    """The web's inbox writer holds a connection to its shard's master; that master killed,
+    the writer finds the promoted replica (it kept asking the dead node before)."""
+
+    async def test_the_writer_follows_the_slot_to_the_promoted_replica(
+        self, tmp_path: Path
+    ) -> None:
+        # Two replicas a master: the promoted one has a replica left to confirm writes to.
+        with ValkeyCluster(tmp_path / "cluster", replicas_per_master=2) as own:
+            client = state_store.bytes_client(own.seed_url, cluster=True)
+            writer = ingest.EventWriter(
+                client, seen_ttl_s=600, retention_days=7, durability="replica",
+                durability_timeout_s=2.0,
+            )  # fmt: skip
+
+            async def accept(delivery: str) -> Any:
+                return await writer.accept(
+                    merchant=MERCHANT, event="order.created", delivery=delivery,
+                    body=b'{"event": "order.created"}', trace_id="t",
+                )  # fmt: skip
+
+            # A store whose keys are on the same master: its grant transitions' replica wait.
+            home = own.master_of(keys.WEBHOOK_STREAM).port
+            store = next(m for m in range(1, 10_000) if own.master_of(keys.store(m)).port == home)
+            mark = keys.replica_mark(store)
+            replicated = state_store.ReplicaWait(client, timeout_s=2.0)
+            try:
+                assert await accept("before") is True
+                await replicated(mark)
+                killed = own.kill_master_of(keys.WEBHOOK_STREAM)
+                promoted = own.wait_for_failover()
+                assert promoted.port != killed.port
+                # Its master changed: what the old one confirmed is not known to be on the new
+                # one's replicas, so the flush that asked stops (its grants are recovered).
+                with pytest.raises(state_store.NotReplicated, match="master changed"):
+                    await replicated(mark)
+                await eventually(lambda: _confirms(replicated, mark), timeout_s=20, interval_s=0.5)
+
+                async def accepted_after_failover() -> bool:
+                    try:
+                        return bool(await accept("after"))
+                    except RedisError:
+                        return False  # a 503: Salla sends it again
+
+                assert await eventually(accepted_after_failover, timeout_s=20, interval_s=0.5)
+                assert await accept("before") is False, "acknowledged before: kept, a duplicate"
+                assert await client.xlen(keys.WEBHOOK_STREAM) == 2
+            finally:
+                await replicated.aclose()
+                await writer.aclose()
+                await client.aclose()
+
+
+async def _confirms(replicated: state_store.ReplicaWait, mark: str) -> bool:
+    try:
+        await replicated(mark)
+    except RedisError:
+        return False
+    return True
 
 
 @pytest.mark.chaos
