@@ -116,6 +116,12 @@ async def unknown_since(redis: Redis, merchant: int, before_ms: int) -> list[Gra
     return await load(redis, ids)
 
 
+async def unknown_due(redis: Redis, merchant: int, before_ms: int) -> int:
+    """How many unknown-outcome grants have waited since before `before_ms` (the sweep's
+    question: whether to queue the store's reconciliation; `unknown_since` loads them)."""
+    return int(await redis.zcount(keys.grant_set("unknown", merchant), "-inf", before_ms))
+
+
 async def stores_with_unknown(redis: Redis) -> list[int]:
     return await listed_stores(redis, keys.stores_unknown)
 
