@@ -118,7 +118,7 @@ class Settings(BaseSettings):
     #: Stores the sweep (every 5 s) visits at most in one cycle; with more stores listed it
     #: visits them in rotation, each once every ceil(stores / this) cycles (docs/operations.md,
     #: "The sweep"). Each visit is a few round trips to Redis.
-    sweep_stores_per_cycle: int = Field(default=2000, ge=1, le=1_000_000)
+    sweep_stores_per_cycle: int = Field(default=1000, ge=1, le=1_000_000)
     #: Lifetime of a worker's job before arq cancels it.
     job_timeout_s: float = Field(default=120.0, gt=0)
     #: Webhooks a worker reads from the inbox at once (and processes concurrently).

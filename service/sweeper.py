@@ -26,6 +26,7 @@ step is idempotent.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -39,6 +40,11 @@ from service.delivery.deps import Deps
 from service.logging import get_logger
 
 log = get_logger("service.worker")
+
+#: Stores visited at once: each visit is a few round trips, one after the other; visits of
+#: different stores overlap (each on a connection of the pool), so a cycle's time is not the
+#: sum of its round trips' latencies.
+AT_ONCE = 32
 
 
 @dataclass(frozen=True)
@@ -224,15 +230,13 @@ async def visit_stores(deps: Deps) -> Report:
     so_far = cursor.so_far
     for segment in segments:
         totals = Gauges() if segment.starts else so_far
-        for merchant in segment.stores:
-            report.stores += 1
-            if merchant in listing.with_work:
-                totals += await _visit_store_with_work(deps, merchant, report)
-            if merchant in listing.with_unknown and await ledger.unknown_due(
-                redis, merchant, settle_ms
-            ):
-                await queue.enqueue_reconcile(deps.pool, merchant)
-                report.reconciles += 1
+        for start in range(0, len(segment.stores), AT_ONCE):
+            visits = [
+                _visit_store(deps, merchant, listing, settle_ms, report)
+                for merchant in segment.stores[start : start + AT_ONCE]
+            ]
+            for gauges in await asyncio.gather(*visits):
+                totals += gauges
         if segment.ends:
             counted[segment.shard] = totals
         so_far = totals if not segment.ends else Gauges()
@@ -242,6 +246,21 @@ async def visit_stores(deps: Deps) -> Report:
     for kind in ("failed", "review", "parked"):
         metrics.ATTENTION.labels(kind).set(getattr(total, kind))
     return report
+
+
+async def _visit_store(
+    deps: Deps, merchant: int, listing: Listing, settle_ms: int, report: Report
+) -> Gauges:
+    report.stores += 1
+    gauges = Gauges()
+    if merchant in listing.with_work:
+        gauges = await _visit_store_with_work(deps, merchant, report)
+    if merchant in listing.with_unknown and await ledger.unknown_due(
+        deps.redis, merchant, settle_ms
+    ):
+        await queue.enqueue_reconcile(deps.pool, merchant)
+        report.reconciles += 1
+    return gauges
 
 
 async def _visit_store_with_work(deps: Deps, merchant: int, report: Report) -> Gauges:

@@ -165,7 +165,7 @@ class TestDefaultBudget:
         for merchant in stores:
             await due_grant(redis, merchant)
         deps = make_deps()
-        assert deps.settings.sweep_stores_per_cycle == 2000
+        assert deps.settings.sweep_stores_per_cycle == 1000
         for _ in range(2):  # the second from where the first stopped: the same, all of them
             await redis.delete("arq:queue")
             report = await sweeper.visit_stores(deps)
