@@ -67,7 +67,7 @@ class Gauges:
         )
 
     def fields(self) -> dict[str, str]:
-        return {f.name: repr(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: repr(float(getattr(self, f.name))) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_fields(cls, raw: Mapping[str, str]) -> Gauges:
