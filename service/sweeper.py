@@ -235,7 +235,11 @@ async def visit_stores(deps: Deps) -> Report:
                 _visit_store(deps, merchant, listing, settle_ms, report)
                 for merchant in segment.stores[start : start + AT_ONCE]
             ]
-            for gauges in await asyncio.gather(*visits):
+            # Every visit ends before the cycle goes on or fails (none is left running), and a
+            # failure is raised as itself (Redis went away: the cron fails, the cursor stays).
+            for gauges in await asyncio.gather(*visits, return_exceptions=True):
+                if isinstance(gauges, BaseException):
+                    raise gauges
                 totals += gauges
         if segment.ends:
             counted[segment.shard] = totals
