@@ -19,7 +19,9 @@ Timing lives here, never in pass/fail tests. Current figures:
 * delivery (benchmarks/delivery.py): calls against the lower bound, throughput under a backlog,
   webhook-to-credited latency, fairness between stores;
 * orders (benchmarks/orders.py): orders taken to Salla's orders API per 1,000 orders (clean and
-  tangled traffic), reconciliation's list and details calls against their targets.
+  tangled traffic), reconciliation's list and details calls against their targets;
+* sweep (benchmarks/sweep.py): Redis commands and seconds of one sweep cycle at 5,000 listed
+  stores, with `SWEEP_STORES_PER_CYCLE` at its default and unbounded.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from benchmarks.delivery import bench_delivery
 from benchmarks.ingest import bench_ingest, bench_ingest_durability
 from benchmarks.orders import bench_orders
 from benchmarks.quotes import refresh_docs
+from benchmarks.sweep import bench_sweep
 from benchmarks.worker import bench_worker
 from service import keys, ledger
 from service.embedded import EmbeddedRedis
@@ -161,6 +164,7 @@ async def main() -> None:
         results["worker"] = await bench_worker(redis.url)
         results["delivery"] = await bench_delivery(redis.url)
         results["orders"] = await bench_orders(redis.url)
+        results["sweep"] = await bench_sweep(redis.url)
     out = ROOT / "var" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"

@@ -69,7 +69,8 @@ Cross-store keys are few, and kept per index shard: `INDEX_SHARDS` (16) copies o
 `{x:<n>.<k>}` (`index_tag`; written `{x:n}` below), a store's in shard n = `index_shard(merchant)`
 (its id mod 16), so a Redis Cluster spreads them evenly over its masters and no key holds every
 store. Writers touch their store's shard;
-readers (the sweep, admin views, export, the archiver, compaction, gauges) visit every shard.
+readers (admin views, export, the archiver, compaction, gauges) visit every shard, the sweep
+a few shards a cycle, in rotation (`SWEEP_STORES_PER_CYCLE`).
 They are never written inside a script that works on one store's keys (another slot): the
 ledger adds a store to a set in a separate command, before the script.
 
@@ -90,6 +91,13 @@ ledger adds a store to a set in a separate command, before the script.
                                             shard's log
     sr:archive-lock                   str   one archiver at a time (the shards share the day
                                             files); a single key, never with another
+    sr:{x:n}:gauges                   hash  the shard's stores' grant gauges (pending, oldest
+                                            due age, failed, review, parked) as the sweep last
+                                            counted them, and when (service/sweeper.py)
+    sr:sweep-cursor                   hash  where the sweep's rotation over the shards stands:
+                                            the shard, the last store visited in it, and the
+                                            shard's gauges so far; a single key, never with
+                                            another
 
 So every command the service sends the state store names keys of one slot: each script gets
 every key it touches in KEYS (a script finding keys as it runs, the grants of the ids it
@@ -188,6 +196,15 @@ def archive_intent(shard: int) -> str:
 
 def archive_cursor(shard: int) -> str:
     return f"{PREFIX}{index_tag(shard)}:archive-cursor"
+
+
+def sweep_gauges(shard: int) -> str:
+    return f"{PREFIX}{index_tag(shard)}:gauges"
+
+
+#: Where the sweep's rotation stands (service/sweeper.py): one for every shard, since a cycle
+#: goes from shard to shard (a single key, read and written on its own).
+SWEEP_CURSOR = f"{PREFIX}sweep-cursor"
 
 
 #: Tombstone sets per store: an order's is chosen by its id. 128 sets hold 65,536 retired

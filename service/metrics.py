@@ -69,18 +69,20 @@ RATE_LIMIT_WAITS = Counter(
 # figures are the admin commands' (`grants pending|failed|... --merchant M`).
 PENDING = Gauge(
     "salla_rewards_pending_grants",
-    "Grants waiting to be sent, in every store with work (at the last sweep).",
+    "Grants waiting to be sent, in every store with work (as the sweep last counted each "
+    "index shard).",
     registry=REGISTRY,
 )
 OLDEST_PENDING = Gauge(
     "salla_rewards_oldest_pending_grant_age_seconds",
-    "Age of the oldest due grant not yet sent, in any store (at the last sweep).",
+    "Age of the oldest due grant not yet sent, in any store (as the sweep last counted each "
+    "index shard).",
     registry=REGISTRY,
 )
 ATTENTION = Gauge(
     "salla_rewards_grants_needing_attention",
     "Grants that will not go out by themselves, by kind (failed, review, parked), in every "
-    "store with work (at the last sweep).",
+    "store with work (as the sweep last counted each index shard).",
     ["kind"],
     registry=REGISTRY,
 )

@@ -115,6 +115,10 @@ class Settings(BaseSettings):
     retry_cap_s: float = Field(default=300.0, gt=0)
     #: A claimed grant whose worker has not finished after this long is returned to pending.
     claim_timeout_s: float = Field(default=60.0, gt=0)
+    #: Stores the sweep (every 5 s) visits at most in one cycle; with more stores listed it
+    #: visits them in rotation, each once every ceil(stores / this) cycles (docs/operations.md,
+    #: "The sweep"). Each visit is a few round trips to Redis.
+    sweep_stores_per_cycle: int = Field(default=1000, ge=1, le=1_000_000)
     #: Lifetime of a worker's job before arq cancels it.
     job_timeout_s: float = Field(default=120.0, gt=0)
     #: Webhooks a worker reads from the inbox at once (and processes concurrently).

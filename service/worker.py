@@ -21,8 +21,7 @@ from prometheus_client import start_http_server
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import arq_log, inbox, keys, ledger, metrics, queue
-from service.admin import archive
+from service import arq_log, keys, ledger, metrics, queue, sweeper
 from service.delivery.flush import flush
 from service.delivery.reconcile import reconcile
 from service.delivery.refresh import refresh_expiring_tokens
@@ -81,62 +80,9 @@ async def refresh_tokens(ctx: dict[str, Any]) -> int:
 
 
 async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
-    """Recover dead workers' claims, start due flushes, and reconcile unknown outcomes."""
-    deps = of(ctx).delivery
-    for merchant in await ledger.stores_with_unknown(deps.redis):
-        settle = ledger.now_ms() - int(deps.settings.reconcile_after_s * 1000)
-        if await ledger.unknown_since(deps.redis, merchant, settle):
-            await queue.enqueue_reconcile(deps.pool, merchant)
-    waiting = await inbox.backlog(deps.redis, deps.settings.inbox_shards)
-    metrics.INBOX_BACKLOG.labels("pending").set(waiting.pending)
-    metrics.INBOX_BACKLOG.labels("unread").set(waiting.unread)
-    metrics.INBOX_OLDEST.set(waiting.oldest_age_s)
-    for stream in (*keys.webhook_streams(deps.settings.inbox_shards), keys.APP_EVENTS_STREAM):
-        await inbox.forget_idle_consumers(deps.redis, stream=stream)
-    if deps.settings.grant_archive_dir is not None:  # before the log forgets them
-        await archive.archive_due(deps.redis, deps.settings.grant_archive_dir, ledger.now_ms())
-    await ledger.trim_grant_log(deps.redis)
-    compacted = await ledger.compact_due_stores(
-        deps.redis, ledger.now_ms(), deps.settings.ledger_retention_days
-    )
-    if compacted.compacted or compacted.retired:
-        log.info(
-            "ledger_compacted",
-            stores=compacted.stores,
-            orders=compacted.compacted,
-            retired=compacted.retired,
-            kept_full=compacted.kept_full,
-        )
-    returned = unknown = flushed = 0
-    totals = dict.fromkeys(("pending", "failed", "review", "parked"), 0.0)
-    oldest = 0.0
-    for merchant in await ledger.stores_with_work(deps.redis):
-        for order_id in await ledger.verifying_overdue(deps.redis, merchant):
-            await queue.enqueue_order_truth(deps.pool, merchant, order_id)
-        back, lost = await ledger.sweep_claims(deps.redis, merchant)
-        returned += back
-        unknown += lost
-        if lost:
-            log.error("claims_recovered_unknown", merchant=merchant, grants=lost)
-        gauges = await ledger.store_gauges(deps.redis, merchant)
-        for name in totals:
-            totals[name] += gauges[name]
-        oldest = max(oldest, gauges["oldest_age_s"])
-        if await ledger.due_count(deps.redis, merchant):
-            # `recreate`: the job this process queued for this window may have been lost with
-            # the queue's master; arq refuses the id if it still has it.
-            window_s = deps.settings.batch_window_s
-            await queue.enqueue_flush(deps.pool, merchant, window_s, recreate=True)
-            flushed += 1
-        else:
-            await ledger.forget_store_if_idle(deps.redis, merchant)
-    metrics.PENDING.set(totals["pending"])
-    metrics.OLDEST_PENDING.set(oldest)
-    for kind in ("failed", "review", "parked"):
-        metrics.ATTENTION.labels(kind).set(totals[kind])
-    if returned or unknown:
-        log.info("sweep", returned=returned, unknown=unknown, flushes=flushed)
-    return {"returned": returned, "unknown": unknown, "flushes": flushed}
+    """Recover dead workers' claims, start due flushes, reconcile unknown outcomes, a bounded
+    share of the stores a cycle (service/sweeper.py)."""
+    return (await sweeper.run(of(ctx).delivery)).as_dict()
 
 
 def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:

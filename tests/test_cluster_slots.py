@@ -39,19 +39,21 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
 import pytest
 from redis.asyncio import Connection, Redis
 from redis.crc import key_slot
 from redis.exceptions import NoPermissionError, ResponseError
 
-from service import keys, ledger, lifecycle, lua, queue, tokens
+from service import keys, ledger, lifecycle, lua, queue, sweeper, tokens
 from service.admin import archive, export
+from service.delivery.deps import Deps
 from service.delivery.ratelimit import RateLimiter
 from service.embedded import EmbeddedRedis
 from service.ledger import compact
 from service.processing import ProcessingDeps, apply_rules
 from service.rules import parse_rules_text
-from service.salla import TokenSet
+from service.salla import SallaClient, TokenSet
 from service.webhooks import event_time, parse_envelope
 from tests.conftest import make_settings
 from tests.support.order_bodies import order_body
@@ -342,6 +344,32 @@ class TestLedgerOnOneSlotPerCommand:
         assert gauges["pending"] == 1
         loaded = [a[1] for a in Recording.sent if str(a[0]).upper() == "SCRIPT LOAD"]
         assert len(loaded) == 1, "the commit's script, loaded once and checked at teardown"
+
+    async def test_the_sweeps_rotation_cursor_and_gauges(
+        self, stores: tuple[Store, Store], state: Redis
+    ) -> None:
+        """The sweep's cycle (service/sweeper.py): its cursor is one key on its own, each
+        shard's gauges one key of the shard's slot; one store a cycle reaches both."""
+        store, other = stores
+        await store.complete(1, 154, T0)
+        await other.complete(1, 99, T0)
+        pool = store.deps.pool
+        await pool.delete("arq:queue")  # the flushes processing queued: the sweep's to remake
+
+        async def flushes() -> set[int]:
+            jobs = [j.decode() for j in await pool.zrange("arq:queue", 0, -1)]
+            return {int(j.split(":")[1]) for j in jobs if j.startswith("flush:")}
+
+        async with httpx.AsyncClient() as http:
+            settings = make_settings(sweep_stores_per_cycle=1)
+            deps = Deps(settings, state, pool, SallaClient(http, settings.salla_api_base))
+            assert (await sweeper.visit_stores(deps)).stores == 1
+            assert await flushes() == {M}
+            assert (await sweeper.visit_stores(deps)).stores == 1
+            assert await flushes() == {M, OTHER}
+        counted = await state.hgetall(keys.sweep_gauges(keys.index_shard(OTHER)))
+        assert float(counted["pending"]) == 2
+        assert await state.hget(keys.SWEEP_CURSOR, "shard") == str(keys.index_shard(OTHER) + 1)
 
     async def test_compaction_retirement_and_a_late_cancel(
         self, stores: tuple[Store, Store], state: Redis

@@ -77,6 +77,7 @@ from service.ledger.sweep import (
     stores_with_work,
     sweep_claims,
     trim_grant_log,
+    unknown_due,
     unknown_since,
 )
 from service.ledger.views import due_count, entry, grants_in, load, store_gauges, stores_with
@@ -124,6 +125,7 @@ __all__ = [
     "stores_with_work",
     "sweep_claims",
     "trim_grant_log",
+    "unknown_due",
     "unknown_since",
     "unpark",
     "unsend",

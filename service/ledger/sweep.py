@@ -41,9 +41,10 @@ return {returned, unknown}
 async def sweep_claims(redis: Redis, merchant: int) -> tuple[int, int]:
     """Recover work of dead workers: claimed → pending; sending → unknown (never resent blindly)."""
     now = now_ms()
-    if await redis.zcount(keys.grant_set("claimed", merchant), "-inf", now):
-        # Some may become unknown: listed first (another slot, see `note_pending_work`).
-        await redis.sadd(keys.stores_unknown(keys.index_shard(merchant)), str(merchant))  # type: ignore[misc]
+    if not await redis.zcount(keys.grant_set("claimed", merchant), "-inf", now):
+        return 0, 0  # no claim outlived its worker (one that expires now waits for the next)
+    # Some may become unknown: listed first (another slot, see `note_pending_work`).
+    await redis.sadd(keys.stores_unknown(keys.index_shard(merchant)), str(merchant))  # type: ignore[misc]
     # duplicates: every script call names its store's keys like this (grants.py too).
     returned, unknown = await redis.eval(  # type: ignore[misc]
         _SWEEP,
@@ -114,6 +115,12 @@ async def unknown_since(redis: Redis, merchant: int, before_ms: int) -> list[Gra
         keys.grant_set("unknown", merchant), "-inf", before_ms
     )
     return await load(redis, ids)
+
+
+async def unknown_due(redis: Redis, merchant: int, before_ms: int) -> int:
+    """How many unknown-outcome grants have waited since before `before_ms` (the sweep's
+    question: whether to queue the store's reconciliation; `unknown_since` loads them)."""
+    return int(await redis.zcount(keys.grant_set("unknown", merchant), "-inf", before_ms))
 
 
 async def stores_with_unknown(redis: Redis) -> list[int]:
