@@ -1,8 +1,10 @@
 """Prometheus metrics, fenced in one module. Web and worker each expose their own registry.
 
-Counters are incremented where the event happens; store-level gauges (queue depth, oldest
-pending grant, failed grants) are read from Redis by the worker's sweep, so every worker
-reports the same figures and `max by (merchant)` gives the truth.
+Counters are incremented where the event happens; the grant gauges (queue depth, oldest
+pending grant, grants needing attention) are totals over every store, without a store label,
+set by the worker that ran the sweep from the index shards' `gauges` hashes
+(service/sweeper.py): take `max` over the workers, since one that has not swept lately reports
+older figures.
 
 Every label value comes from a bounded set: what the sender writes (an event name) is used as a
 label only when it is one of Salla's documented names (`event_label`), else it counts as

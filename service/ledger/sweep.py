@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from service import keys
+from service import keys, lua
 from service.ledger.records import (
     LISTING_FRESH_S,
     LISTING_MARGIN_S,
@@ -17,7 +17,7 @@ from service.ledger.views import listed_stores, load
 
 # KEYS: claimed, pending, unknown; ARGV: now, grant key prefix (grants found as the script runs,
 # of KEYS[1]'s store and slot: see the note in grants.py).
-_SWEEP = """#!lua
+_SWEEP = lua.Script("""#!lua
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 local returned, unknown = 0, 0
 for _, id in ipairs(ids) do
@@ -35,7 +35,7 @@ for _, id in ipairs(ids) do
   end
 end
 return {returned, unknown}
-"""
+""")
 
 
 async def sweep_claims(redis: Redis, merchant: int) -> tuple[int, int]:
@@ -46,12 +46,13 @@ async def sweep_claims(redis: Redis, merchant: int) -> tuple[int, int]:
     # Some may become unknown: listed first (another slot, see `note_pending_work`).
     await redis.sadd(keys.stores_unknown(keys.index_shard(merchant)), str(merchant))  # type: ignore[misc]
     # duplicates: every script call names its store's keys like this (grants.py too).
-    returned, unknown = await redis.eval(  # type: ignore[misc]
-        _SWEEP,
-        3,
-        keys.grant_set("claimed", merchant),
-        keys.grant_set("pending", merchant),
-        keys.grant_set("unknown", merchant),
+    returned, unknown = await _SWEEP.run(
+        redis,
+        [
+            keys.grant_set("claimed", merchant),
+            keys.grant_set("pending", merchant),
+            keys.grant_set("unknown", merchant),
+        ],
         str(now),
         keys.grant_prefix(merchant),
     )
@@ -66,7 +67,7 @@ async def stores_with_work(redis: Redis) -> list[int]:
 # youngest listing that may be forgotten (ms). Returns 1 when the store has been idle at two
 # sweeps in a row and was not listed recently (the caller then drops it from the cross-store
 # set).
-_FORGET_IF_IDLE = """#!lua
+_FORGET_IF_IDLE = lua.Script("""#!lua
 if redis.call('ZCARD', KEYS[1]) == 0 and redis.call('ZCARD', KEYS[2]) == 0
    and redis.call('ZCARD', KEYS[3]) == 0 then
   if redis.call('EXISTS', KEYS[4]) == 1 then
@@ -80,7 +81,7 @@ if redis.call('ZCARD', KEYS[1]) == 0 and redis.call('ZCARD', KEYS[2]) == 0
 end
 redis.call('DEL', KEYS[4])
 return 0
-"""
+""")
 
 
 async def forget_store_if_idle(redis: Redis, merchant: int, *, at_ms: int | None = None) -> None:
@@ -95,14 +96,15 @@ async def forget_store_if_idle(redis: Redis, merchant: int, *, at_ms: int | None
     `at_ms`: the time to judge by (tests); now by default."""
     now = now_ms() if at_ms is None else at_ms
     youngest = now - int((LISTING_FRESH_S + LISTING_MARGIN_S) * 1000)
-    idle = await redis.eval(  # type: ignore[misc]
-        _FORGET_IF_IDLE,
-        5,
-        keys.grant_set("pending", merchant),
-        keys.grant_set("claimed", merchant),
-        keys.grant_set("verifying", merchant),
-        keys.idle_mark(merchant),
-        keys.listed_at(merchant),
+    idle = await _FORGET_IF_IDLE.run(
+        redis,
+        [
+            keys.grant_set("pending", merchant),
+            keys.grant_set("claimed", merchant),
+            keys.grant_set("verifying", merchant),
+            keys.idle_mark(merchant),
+            keys.listed_at(merchant),
+        ],
         str(youngest),
     )
     if idle:
