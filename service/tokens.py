@@ -11,12 +11,20 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from service import keys, lua
 from service.errors import SallaAuthError
+from service.logging import get_logger
 from service.salla import SallaClient, TokenSet
+
+log = get_logger("service.tokens")
+
+#: Waits until a replica holds every write of a key's slot so far (`state_store.ReplicaWait`).
+Replicated = Callable[[str], Awaitable[None]]
 
 
 def store_key(merchant: int) -> str:
@@ -134,11 +142,15 @@ async def refresh(
     client_id: str,
     client_secret: str,
     lock_timeout_s: float = 30.0,
+    replicated: Replicated | None = None,
 ) -> TokenSet:
     """Refresh `merchant`'s tokens once, whichever worker gets there first.
 
     Raises `SallaAuthError` when the store cannot be refreshed (no refresh token, or Salla
     refused it); the caller parks the store's grants until it authorizes again.
+
+    `replicated` (on a cluster): the new tokens are confirmed on a replica before the lock is
+    released (`_keep`).
     """
     lock_key = keys.refresh_lock(merchant)
     owner = uuid.uuid4().hex
@@ -161,9 +173,39 @@ async def refresh(
             await revoke(redis, merchant, "refresh_refused")
             raise
         await save(redis, merchant, fresh)
+        if replicated is not None:
+            await _keep(redis, merchant, fresh, replicated)
         return fresh
     finally:
         await _RELEASE.run(redis, [lock_key], owner)
+
+
+#: How many times new tokens are written and waited for before giving up (`_keep`).
+KEEP_ATTEMPTS = 3
+
+
+async def _keep(redis: Redis, merchant: int, fresh: TokenSet, replicated: Replicated) -> None:
+    """Salla's refresh tokens are single-use: new tokens a failover lost would bring back the
+    spent one, whose next refresh Salla refuses (the store must install again). So they are
+    confirmed on a replica; unconfirmed, written again and waited for again (a failover
+    between the write and the wait: the promoted master may lack them; they are still in
+    hand). Given up after `KEEP_ATTEMPTS`, loudly: nothing else can be done."""
+    for _ in range(KEEP_ATTEMPTS):
+        try:
+            await replicated(keys.replica_mark(merchant))
+            return
+        except RedisError as exc:
+            log.warning("token_save_unconfirmed", merchant=merchant, error=str(exc))
+        try:
+            await save(redis, merchant, fresh)
+        except RedisError as exc:
+            log.warning("token_save_failed", merchant=merchant, error=str(exc))
+            await asyncio.sleep(0.5)
+    log.error(
+        "token_refresh_unconfirmed",
+        merchant=merchant,
+        consequence="a failover now could bring back the spent refresh token",
+    )
 
 
 async def authorized_stores(redis: Redis) -> list[int]:

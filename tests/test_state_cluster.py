@@ -7,6 +7,7 @@ mid-traffic (a cluster of its own) runs in `make chaos`.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import time
@@ -14,21 +15,28 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
-from service import ingest, keys, preflight, state_store
+from service import ingest, keys, ledger, preflight, queue, state_store, tokens
 from service.app import create_app
+from service.delivery.deps import Deps
+from service.delivery.flush import flush
 from service.embedded import EmbeddedRedis
 from service.errors import ConfigError
+from service.logging import configure_logging
+from service.salla import SallaClient, TokenSet
 from service.sandbox.app import Sandbox, create_sandbox_app
 from tests.conftest import Service, eventually, make_settings, running_worker
 from tests.support.cluster import MERCHANT, Cluster, settled
+from tests.support.outcomes import grant_outcome
 from tests.support.servers import free_port, serve_in_thread
 from tests.support.store import ORDER_CUSTOMER, ORDER_MERCHANT, balance, install, with_merchant
 from tests.support.valkey_cluster import ValkeyCluster
 from tests.test_faults import assert_books_balance, run_orders
+from tests.test_library_logs import json_lines
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -140,6 +148,73 @@ class TestOnACluster:
             await replicated(mark)  # it follows again
         finally:
             await replicated.aclose()
+            await client.aclose()
+
+
+@contextlib.contextmanager
+def replica_stopped(cluster: ValkeyCluster, key: str) -> Iterator[None]:
+    """The replica of `key`'s master frozen (SIGSTOP): it stops confirming writes."""
+    master = cluster.master_of(key)
+    (replica,) = [r for r in cluster.replicas() if r.master_id == master.node_id]
+    process = cluster.servers[replica.port].process
+    assert process is not None
+    process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGCONT)
+
+
+class TestNothingGoesAheadUnreplicated:
+    """On a cluster, what guards money waits for the store's replica: the `sending` mark before
+    a call to Salla, and new tokens (Salla's refresh tokens are single-use) before the refresh
+    lock is let go. With the replica frozen, the call is not made and the refresh says so."""
+
+    async def test_a_flush_and_a_token_refresh_wait_for_the_replica(
+        self,
+        empty_cluster: ValkeyCluster,
+        queue_redis: EmbeddedRedis,
+        sandbox: tuple[str, Sandbox],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        configure_logging("json", "INFO")  # to the stderr `capsys` reads
+        url, box = sandbox
+        store = box.add_store(MERCHANT)
+        client = state_store.text_client(empty_cluster.seed_url, cluster=True)
+        pool = await queue.connect(queue_redis.url)
+        settings = make_settings(url, replica_wait_timeout_s=0.3)
+        mark = keys.replica_mark(MERCHANT)
+        http = httpx.AsyncClient()
+        deps = Deps(settings, client, pool, SallaClient(http, url))
+        try:
+            old = TokenSet(store.access_token, store.refresh_token, 0, store.scope)
+            await tokens.save(client, MERCHANT, old)
+            made = await ledger.apply_outcomes(
+                client, MERCHANT, [grant_outcome(15)], customer=ORDER_CUSTOMER, order_id=1
+            )
+            with replica_stopped(empty_cluster, mark):
+                with pytest.raises(state_store.NotReplicated):
+                    await flush(deps, MERCHANT)
+                assert store.history.get(ORDER_CUSTOMER) is None, "Salla was called"
+                (grant,) = await ledger.load(client, [g.id for g in made])
+                assert grant.state == "sending"  # the sweep's to recover: read back first
+                capsys.readouterr()
+                fresh = await deps.refresh_token(MERCHANT, old.access_token)
+                events = [line["event"] for line in json_lines(capsys.readouterr().err)]
+                assert events.count("token_save_unconfirmed") == tokens.KEEP_ATTEMPTS
+                assert "token_refresh_unconfirmed" in events
+            await deps.replicated(mark)  # it follows again: what was written is there
+            assert await tokens.get(client, MERCHANT) == fresh
+            assert fresh.refresh_token != old.refresh_token
+            capsys.readouterr()
+            again = await deps.refresh_token(MERCHANT, fresh.access_token)
+            events = [line["event"] for line in json_lines(capsys.readouterr().err)]
+            assert "token_save_unconfirmed" not in events
+            assert await tokens.get(client, MERCHANT) == again
+        finally:
+            await deps.replicated.aclose()
+            await http.aclose()
+            await pool.aclose()
             await client.aclose()
 
 

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
+from service import tokens
 from service.delivery.ratelimit import RateLimiter
-from service.salla import SallaClient
+from service.salla import SallaClient, TokenSet
 from service.settings import Settings
 from service.state_store import ReplicaWait
 
@@ -35,6 +36,22 @@ class Deps:
             self.redis, self.settings.rate_limit_requests, self.settings.rate_limit_window_s
         )
         self.plan = plan_bucket(self.redis, self.settings)
+
+    async def refresh_token(self, merchant: int, stale_access_token: str) -> TokenSet:
+        """The store's tokens refreshed once (or as another worker just refreshed them), under
+        its lock, confirmed on a replica on a cluster (`tokens.refresh`). Raises
+        `SallaAuthError` when Salla refuses."""
+        settings = self.settings
+        return await tokens.refresh(
+            self.redis,
+            self.salla,
+            merchant,
+            stale_access_token,
+            token_url=settings.salla_oauth_token_url,
+            client_id=settings.salla_client_id,
+            client_secret=settings.salla_client_secret.get_secret_value(),
+            replicated=self.replicated if self.replicated.enabled else None,
+        )
 
     async def take_loyalty(self, merchant: int) -> float:
         """One loyalty call: from the customers bucket and the plan bucket at once."""

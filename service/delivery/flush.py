@@ -281,17 +281,8 @@ class FlushRun:
         self.counts["failed"] += len(grants)
 
     async def refresh(self, grants: Sequence[Grant], bound: Any) -> TokenSet:
-        settings = self.deps.settings
         try:
-            fresh = await tokens.refresh(
-                self.deps.redis,
-                self.deps.salla,
-                self.merchant,
-                self.token.access_token,
-                token_url=settings.salla_oauth_token_url,
-                client_id=settings.salla_client_id,
-                client_secret=settings.salla_client_secret.get_secret_value(),
-            )
+            fresh = await self.deps.refresh_token(self.merchant, self.token.access_token)
         except SallaError as exc:
             await self.park(grants, bound, f"token refresh failed: {exc}")
             raise StopFlush(None) from exc

@@ -13,19 +13,10 @@ log = get_logger("service.delivery")
 
 async def refresh_expiring_tokens(deps: Deps) -> int:
     """Refresh tokens ahead of expiry, each under its store's lock."""
-    settings = deps.settings
     refreshed = 0
-    for merchant, current in await tokens.expiring(deps.redis, settings.token_refresh_ahead_s):
+    for merchant, current in await tokens.expiring(deps.redis, deps.settings.token_refresh_ahead_s):
         try:
-            await tokens.refresh(
-                deps.redis,
-                deps.salla,
-                merchant,
-                current.access_token,
-                token_url=settings.salla_oauth_token_url,
-                client_id=settings.salla_client_id,
-                client_secret=settings.salla_client_secret.get_secret_value(),
-            )
+            await deps.refresh_token(merchant, current.access_token)
         except SallaError as exc:
             log.error("token_refresh_failed", merchant=merchant, error=str(exc))
             continue

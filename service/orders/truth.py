@@ -239,17 +239,8 @@ async def orders_token(deps: Deps, merchant: int) -> TokenSet | None:
 async def _refresh(deps: Deps, merchant: int, used: TokenSet) -> TokenSet | None:
     """Renew the token once after a 401 (at most once per token: a refresh another worker
     already made is reused). Grants are never parked for an orders call."""
-    settings = deps.delivery.settings
     try:
-        return await tokens.refresh(
-            deps.redis,
-            deps.delivery.salla,
-            merchant,
-            used.access_token,
-            token_url=settings.salla_oauth_token_url,
-            client_id=settings.salla_client_id,
-            client_secret=settings.salla_client_secret.get_secret_value(),
-        )
+        return await deps.delivery.refresh_token(merchant, used.access_token)
     except SallaError:
         return None
 
