@@ -455,6 +455,9 @@ def cluster_settings(env: dict[str, str]) -> Settings:
     assert set(env) <= SETTINGS, set(env) - SETTINGS
     settings = Settings(**env)
     assert settings.redis_cluster is True
+    # What survives a failover, and the inbox spread over the three masters.
+    assert settings.webhook_durability == "replica"
+    assert settings.inbox_shards == 3
     return settings
 
 
