@@ -54,6 +54,8 @@ Keys written together with the inbox stream (the web's group commit) carry the i
     sr:{inbox}:seen:<delivery>        str   a delivery already accepted (dedupe)
     sr:{inbox}:durable-mark           str   written by `serve`'s start-up check, to see that a
                                             write reaches the AOF on disk (service/preflight.py)
+    sr:{durable:n}:mark               str   the same check on a cluster's other masters
+                                            (one hour)
 
 With `INBOX_SHARDS` = N > 1 the inbox is N streams, shard 0 as above and shard n > 0 under the
 tag `{inbox:<n>.<k>}` (`sr:{inbox:3.12}:webhooks`, `sr:{inbox:3.12}:seen:<delivery>`; k picks
@@ -216,6 +218,14 @@ WEBHOOK_STREAM = f"{PREFIX}{INBOX_TAG}:webhooks"
 APP_EVENTS_STREAM = f"{PREFIX}{INBOX_TAG}:app-events"
 SEEN_PREFIX = f"{PREFIX}{INBOX_TAG}:seen:"
 DURABLE_MARK = f"{PREFIX}{INBOX_TAG}:durable-mark"
+
+
+def durable_probe(n: int) -> str:
+    """`serve`'s start-up write on a cluster's master that does not hold `DURABLE_MARK` (the
+    first n whose slot it serves; a single key, expiring)."""
+    return f"{PREFIX}{{durable:{n}}}:mark"
+
+
 #: The consumer group the workers read both streams as (a name inside a stream, not a key).
 INBOX_GROUP = "workers"
 

@@ -17,6 +17,8 @@ REDIS_CHECK_TIMEOUT_S = 3.0
 #: How long start-up waits for Redis to confirm a test write on disk (`durable_writes`; a
 #: primary with `appendfsync everysec` does it at once for a waiting `WAITAOF`).
 FSYNC_CHECK_TIMEOUT_S = 1.0
+#: How long start-up waits for a connected replica to confirm its write on its disk.
+REPLICA_CHECK_TIMEOUT_S = 2.0
 
 
 def bind(host: str, port: int, option: str) -> socket.socket:
@@ -98,8 +100,12 @@ def durable_writes(
     the web makes for it. `replica` does not need a replica connected at start-up: until
     one is, webhooks answer 503, and Salla sends them again.
 
-    On a cluster (`cluster`), every master is asked the first question (each holds inbox
-    shards), and the master of `DURABLE_MARK`'s slot the second."""
+    On a cluster (`cluster`), every master is asked both (each holds inbox shards): the write
+    goes to a key of a slot it serves (`DURABLE_MARK`, or a `keys.durable_probe`).
+
+    `replica` with a replica connected: the write is also waited for on a replica's disk; one
+    that does not confirm (its AOF off, or still rewriting it after a full sync) gets a
+    warning, not a refusal: the web answers 503 until one confirms, and Salla re-sends."""
     from redis import Redis
     from redis.cluster import RedisCluster
     from redis.exceptions import RedisError
@@ -115,7 +121,7 @@ def durable_writes(
             client = Redis.from_url(url, **options)
             try:
                 _can_wait_for_disk(client, urls.redact(url), durability)
-                _confirms_a_write(client, urls.redact(url), durability)
+                _confirms_a_write(client, urls.redact(url), durability, DURABLE_MARK)
             finally:
                 client.close()
             return
@@ -124,9 +130,9 @@ def durable_writes(
             for node in nodes.get_primaries():
                 assert node.redis_connection is not None  # made by the client for each node
                 _can_wait_for_disk(node.redis_connection, node.name, durability)
-            owner = nodes.get_node_from_key(DURABLE_MARK)
-            assert owner.redis_connection is not None
-            _confirms_a_write(owner.redis_connection, owner.name, durability)
+                _confirms_a_write(
+                    node.redis_connection, node.name, durability, _key_on(nodes, node.name)
+                )
         finally:
             nodes.close()
     except (RedisError, OSError) as exc:
@@ -160,13 +166,23 @@ def _can_wait_for_disk(client: Any, where: str, durability: str) -> None:
         ) from None
 
 
-def _confirms_a_write(client: Any, where: str, durability: str) -> None:
+def _key_on(nodes: Any, name: str) -> str:
+    """A key of a slot the cluster's master `name` serves: `DURABLE_MARK`, or a probe."""
+    from service.keys import DURABLE_MARK, durable_probe
+
+    for key in (DURABLE_MARK, *(durable_probe(n) for n in range(100_000))):
+        if nodes.get_node_from_key(key).name == name:
+            return key
+    raise ConfigError(f"the cluster's master {name} serves no slot", hint="check the cluster")
+
+
+def _confirms_a_write(client: Any, where: str, durability: str, key: str) -> None:
     """A write, then the wait the web will make: `appendfsync no` accepts WAITAOF and never
     confirms anything (every webhook would wait its timeout and answer 503). One client,
     used by one thread: its pool hands the write's connection to the wait."""
-    from service.keys import DURABLE_MARK
+    from service.logging import get_logger
 
-    client.set(DURABLE_MARK, "1")
+    client.set(key, "1", ex=3600)
     wait_ms = round(FSYNC_CHECK_TIMEOUT_S * 1000)
     confirmed: list[int] = client.waitaof(1, 0, wait_ms)
     if confirmed[0] < 1:
@@ -174,6 +190,18 @@ def _confirms_a_write(client: Any, where: str, durability: str) -> None:
             f"WEBHOOK_DURABILITY={durability}: the Redis at {where} did not confirm a write "
             f"on disk within {FSYNC_CHECK_TIMEOUT_S:g}s (with appendfsync no it never does)",
             hint="set its appendfsync to everysec or always, or set WEBHOOK_DURABILITY=buffered",
+        )
+    if durability != "replica":
+        return
+    connected = int(client.info("replication").get("connected_slaves", 0))
+    if connected and client.waitaof(1, 1, round(REPLICA_CHECK_TIMEOUT_S * 1000))[1] < 1:
+        get_logger("service.preflight").warning(
+            "durability_replica_unconfirmed",
+            redis=where,
+            replicas=connected,
+            consequence="webhooks answer 503 until a replica confirms writes on its disk",
+            hint="turn on appendonly on its replicas (a replica after a full sync confirms "
+            "only once it rewrote its AOF)",
         )
 
 

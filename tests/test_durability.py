@@ -17,10 +17,12 @@ import httpx
 import pytest
 from redis import Redis
 
+from service import preflight
 from service.app import create_app
 from service.embedded import EmbeddedRedis
 from service.errors import ConfigError
 from service.keys import APP_EVENTS_STREAM, WEBHOOK_STREAM
+from service.logging import configure_logging
 from service.settings import load_settings
 from tests.conftest import (
     ROOT_DIR,
@@ -32,6 +34,7 @@ from tests.conftest import (
 )
 from tests.support.processes import run_env
 from tests.support.servers import free_port, serve_in_thread, wait_until
+from tests.test_library_logs import json_lines
 
 CLI = [sys.executable, "-m", "service"]
 MERCHANT = 193718979  # the store of Salla's sample order
@@ -186,6 +189,27 @@ class TestStartUpRefusal:
         assert refusal["error"].startswith(f"WEBHOOK_DURABILITY={mode}")
         assert error in refusal["error"]
         assert hint in refusal["hint"]
+
+    def test_a_replica_that_never_confirms_is_named_at_start_up(
+        self, tmp_path: Path, primary: EmbeddedRedis, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`replica` against a primary whose replica runs without AOF: every webhook would
+        answer 503; start-up says why, in one line (a warning: a replica just synced confirms
+        nothing until it rewrote its AOF, and that passes)."""
+        configure_logging("json", "INFO")  # to the stderr `capsys` reads
+        options = ("--replicaof", "127.0.0.1", str(primary.port), "--appendonly", "no")
+        replica = EmbeddedRedis(tmp_path / "replica", free_port(), extra_args=options)
+        replica.start()
+        try:
+            with Redis.from_url(primary.url) as client:
+                wait_until(lambda: client.info("replication")["connected_slaves"] == 1)
+            preflight.durable_writes(primary.url, "replica")
+            preflight.durable_writes(primary.url, "fsync")  # a replica is not fsync's business
+        finally:
+            replica.stop()
+        lines = json_lines(capsys.readouterr().err)
+        (warned,) = [x for x in lines if x["event"] == "durability_replica_unconfirmed"]
+        assert "appendonly" in warned["hint"] and warned["replicas"] == 1
 
     def test_a_mode_that_does_not_exist_is_named(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("WEBHOOK_DURABILITY", "always")

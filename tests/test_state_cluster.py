@@ -127,6 +127,24 @@ class TestOnACluster:
         assert preflight.redis_reachable(seed, cluster=True) == seed
         preflight.durable_writes(seed, "replica", cluster=True)  # every master has WAITAOF
 
+    def test_start_up_asks_every_master_to_confirm_a_write(
+        self, valkey_cluster: ValkeyCluster
+    ) -> None:
+        """Each master holds inbox shards: one that never fsyncs is named (it passed when only
+        the master of `DURABLE_MARK` was asked, and its shards' webhooks all answered 503)."""
+        seed = valkey_cluster.seed_url
+        home = valkey_cluster.master_of(keys.DURABLE_MARK).port
+        (other, *_) = [m for m in valkey_cluster.masters() if m.port != home]
+        valkey_cluster.ask(other.port, lambda c: c.config_set("appendfsync", "no"))
+        try:
+            with pytest.raises(ConfigError) as refused:
+                preflight.durable_writes(seed, "fsync", cluster=True)
+        finally:
+            valkey_cluster.ask(other.port, lambda c: c.config_set("appendfsync", "everysec"))
+        assert f":{other.port}" in refused.value.message
+        assert "did not confirm a write on disk" in refused.value.message
+        preflight.durable_writes(seed, "fsync", cluster=True)
+
     async def test_a_transition_waits_for_a_replica(self, valkey_cluster: ValkeyCluster) -> None:
         """`WAIT 1` after `sending`/`sent`: it returns while the slot's replica follows, and
         refuses (`NotReplicated`) while that replica is stopped."""
