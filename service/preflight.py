@@ -193,7 +193,7 @@ def _confirms_a_write(client: Any, where: str, durability: str, key: str) -> Non
         )
     if durability != "replica":
         return
-    connected = int(client.info("replication").get("connected_slaves", 0))
+    connected = int(client.info(section="replication").get("connected_slaves", 0))
     if connected and client.waitaof(1, 1, round(REPLICA_CHECK_TIMEOUT_S * 1000))[1] < 1:
         get_logger("service.preflight").warning(
             "durability_replica_unconfirmed",
