@@ -22,6 +22,8 @@ hashes to one Redis Cluster slot and one Lua script can touch any of it:
     sr:{m:M}:idle                     str   the sweep found the store idle once
     sr:{m:M}:listed-at                str   when a worker last listed the store in
                                             stores:pending (ms; see ledger/sweep.py)
+    sr:{m:M}:asked                    zset  orders asked about (an `order_truth` job) by when,
+                                            until the job settles them (ledger/asked.py)
     sr:{m:M}:replicated               str   on a cluster, written just before a `WAIT 1` that
                                             confirms the store's grant transitions reached a
                                             replica (service/state_store.py, `ReplicaWait`)
@@ -316,6 +318,10 @@ def scope_grants(merchant: int, scope: str) -> str:
 
 def customer_grants(merchant: int, customer: int) -> str:
     return f"{PREFIX}{{m:{merchant}}}:gidx:customer:{customer}"
+
+
+def asked_salla(merchant: int) -> str:
+    return f"{PREFIX}{{m:{merchant}}}:asked"
 
 
 def replica_mark(merchant: int) -> str:

@@ -206,6 +206,7 @@ async def apply_rules(
         )
         return {"outcome": "order_retired", "order_id": order_id, "grants": 0}
     if applied.ask_salla and not dry_run:
+        await ledger.note_asked(deps.redis, env.merchant, order_id)  # remade if the queue loses it
         await queue.enqueue_order_truth(deps.pool, env.merchant, order_id)
     result = await _result(
         deps, env, seen, applied.grants, dry_run=dry_run, order_id=order_id, ctx=ctx

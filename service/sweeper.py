@@ -269,7 +269,8 @@ async def _visit_store(
 
 async def _visit_store_with_work(deps: Deps, merchant: int, report: Report) -> Gauges:
     """Recover the store's lost work and queue what is due; its gauges."""
-    for order_id in await ledger.verifying_overdue(deps.redis, merchant):
+    overdue = await ledger.verifying_overdue(deps.redis, merchant)
+    for order_id in overdue | set(await ledger.asked_overdue(deps.redis, merchant)):
         await queue.enqueue_order_truth(deps.pool, merchant, order_id)
     back, lost = await ledger.sweep_claims(deps.redis, merchant)
     report.returned += back

@@ -203,3 +203,51 @@ class TestPlan:
             assert set().union(*seen[first : first + window]) == every
         if len(every) <= budget:  # small: every cycle visits them all
             assert all(cycle == every for cycle in seen)
+
+
+class TestLostOrderTruth:
+    """An order asked about after same-second events that disagree: its `order_truth` job, lost
+    with the queue, is queued again by the sweep (a minute on), the store is not forgotten
+    meanwhile, and the job forgets the record however it ends."""
+
+    async def test_the_sweep_asks_salla_again_for_an_order_the_queue_lost(
+        self, redis: Redis, redis_url: str, make_deps: Any
+    ) -> None:
+        from service.orders import truth
+        from service.processing import ProcessingDeps
+        from service.rules.loader import parse_rules_text
+        from tests.test_compaction import RULES, M, Store, body
+
+        pool = await queue.connect(redis_url)
+        try:
+            store = Store(ProcessingDeps(make_settings(), redis, pool, parse_rules_text(RULES)))
+            at = 1_790_000_000
+            await store.event(body("order.created", 5001, "under_review", 100, at))
+            # `order.updated` has no status-history id: the same second is a tie but arrival.
+            await store.event(body("order.updated", 5001, "completed", 100, at + 1))
+            said = await store.event(body("order.updated", 5001, "canceled", 100, at + 1))
+            assert said.get("asked_salla"), said
+            job = f"{queue.ORDER_TRUTH}:{M}:5001"
+            assert await queue.job_known(pool, job)
+            await pool.delete(f"arq:job:{job}")  # lost with the queue's master
+            await pool.zrem("arq:queue", job)
+            asked = keys.asked_salla(M)
+            assert await redis.zscore(asked, "5001") is not None
+
+            deps = make_deps()
+            await sweeper.visit_stores(deps)
+            assert not await queue.job_known(pool, job), "asked just now: its job may be running"
+            a_minute_ago = ledger.now_ms() - ledger.asked.ASK_AGAIN_AFTER_MS - 1
+            await redis.zadd(asked, {"5001": a_minute_ago})
+            for _ in range(3):  # idle otherwise: the record keeps the store listed
+                await ledger.forget_store_if_idle(redis, M, at_ms=ledger.now_ms() + 600_000)
+            assert M in await ledger.stores_with_work(redis)
+            await sweeper.visit_stores(deps)
+            assert await queue.job_known(pool, job), "the sweep queued the lost job again"
+
+            # The job, however it ends (here: the store has no token to ask with), forgets it.
+            done = await truth.settle_order(truth.Deps(store.deps, deps), M, 5001)
+            assert done["outcome"] == "unavailable"
+            assert await redis.zscore(asked, "5001") is None
+        finally:
+            await pool.aclose()

@@ -28,6 +28,7 @@ Modules, one concept each:
     views        read-only views (admin, metrics, the CLI)
     packed       a settled order's entry in a few dozen bytes (pure)
     compact      compacting settled orders, retiring them after LEDGER_RETENTION_DAYS
+    asked        orders waiting for Salla's answer (their `order_truth` job can be remade)
 Keys: service/keys.py. Callers use `from service import ledger` and the names below.
 """
 
@@ -39,6 +40,7 @@ from service.ledger.apply import (
     read_order,
     verdict_of,
 )
+from service.ledger.asked import asked_overdue, forget_asked, note_asked
 from service.ledger.compact import compact_due_stores, compact_store
 from service.ledger.grants import (
     VERIFY_RETRY_MS,
@@ -98,6 +100,7 @@ __all__ = [
     "OrderRead",
     "apply_event",
     "apply_outcomes",
+    "asked_overdue",
     "claim_due",
     "compact_due_stores",
     "compact_store",
@@ -106,11 +109,13 @@ __all__ = [
     "entry",
     "extend_claims",
     "finish",
+    "forget_asked",
     "forget_store_if_idle",
     "forget_unknown_store_if_empty",
     "grants_in",
     "load",
     "mark_sending",
+    "note_asked",
     "note_pending_work",
     "now_ms",
     "park",

@@ -63,13 +63,13 @@ async def stores_with_work(redis: Redis) -> list[int]:
     return await listed_stores(redis, keys.stores_pending)
 
 
-# KEYS: pending, claimed, verifying, the store's idle mark, its listed-at time; ARGV: the
-# youngest listing that may be forgotten (ms). Returns 1 when the store has been idle at two
-# sweeps in a row and was not listed recently (the caller then drops it from the cross-store
-# set).
+# KEYS: pending, claimed, verifying, the store's idle mark, its listed-at time, its orders
+# asked about; ARGV: the youngest listing that may be forgotten (ms). Returns 1 when the store
+# has been idle at two sweeps in a row and was not listed recently (the caller then drops it
+# from the cross-store set).
 _FORGET_IF_IDLE = lua.Script("""#!lua
 if redis.call('ZCARD', KEYS[1]) == 0 and redis.call('ZCARD', KEYS[2]) == 0
-   and redis.call('ZCARD', KEYS[3]) == 0 then
+   and redis.call('ZCARD', KEYS[3]) == 0 and redis.call('ZCARD', KEYS[6]) == 0 then
   if redis.call('EXISTS', KEYS[4]) == 1 then
     local listed = tonumber(redis.call('GET', KEYS[5]) or '0')
     if listed > tonumber(ARGV[1]) then return 0 end
@@ -86,8 +86,9 @@ return 0
 
 async def forget_store_if_idle(redis: Redis, merchant: int, *, at_ms: int | None = None) -> None:
     """Drop `merchant` from the sweep set once it had nothing pending, claimed or being
-    confirmed at two calls in a row. Two: a worker lists the store (`note_pending_work`) just
-    before it commits grants, in another slot, so one idle look could fall between the two.
+    confirmed, and no order waiting for Salla's answer, at two calls in a row. Two: a worker
+    lists the store (`note_pending_work`) just before it commits grants, in another slot, so
+    one idle look could fall between the two.
 
     And not within `LISTING_FRESH_S` + `LISTING_MARGIN_S` of a worker's listing: a worker that
     listed the store skips listing it again for `LISTING_FRESH_S` (`ledger.apply`), so
@@ -104,6 +105,7 @@ async def forget_store_if_idle(redis: Redis, merchant: int, *, at_ms: int | None
             keys.grant_set("verifying", merchant),
             keys.idle_mark(merchant),
             keys.listed_at(merchant),
+            keys.asked_salla(merchant),
         ],
         str(youngest),
     )

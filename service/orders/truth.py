@@ -80,7 +80,15 @@ def can_read_orders(token: TokenSet) -> bool:
 async def settle_order(
     deps: Deps, merchant: int, order_id: int, *, job_try: int = 1
 ) -> dict[str, Any]:
-    """The `order_truth` job: fetch the order, apply its state, release its confirmed holds."""
+    """The `order_truth` job: fetch the order, apply its state, release its confirmed holds.
+    However it ends (but by `Retry`), the order's record of being asked about goes
+    (`ledger.asked`)."""
+    result = await _settle(deps, merchant, order_id, job_try=job_try)
+    await ledger.forget_asked(deps.redis, merchant, order_id)
+    return result
+
+
+async def _settle(deps: Deps, merchant: int, order_id: int, *, job_try: int) -> dict[str, Any]:
     redis = deps.redis
     token = await orders_token(deps, merchant)
     if token is None:
