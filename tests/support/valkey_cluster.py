@@ -224,6 +224,25 @@ class ValkeyCluster:
         self.killed.append(master)
         return master
 
+    def restart_killed(self, timeout_s: float = 30.0) -> Node:
+        """Start the last killed node again on its port and folder, as a supervisor would
+        (compose's `restart`, a StatefulSet): its nodes.conf says it lost its slots, so it
+        rejoins as a replica of the master that took them over and copies it afresh. Returns
+        once it is that master's replica with its link up."""
+        old = self.killed[-1]
+        self.servers[old.port].start()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                back = [n for n in self.replicas() if n.port == old.port]
+                if back and back[0].master_id is not None and self.healthy():
+                    return back[0]
+            except (RedisError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{old.port} did not rejoin as a replica in {timeout_s}s")
+            time.sleep(0.1)
+
     def wait_for_failover(self, timeout_s: float = 30.0) -> Node:
         """Wait until one of the last killed master's replicas serves its slots and every
         surviving node sees a healthy cluster again; returns the promoted node."""
