@@ -85,6 +85,12 @@ def _settle(future: asyncio.Future[Any], result: Any) -> None:
         return
     if isinstance(result, BaseException):
         future.set_exception(result)
+        # Marked retrieved: a caller that awaits it still gets it raised, but callers await
+        # their queued commands in turn (`[await f for f in queued]`), so when a connection
+        # fails the batch, the first failure raises and the rest are never awaited; asyncio
+        # would log each one as an error with its traceback ("Future exception was never
+        # retrieved") for what the caller already reported once.
+        future.exception()
     else:
         future.set_result(result)
 

@@ -16,7 +16,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import lifecycle, metrics
+from service import lifecycle, metrics, state_store
 from service.errors import InvalidPayload
 from service.events import LIFECYCLE_EVENTS, order_doc
 from service.ids import parse_id
@@ -28,7 +28,7 @@ from service.webhooks import Envelope, parse_envelope
 
 log = get_logger("service.inbox")
 
-_REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+_REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError, *state_store.FAILING_OVER)
 
 Item = tuple[Entry, Envelope | None]
 

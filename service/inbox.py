@@ -33,7 +33,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import StreamIdT
 
-from service import body_codec, keys, lua, metrics
+from service import body_codec, keys, lua, metrics, state_store
 from service.ingest import ensure_group  # the stream and its group: made by whoever comes first
 from service.logging import get_logger
 
@@ -41,7 +41,7 @@ log = get_logger("service.inbox")
 
 GROUP = keys.INBOX_GROUP
 WEBHOOK_STREAM = keys.WEBHOOK_STREAM
-_REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+_REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError, *state_store.FAILING_OVER)
 
 
 # KEYS[1] the inbox; ARGV[1] the group, ARGV[2] how many unread entries to count at most.

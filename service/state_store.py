@@ -17,10 +17,15 @@ from typing import Any, cast
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ClusterDownError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 
 from service import redis_url
+
+#: What a cluster answers while a failover or a resharding is under way (no master serves a
+#: slot yet: CLUSTERDOWN; a slot half moved: TRYAGAIN), once redis-py's own retries are spent:
+#: transient, like a lost connection; the caller tries again after a pause.
+FAILING_OVER = (ClusterDownError, TryAgainError)
 
 
 def text_client(url: str, *, cluster: bool = False) -> Redis:

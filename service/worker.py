@@ -10,18 +10,20 @@ delay of a few seconds, never a grant.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import signal
 from typing import Any
 
 from arq import cron
 from arq.connections import ArqRedis
+from arq.typing import WorkerCoroutine
 from arq.worker import Function, Retry, Worker, func
 from prometheus_client import start_http_server
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import arq_log, keys, ledger, metrics, queue, sweeper
+from service import arq_log, keys, ledger, metrics, queue, state_store, sweeper
 from service.delivery.flush import flush
 from service.delivery.reconcile import reconcile
 from service.delivery.refresh import refresh_expiring_tokens
@@ -33,7 +35,23 @@ from service.worker_resources import CTX_KEY, WorkerResources, of
 
 log = get_logger("service.worker")
 
-_REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError)
+_REDIS_TRANSIENT = (RedisConnectionError, RedisTimeoutError, *state_store.FAILING_OVER)
+
+
+def _next_run_tries_again(periodic: WorkerCoroutine) -> WorkerCoroutine:
+    """A cron job whose Redis is unreachable or failing over (a moment, in a failover) skips
+    this run with a warning: it redoes everything at its next run, so the failure is no error
+    (arq would log `job_failed` with a traceback)."""
+
+    @functools.wraps(periodic)  # arq names the job after it: `cron:sweep`
+    async def run(ctx: dict[Any, Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await periodic(ctx, *args, **kwargs)
+        except _REDIS_TRANSIENT as exc:
+            log.warning("cron_redis_unavailable", job=periodic.__qualname__, error=repr(exc))
+            return None
+
+    return run
 
 
 async def _flush_job(ctx: dict[str, Any], merchant: int) -> Any:
@@ -129,9 +147,21 @@ def build_worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
     return {
         "functions": functions,
         "cron_jobs": [
-            cron(sweep, second=sweep_seconds, run_at_startup=True, unique=True),
-            cron(refresh_tokens, minute=set(range(0, 60, 10)), second=30, unique=True),
-            cron(schedule_orders_reconcile, second=45, unique=True, run_at_startup=True),
+            cron(
+                _next_run_tries_again(sweep), second=sweep_seconds, run_at_startup=True, unique=True
+            ),
+            cron(
+                _next_run_tries_again(refresh_tokens),
+                minute=set(range(0, 60, 10)),
+                second=30,
+                unique=True,
+            ),
+            cron(
+                _next_run_tries_again(schedule_orders_reconcile),
+                second=45,
+                unique=True,
+                run_at_startup=True,
+            ),
         ],
         "redis_settings": queue.redis_settings(
             queue.target(settings, redis_url), ride_out_outages=True

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -273,6 +274,27 @@ class TestAutoPipeline:
         )
         assert all(isinstance(a, RedisConnectionError) for a in answers)
         await client.aclose()
+
+    async def test_a_caller_that_stops_at_its_first_failure_leaves_no_noise(
+        self, redis_url: str
+    ) -> None:
+        """Callers await their commands in turn; when the batch failed, the first raises and
+        the others are dropped unawaited: asyncio must not log each as an error."""
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: reported.append(context))
+        client = Redis.from_url(redis_url.rsplit(":", 1)[0] + ":1")  # nothing listens there
+        try:
+            queued = [autopipe.auto(client).execute("GET", f"k{n}") for n in range(3)]
+            with pytest.raises(RedisConnectionError):
+                _ = [await f for f in queued]
+            await asyncio.sleep(0)
+            del queued
+            gc.collect()  # a dropped future reports its unretrieved exception when collected
+        finally:
+            loop.set_exception_handler(None)
+            await client.aclose()
+        assert reported == []
 
 
 class TestEventWriter:
