@@ -12,6 +12,7 @@ import random
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -333,40 +334,68 @@ async def _confirms(replicated: state_store.ReplicaWait, mark: str) -> bool:
 
 @pytest.mark.chaos
 class TestFailover:
-    """A master killed mid-traffic (its replica promoted), `WEBHOOK_DURABILITY=replica`: no
+    """Masters killed mid-traffic (each replica promoted), `WEBHOOK_DURABILITY=replica`: no
     acknowledged webhook lost, no customer credited twice."""
 
-    def test_a_master_killed_mid_traffic(self, tmp_path: Path, queue_redis: EmbeddedRedis) -> None:
+    def test_masters_killed_mid_traffic(self, tmp_path: Path, queue_redis: EmbeddedRedis) -> None:
+        """First the master of the store's slot (its ledger and grants), then, once that node
+        is back, the master of its inbox shard (the stream the web acknowledged webhooks
+        into): on three masters they are two different ones."""
+        inbox = keys.webhook_stream(keys.inbox_shard(MERCHANT, 3), 3)
         with ValkeyCluster(tmp_path / "cluster") as own:
+            assert own.master_of(inbox).port != own.master_of(keys.store(MERCHANT)).port
             box = Sandbox(rate_limit=1000, rate_window_s=60)
             with serve_in_thread(create_sandbox_app(box)) as url:
                 group = Cluster(
                     tmp_path, url, box, queue_redis, state_cluster=own.seed_url,
                     WEBHOOK_DURABILITY="replica",
                 )  # fmt: skip
+                supervisor = ThreadPoolExecutor(max_workers=1)
                 try:
                     rng = random.Random(17)
                     group.start(workers=2)
                     group.install()
                     killed: list[Any] = []
+                    restarts: list[Future[Any]] = []
 
                     def chaos(n: int) -> None:
-                        if n == 10:  # the master of the store's slot (its ledger and grants)
-                            killed.append(own.kill_master_of(keys.store(MERCHANT)))
-                        if n == 11:
-                            own.wait_for_failover()
-                        if n == 18:
-                            # Its supervisor starts the killed node again: it rejoins as the
-                            # replica of the promoted master. Until then that master has no
-                            # replica, so no transition of the store can be confirmed by
-                            # `WAIT 1` and no grant of it is sent (orders 11-17 wait; none is
-                            # lost or sent twice); without a replica they would wait forever.
-                            own.restart_killed()
+                        if n in (10, 22):
+                            if restarts:  # the first node is back before the second dies
+                                restarts[-1].result(timeout=60)
+                            key = keys.store(MERCHANT) if n == 10 else inbox
+                            killed.append(own.kill_master_of(key))
+                            # Its replica is promoted; then its supervisor starts the killed
+                            # node again, while orders go on: it rejoins as the promoted
+                            # master's replica. Until then that master has none: no transition
+                            # of the store can be confirmed by `WAIT 1`, so none of its grants
+                            # is sent (they wait; none lost or sent twice), and no webhook of
+                            # the shard by `WAITAOF 1 1` (503, and Salla sends it again).
+                            restarts.append(supervisor.submit(fail_over_and_restart, own))
 
                     group.resend = True  # as Salla does: a 503 (unconfirmed) is sent again
-                    earned = run_orders(group, rng, 30, chaos)
-                    assert killed
-                    time.sleep(1)
+                    earned = run_orders(group, rng, 34, chaos)
+                    assert len(killed) == 2
+                    for restart in restarts:
+                        restart.result(timeout=60)
                     assert_books_balance(group, settled(group, timeout_s=150), earned)
                 finally:
+                    supervisor.shutdown(cancel_futures=True)  # no node started after the end
                     group.stop()
+                # A failover is a transient for the workers: warnings, no error with a
+                # traceback. Except `claims_recovered_unknown`: a flush whose `sending` no
+                # replica confirmed leaves its grants to the sweep, which logs that as an error
+                # (by design: read back from Salla, never resent blindly).
+                for name in ("worker0.log", "worker1.log"):
+                    for line in (tmp_path / name).read_text().splitlines():
+                        compact = line.replace(" ", "")
+                        if '"event":"claims_recovered_unknown"' in compact:
+                            continue
+                        assert '"level":"error"' not in compact, (name, line)
+
+
+def fail_over_and_restart(cluster: ValkeyCluster, after_s: float = 2.0) -> Any:
+    """A failover, then the killed node started again `after_s` later (in a thread: the
+    test's webhooks go on meanwhile, and those of the dead master's shard wait for both)."""
+    cluster.wait_for_failover()
+    time.sleep(after_s)
+    return cluster.restart_killed()
