@@ -231,32 +231,35 @@ class ValkeyCluster:
         once it is that master's replica with its link up."""
         old = self.killed[-1]
         self.servers[old.port].start()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                back = [n for n in self.replicas() if n.port == old.port]
-                if back and back[0].master_id is not None and self.healthy():
-                    return back[0]
-            except (RedisError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{old.port} did not rejoin as a replica in {timeout_s}s")
-            time.sleep(0.1)
+
+        def rejoined() -> Node | None:
+            back = [n for n in self.replicas() if n.port == old.port]
+            return back[0] if back and back[0].master_id is not None and self.healthy() else None
+
+        return self._until(rejoined, timeout_s, f"{old.port} did not rejoin as a replica")
 
     def wait_for_failover(self, timeout_s: float = 30.0) -> Node:
         """Wait until one of the last killed master's replicas serves its slots and every
         surviving node sees a healthy cluster again; returns the promoted node."""
         old = self.killed[-1]
+
+        def promoted() -> Node | None:
+            found = [n for n in self.masters() if n.slots == old.slots and n.port != old.port]
+            return found[0] if found and self.healthy() else None
+
+        return self._until(promoted, timeout_s, f"no replica took over {old.port}'s slots")
+
+    def _until(self, find: Callable[[], Node | None], timeout_s: float, failure: str) -> Node:
+        """Ask `find` until it names a node (a node that does not answer yet, while nodes come
+        and go, counts as not yet); `failure` and an AssertionError after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                promoted = [
-                    n for n in self.masters() if n.slots == old.slots and n.port != old.port
-                ]
-                if promoted and self.healthy():
-                    return promoted[0]
+                found = find()
+                if found is not None:
+                    return found
             except (RedisError, OSError):
                 pass
             if time.monotonic() > deadline:
-                raise AssertionError(f"no replica took over {old.port}'s slots in {timeout_s}s")
+                raise AssertionError(f"{failure} in {timeout_s}s")
             time.sleep(0.1)
