@@ -219,6 +219,27 @@ class TestGrantStates:
             taken.id
         ]
 
+    async def test_grants_whose_call_was_not_made_go_back_only_if_still_sending_in_the_batch(
+        self, redis: Redis
+    ) -> None:
+        """A flush that got no replica's confirmation of `sending` makes no call and returns
+        its grants to pending; not those this master no longer says it is sending (after a
+        failover: still claimed, or taken over), which the sweep recovers."""
+        await apply(redis, grant_outcome(15))
+        [grant] = (
+            await ledger.claim_due(redis, M, limit=10, claim_timeout_ms=60_000, token="A")
+        ).grants
+        later = ledger.now_ms() + 5_000
+        assert not await ledger.release_unsent(redis, M, [grant], "b1", later, "no replica")
+        await ledger.mark_sending(redis, M, [grant], "b1", token="A")
+        assert not await ledger.release_unsent(redis, M, [grant], "b2", later, "no replica")
+        assert (await ledger.load(redis, [grant.id]))[0].state == "sending"
+        assert await ledger.release_unsent(redis, M, [grant], "b1", later, "no replica")
+        [back] = await ledger.load(redis, [grant.id])
+        assert (back.state, back.due_ms, back.error) == ("pending", later, "no replica")
+        assert await ledger.due_count(redis, M, later) == 1
+        assert await redis.zcard(keys.grant_set("claimed", M)) == 0
+
     async def test_settled_grants_expire_but_the_ledger_entry_stays(self, redis: Redis) -> None:
         [sent] = await apply(redis, grant_outcome(15))
         await send_all(redis, [sent])

@@ -187,7 +187,8 @@ def replica_stopped(cluster: ValkeyCluster, key: str) -> Iterator[None]:
 class TestNothingGoesAheadUnreplicated:
     """On a cluster, what guards money waits for the store's replica: the `sending` mark before
     a call to Salla, and new tokens (Salla's refresh tokens are single-use) before the refresh
-    lock is let go. With the replica frozen, the call is not made and the refresh says so."""
+    lock is let go. With the replica frozen, the call is not made (its grants wait, pending)
+    and the refresh says so."""
 
     async def test_a_flush_and_a_token_refresh_wait_for_the_replica(
         self,
@@ -212,11 +213,13 @@ class TestNothingGoesAheadUnreplicated:
                 client, MERCHANT, [grant_outcome(15)], customer=ORDER_CUSTOMER, order_id=1
             )
             with replica_stopped(empty_cluster, mark):
-                with pytest.raises(state_store.NotReplicated):
-                    await flush(deps, MERCHANT)
+                done = await flush(deps, MERCHANT)
                 assert store.history.get(ORDER_CUSTOMER) is None, "Salla was called"
+                assert done["retry"] == 1
+                # No call was made: back to pending, not left `sending` for the sweep to turn
+                # `unknown` and read back from Salla's history.
                 (grant,) = await ledger.load(client, [g.id for g in made])
-                assert grant.state == "sending"  # the sweep's to recover: read back first
+                assert grant.state == "pending"
                 capsys.readouterr()
                 fresh = await deps.refresh_token(MERCHANT, old.access_token)
                 events = [line["event"] for line in json_lines(capsys.readouterr().err)]
@@ -224,6 +227,9 @@ class TestNothingGoesAheadUnreplicated:
                 assert "token_refresh_unconfirmed" in events
             await deps.replicated(mark)  # it follows again: what was written is there
             assert await tokens.get(client, MERCHANT) == fresh
+            await eventually(lambda: ledger.due_count(client, MERCHANT))
+            await flush(deps, MERCHANT)
+            assert [e["points"] for e in store.history[ORDER_CUSTOMER]] == [15]  # once
             assert fresh.refresh_token != old.refresh_token
             capsys.readouterr()
             again = await deps.refresh_token(MERCHANT, fresh.access_token)

@@ -37,6 +37,7 @@ from service.salla import (
     loyalty_body,
     marked_reason,
 )
+from service.state_store import NotReplicated
 
 log = get_logger("service.delivery")
 
@@ -153,9 +154,11 @@ class FlushRun:
             call_timeout_ms=int((settings.salla_timeout_s + settings.claim_timeout_s) * 1000),
         )
         # On a cluster: no call before a replica has `sending` (a failover that lost it would
-        # let another worker send these grants again). Unconfirmed: `NotReplicated` ends the
-        # flush like a lost Redis, and the sweep recovers the grants as a lost worker's.
-        await self.deps.replicated(keys.replica_mark(self.merchant))
+        # let another worker send these grants again).
+        try:
+            await self.deps.replicated(keys.replica_mark(self.merchant))
+        except NotReplicated as exc:
+            await self.not_sent(owned, batch_id, exc)
         if len(owned) != len(grants):  # a stalled run lost claims: send only what it holds
             log.warning(
                 "claims_lost",
@@ -166,6 +169,29 @@ class FlushRun:
             )
             return owned
         return grants
+
+    async def not_sent(self, grants: Sequence[Grant], batch_id: str, exc: NotReplicated) -> None:
+        """No replica confirmed `sending` (the slot's master has none, or it lags, or the
+        master changed): no call is made. The grants go back to pending after a pause, if
+        this master still says they are `sending` in this batch; else the flush ends like a
+        lost Redis and the sweep recovers them as a lost worker's."""
+        pause = random.uniform(1, 2) * self.deps.settings.replica_wait_timeout_s
+        due_ms = ledger.now_ms() + int(pause * 1000)
+        why = "no replica confirmed the transition"
+        if not await ledger.release_unsent(
+            self.deps.redis, self.merchant, grants, batch_id, due_ms, why
+        ):
+            raise exc
+        await queue.enqueue_flush(self.deps.pool, self.merchant, 0, delay_s=pause)
+        self.counts["retry"] += len(grants)
+        log.warning(
+            "grants_wait_for_replica",
+            merchant=self.merchant,
+            grants=len(grants),
+            error=str(exc),
+            delay_s=round(pause, 3),
+        )
+        raise StopFlush(due_ms) from exc
 
     def body(self, batch: Batch, grants: Sequence[Grant], batch_id: str) -> dict[str, Any]:
         """The loyalty call's body: the batch's points, reason (marked with the batch id when

@@ -236,6 +236,34 @@ async def _move(
     await asyncio.gather(*listed, queue_commit(redis, writes))
 
 
+async def release_unsent(
+    redis: Redis, merchant: int, grants: Sequence[Grant], batch: str, due_ms: int, error: str
+) -> bool:
+    """Grants marked `sending` in `batch` whose call was never made (no replica confirmed the
+    mark, so the flush stopped first): back to pending, due at `due_ms`. Only if every one is
+    still `sending` in `batch` where this writes: after a failover the promoted master's copy
+    may say otherwise (still `claimed`, or taken since), and then nothing is written and the
+    sweep recovers them as a lost worker's. True if they moved.
+
+    Left `sending`, the sweep would turn them `unknown` and each would cost a read of Salla's
+    points history, every round for as long as the master has no replica."""
+    if not grants:
+        return True
+    writes = Writes()
+    fields: dict[str, str | int] = {"state": "pending", "due_ms": due_ms, "error": error}
+    for grant in grants:
+        key = keys.grant(grant.id)
+        writes.check(key, "state", "sending")
+        writes.check(key, "batch", batch)
+        writes.zrem(keys.grant_set("claimed", merchant), grant.id)
+        writes.hset(key, mapping={**fields, "batch": ""})
+        writes.zadd(keys.grant_set("pending", merchant), {grant.id: due_ms})
+    listing = keys.stores_pending(keys.index_shard(merchant))
+    listed = autopipe.auto(redis).execute("SADD", listing, str(merchant))
+    _, written = await asyncio.gather(listed, queue_commit(redis, writes))
+    return bool(written)
+
+
 async def unsend(redis: Redis, grants: Sequence[Grant]) -> None:
     """Salla refused the whole call (422), so nothing was applied: back to claimed, same owner."""
     stores: dict[int, list[Grant]] = {}
