@@ -2,9 +2,9 @@
 
 Counters are incremented where the event happens; the grant gauges (queue depth, oldest
 pending grant, grants needing attention) are totals over every store, without a store label,
-set by the worker that ran the sweep from the index shards' `gauges` hashes
-(service/sweeper.py): take `max` over the workers, since one that has not swept lately reports
-older figures.
+kept by the sweep in the index shards' `gauges` hashes; every worker sets them (and the inbox
+backlog) from Redis every 5 s on its own (`sweeper.keep_gauges_fresh`), so all workers report
+the same figures: aggregate them with `max` (or read any one), not `sum`.
 
 Every label value comes from a bounded set: what the sender writes (an event name) is used as a
 label only when it is one of Salla's documented names (`event_label`), else it counts as

@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from service import inbox, keys, ledger, metrics, queue
 from service.admin import archive
@@ -244,12 +245,46 @@ async def visit_stores(deps: Deps) -> Report:
         if segment.ends:
             counted[segment.shard] = totals
         so_far = totals if not segment.ends else Gauges()
-    total = await _save(redis, Cursor(position, so_far), counted, now)
+    _set_grant_gauges(await _save(redis, Cursor(position, so_far), counted, now))
+    return report
+
+
+def _set_grant_gauges(total: Gauges) -> None:
     metrics.PENDING.set(total.pending)
     metrics.OLDEST_PENDING.set(total.oldest_age_s)
     for kind in ("failed", "review", "parked"):
         metrics.ATTENTION.labels(kind).set(getattr(total, kind))
-    return report
+
+
+#: How often each worker sets its gauges from Redis (`keep_gauges_fresh`).
+GAUGES_EVERY_S = 5.0
+
+
+async def publish_gauges(deps: Deps) -> None:
+    """This process's gauges from what Redis holds: the inbox's backlog, and the grant totals
+    the sweep keeps per index shard. Every worker does it on its own clock, so each reports
+    the same current figures (the sweep runs on one worker at a time: a worker that has not
+    run it lately would otherwise report what it saw then)."""
+    waiting = await inbox.backlog(deps.redis, deps.settings.inbox_shards)
+    metrics.INBOX_BACKLOG.labels("pending").set(waiting.pending)
+    metrics.INBOX_BACKLOG.labels("unread").set(waiting.unread)
+    metrics.INBOX_OLDEST.set(waiting.oldest_age_s)
+    async with deps.redis.pipeline(transaction=False) as pipe:  # one key a command
+        for shard in keys.index_shards():
+            pipe.hgetall(keys.sweep_gauges(shard))
+        replies = await pipe.execute()
+    _set_grant_gauges(sum((Gauges.from_fields(raw) for raw in replies), Gauges()))
+
+
+async def keep_gauges_fresh(deps: Deps, every_s: float = GAUGES_EVERY_S) -> None:
+    """`publish_gauges` every `every_s` for as long as the worker runs (a task of its own); a
+    Redis that does not answer leaves the gauges as they were until it does."""
+    while True:
+        try:
+            await publish_gauges(deps)
+        except (RedisError, OSError) as exc:
+            log.debug("gauges_not_refreshed", error=str(exc))
+        await asyncio.sleep(every_s)
 
 
 async def _visit_store(
@@ -304,12 +339,8 @@ async def _save(redis: Redis, cursor: Cursor, counted: Mapping[int, Gauges], now
 
 
 async def _housekeeping(deps: Deps) -> None:
-    """What is not per store: the inbox's gauges and idle consumers, the grant archive and
-    log, and compaction (a few stores a cycle, its own bound)."""
-    waiting = await inbox.backlog(deps.redis, deps.settings.inbox_shards)
-    metrics.INBOX_BACKLOG.labels("pending").set(waiting.pending)
-    metrics.INBOX_BACKLOG.labels("unread").set(waiting.unread)
-    metrics.INBOX_OLDEST.set(waiting.oldest_age_s)
+    """What is not per store: the inbox's idle consumers, the grant archive and log, and
+    compaction (a few stores a cycle, its own bound). (The inbox's gauges: `publish_gauges`.)"""
     for stream in (*keys.webhook_streams(deps.settings.inbox_shards), keys.APP_EVENTS_STREAM):
         await inbox.forget_idle_consumers(deps.redis, stream=stream)
     if deps.settings.grant_archive_dir is not None:  # before the log forgets them

@@ -16,7 +16,7 @@ import httpx
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
-from service import inbox, keys, state_store
+from service import inbox, keys, state_store, sweeper
 from service.batch import BatchHandler
 from service.delivery.deps import Deps
 from service.inbox import Inbox
@@ -54,6 +54,8 @@ class WorkerResources:
     #: The app lifecycle events' stream: same reader and handler, nothing kept once processed.
     app_events: Inbox
     app_events_task: asyncio.Task[None]
+    #: Sets this process's gauges from Redis every few seconds (`sweeper.keep_gauges_fresh`).
+    gauges_task: asyncio.Task[None]
     _rules_watch: contextlib.AbstractAsyncContextManager[Any]
 
     @classmethod
@@ -108,11 +110,15 @@ class WorkerResources:
             ],
             app_events=app_events,
             app_events_task=asyncio.create_task(app_events.run(), name="app-events"),
+            gauges_task=asyncio.create_task(sweeper.keep_gauges_fresh(delivery), name="gauges"),
             _rules_watch=watch,
         )
 
     async def close(self) -> None:
         """The batches in progress finish and are acknowledged; then every client closes."""
+        self.gauges_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.gauges_task
         for reader in (*self.inboxes, self.app_events):
             reader.stop()
         try:

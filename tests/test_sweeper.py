@@ -4,6 +4,7 @@ gauges that still count every store."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,7 +18,7 @@ from redis.asyncio import Redis
 from service import keys, ledger, metrics, queue, sweeper
 from service.delivery.deps import Deps
 from service.salla import SallaClient
-from tests.conftest import make_settings
+from tests.conftest import eventually, make_settings
 from tests.support.outcomes import grant_outcome
 
 #: Store ids whose index shard is their offset: FIRST + n lives in shard n mod 16.
@@ -251,3 +252,35 @@ class TestLostOrderTruth:
             assert await redis.zscore(asked, "5001") is None
         finally:
             await pool.aclose()
+
+
+class TestEveryWorkerReportsTheTotals:
+    """The sweep runs on one worker at a time; every worker sets its gauges from Redis on its
+    own clock, so a worker that has not swept lately reports the current totals, not what it
+    saw when it last did."""
+
+    async def test_a_worker_that_did_not_sweep_reports_the_current_totals(
+        self, redis: Redis, make_deps: Any
+    ) -> None:
+        deps = make_deps()
+        for n in range(3):
+            await due_grant(redis, FIRST + n)
+        await sweeper.visit_stores(deps)  # another worker's sweep
+        metrics.PENDING.set(99)  # what this worker saw when it last swept
+        metrics.INBOX_BACKLOG.labels("unread").set(99)
+        await sweeper.publish_gauges(deps)
+        assert sample("salla_rewards_pending_grants") == 3
+        assert sample("salla_rewards_inbox_backlog", state="unread") == 0
+
+    async def test_the_worker_keeps_them_fresh_on_its_own(
+        self, redis: Redis, make_deps: Any
+    ) -> None:
+        deps = make_deps()
+        await due_grant(redis, FIRST)
+        await sweeper.visit_stores(deps)
+        metrics.PENDING.set(99)
+        task = asyncio.create_task(sweeper.keep_gauges_fresh(deps, every_s=0.05))
+        try:
+            await eventually(lambda: sample("salla_rewards_pending_grants") == 1)
+        finally:
+            task.cancel()
