@@ -259,7 +259,9 @@ def cluster_processes(
 class TestFaultsOnACluster:
     """The fast fault subset with the state on the cluster: processes, not coroutines."""
 
-    def test_5xx_burst_and_a_killed_worker_lose_nothing(self, cluster_processes: Cluster) -> None:
+    def test_5xx_burst_drops_and_a_killed_worker_lose_nothing(
+        self, cluster_processes: Cluster
+    ) -> None:
         group = cluster_processes
         rng = random.Random(5)
         group.start(workers=2)
@@ -267,14 +269,26 @@ class TestFaultsOnACluster:
         store = group.box.stores[MERCHANT]
         store.faults.statuses = [503, 500, 503]
         store.faults.drop_after_apply = 1
+        store.faults.drop_before_apply = 1
 
         def chaos(n: int) -> None:
             if n == 8:
                 group.kill_a_worker(rng)
+            if n == 12:
+                store.faults.statuses = [429, 429]
 
         earned = run_orders(group, rng, 16, chaos)
         assert_books_balance(group, settled(group), earned)
         assert store.counters.get("dropped_after_apply") == 1
+        assert store.counters.get("dropped_before_apply") == 1
+
+    def test_three_workers_on_one_store_pay_once(self, cluster_processes: Cluster) -> None:
+        group = cluster_processes
+        rng = random.Random(11)
+        group.start(workers=3)
+        group.install()
+        earned = run_orders(group, rng, 16)
+        assert_books_balance(group, settled(group), earned)
 
 
 class TestInboxFailover:
