@@ -176,6 +176,10 @@ async def running_worker(settings: Settings, redis_url: str) -> AsyncIterator[An
     try:
         yield instance
     finally:
+        # The worker's start-up bound logging to the stderr of that moment, which may be a
+        # `capsys` stream pytest has closed by now (it tears down first when a test asks for
+        # it after the worker): lines logged while stopping would fail there.
+        configure_logging(settings.log_format, settings.log_level)
         instance.burst = True
         instance.max_burst_jobs = 0
         await asyncio.wait_for(task, timeout=20)
