@@ -154,16 +154,8 @@ class TestOnACluster:
         mark = keys.replica_mark(MERCHANT)
         try:
             await replicated(mark)
-            master = valkey_cluster.master_of(mark)
-            (replica,) = [r for r in valkey_cluster.replicas() if r.master_id == master.node_id]
-            process = valkey_cluster.servers[replica.port].process
-            assert process is not None
-            process.send_signal(signal.SIGSTOP)
-            try:
-                with pytest.raises(state_store.NotReplicated):
-                    await replicated(mark)
-            finally:
-                process.send_signal(signal.SIGCONT)
+            with replica_stopped(valkey_cluster, mark), pytest.raises(state_store.NotReplicated):
+                await replicated(mark)
             await replicated(mark)  # it follows again
         finally:
             await replicated.aclose()
