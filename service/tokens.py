@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from service import keys, lua
 from service.errors import SallaAuthError
+from service.ledger.shards import due_in_shards
 from service.logging import get_logger
 from service.salla import SallaClient, TokenSet
 
@@ -209,8 +210,8 @@ async def _keep(redis: Redis, merchant: int, fresh: TokenSet, replicated: Replic
 
 
 async def authorized_stores(redis: Redis) -> list[int]:
-    """Every store with tokens, from every index shard (admin and tests: the periodic jobs
-    read only the stores due)."""
+    """Every store with tokens, from every index shard (for tests and tools: the periodic
+    jobs read only the stores due)."""
     async with redis.pipeline(transaction=False) as pipe:  # one read per shard, nothing atomic
         for shard in keys.index_shards():
             pipe.zrange(keys.token_expiry(shard), 0, -1)
@@ -231,15 +232,9 @@ async def expiring(
     found through the expiry index (`keys.token_expiry`), so a run reads the stores due, not
     every store; each one's record is read again, the index being only a pointer to it."""
     soon = int(time.time()) + within_s
-    async with redis.pipeline(transaction=False) as pipe:
-        for shard in keys.index_shards():
-            pipe.zrangebyscore(
-                keys.token_expiry(shard), "(0", soon, start=0, num=limit, withscores=True
-            )
-        found: list[list[tuple[str, float]]] = await pipe.execute()
-    due = sorted((score, int(m)) for listed in found for m, score in listed)[:limit]
+    due = await due_in_shards(redis, keys.token_expiry, soon, per_shard=limit, low="(0")
     result = []
-    for _, merchant in due:
+    for merchant, _ in due[:limit]:
         current = await get(redis, merchant)
         if current and current.refresh_token and 0 < current.expires_at_s <= soon:
             result.append((merchant, current))

@@ -28,6 +28,7 @@ Modules, one concept each:
     views        read-only views (admin, metrics, the CLI)
     packed       a settled order's entry in a few dozen bytes (pure)
     compact      compacting settled orders, retiring them after LEDGER_RETENTION_DAYS
+    shards       the cross-store zsets per index shard: the stores due
     asked        orders waiting for Salla's answer (their `order_truth` job can be remade)
 Keys: service/keys.py. Callers use `from service import ledger` and the names below.
 """

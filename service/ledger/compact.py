@@ -39,6 +39,7 @@ from service.ledger import packed
 from service.ledger.commit import Writes, commit
 from service.ledger.facts import OrderFacts
 from service.ledger.order_state import RuleRecord
+from service.ledger.shards import due_in_shards
 from service.logging import get_logger
 
 log = get_logger("service.ledger")
@@ -139,15 +140,9 @@ async def compact_due_stores(
     each (a store with more is visited again next cycle). The most overdue first, across the
     index shards: each shard's `stores` most overdue, merged."""
     done = Pass()
-    async with redis.pipeline(transaction=False) as pipe:  # one read per shard, no atomicity
-        for shard in keys.index_shards():
-            pipe.zrangebyscore(
-                keys.stores_compact(shard), "-inf", now_ms, start=0, num=stores, withscores=True
-            )
-        found: list[list[tuple[str, float]]] = await pipe.execute()
-    due = [member for member, _ in sorted((x for s in found for x in s), key=lambda x: x[1])]
-    for merchant in due[:stores]:
-        one = await compact_store(redis, int(merchant), now_ms, retention_days, limit=per_store)
+    due = await due_in_shards(redis, keys.stores_compact, now_ms, per_shard=stores)
+    for merchant, _ in due[:stores]:
+        one = await compact_store(redis, merchant, now_ms, retention_days, limit=per_store)
         done.stores += 1
         done.compacted += one.compacted
         done.retired += one.retired

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from service import keys, queue
 from service.delivery.deps import Deps
+from service.ledger.shards import due_in_shards
 from service.logging import get_logger
 
 log = get_logger("service.orders")
@@ -62,13 +63,8 @@ async def start_due(deps: Deps, now_s: int) -> Pass:
     if every <= 0:
         return done
     redis = deps.redis
-    async with redis.pipeline(transaction=False) as pipe:  # one read per shard, nothing atomic
-        for shard in keys.index_shards():
-            pipe.zrangebyscore(
-                keys.orders_reconcile_due(shard), "-inf", now_s, start=0, num=PER_SHARD
-            )
-        found: list[list[str]] = await pipe.execute()
-    for merchant in (int(m) for members in found for m in members):
+    due = await due_in_shards(redis, keys.orders_reconcile_due, now_s, per_shard=PER_SHARD)
+    for merchant, _ in due:
         done.looked += 1
         slot = period(merchant, now_s, every)
         look_again = await _look_at(deps, merchant, slot, done)
